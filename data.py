@@ -1,0 +1,862 @@
+"""Data pipeline of nanoMLLM: conversation templates, the LLaVA instruction JSON, CLIP image
+preprocessing, padding collate and modality/length-grouped batching.
+
+What it implements, and where it comes from (papers/llava-dissertation.txt and the LLaVA code):
+- Conversation templates (section 3.4, Table 3.2; LLaVA `llava/conversation.py` and the
+  `preprocess_*` functions of `llava/train/train.py`):
+    plain      stage-1 feature alignment: "<image>" + caption + "\\n" (`preprocess_plain`);
+    vicuna_v0  the original LLaVA: Vicuna-v0 system message, "###" as <STOP> (Table 3.2);
+    vicuna_v1  LLaVA-1.5 (section 4.3): "USER: ... ASSISTANT: ...</s>" (`preprocess_v1`).
+  Only the assistant answers and the stop string that ends them are supervised ("the model is
+  trained to predict the assistant answers and where to stop", Table 3.2); everything else is
+  IGNORE_INDEX.
+- Masking by character offsets. LLaVA tokenizes each round again to count its tokens and
+  prints "tokenization mismatch" when a sub-word merge crosses a round boundary (the whole
+  sample then silently loses its loss). Here the full text is rendered once together with the
+  character spans that must be supervised, tokenized once, and a token is supervised when its
+  characters overlap a supervised span, so labels can never drift from the text.
+- The LLaVA instruction JSON (section 3.3; LLaVA-1.5's 665K mixture, section 4.3) with text-only
+  samples, multi-turn conversations and "<image>" expanded to `num_image_tokens` ids.
+- Image preprocessing of CLIP (section 3.4: ViT-L/14) and LLaVA-1.5's `image_aspect_ratio=pad`
+  (section 4.3, `expand2square` in `llava/train/train.py`).
+- `group_by_modality_length` of LLaVA-1.5 (`llava/train/llava_trainer.py`): every batch holds
+  only image samples or only text samples, of similar lengths.
+- The datasets of the other stages: image-caption pairs for CLIP contrastive pretraining and
+  plain documents for language-model pretraining.
+
+Bad data never stops a long run by surprise: a malformed record, a missing or corrupt image is
+reported with its file and record (and line for jsonl), skipped and counted in a `DataProblems`
+(or raised with `on_error="raise"`).
+"""
+
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import Tokenizer
+
+IGNORE_INDEX = -100  # skipped by torch.nn.functional.cross_entropy (its default ignore_index)
+IMAGE_PLACEHOLDER = "<image>"
+BOS_TOKEN = "<s>"
+EOS_TOKEN = "</s>"
+
+# OpenAI CLIP's normalization (transformers OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# LLaVA-1.5 pads with the mean color: tuple(int(x * 255) for x in image_mean) = (122, 116, 104).
+CLIP_BACKGROUND = tuple(int(channel_mean * 255) for channel_mean in CLIP_MEAN)
+
+
+# --------------------------------------------------------------------------------------------
+# Errors and the problem log
+# --------------------------------------------------------------------------------------------
+
+class DataError(ValueError):
+    """A problem with one input file or record; `kind` names the category counted when skipped
+    ("malformed_record", "missing_image", "corrupt_image")."""
+
+    def __init__(self, message: str, kind: str = "malformed_record"):
+        super().__init__(message)
+        self.kind = kind
+
+
+class DataProblems:
+    """Counts the samples a dataset skipped and keeps a few messages per kind.
+
+    `on_error="skip"` counts and goes on; `on_error="raise"` turns the first problem into a
+    DataError. Samples that are too long are counted as "too_long" but never raised: dropping
+    them is the policy, not an error. Problems found inside DataLoader workers travel back in
+    the batch (`batch["problems"]`, see `collate`); the trainer hands them to `extend`, so one
+    summary covers both. Counts are cumulative: a corrupt image is counted once per epoch.
+    """
+
+    examples_per_kind = 3
+
+    def __init__(self, on_error: str = "skip"):
+        if on_error not in ("skip", "raise"):
+            raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+        self.on_error = on_error
+        self.counts: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {}
+
+    def report(self, kind: str, message: str) -> None:
+        if self.on_error == "raise" and kind != "too_long":
+            raise DataError(message, kind)
+        self.counts[kind] += 1
+        kept = self.examples.setdefault(kind, [])
+        if len(kept) < self.examples_per_kind:
+            kept.append(message)
+
+    def extend(self, problems: Sequence[tuple[str, str]]) -> None:
+        """Adds the (kind, message) pairs that `collate` gathered from the workers."""
+        for kind, message in problems:
+            self.report(kind, message)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        if not self.counts:
+            return "no data problems"
+        lines = [f"{self.total} samples skipped: "
+                 + ", ".join(f"{count} {kind}" for kind, count in sorted(self.counts.items()))]
+        for kind in sorted(self.examples):
+            lines += [f"  {kind}: {message}" for message in self.examples[kind]]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """Loads a `tokenizers` tokenizer from tokenizer.json or from a directory holding one."""
+    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"tokenizer file not found: {file}")
+    return Tokenizer.from_file(file)
+
+
+def require_token_id(tokenizer: Tokenizer, token: str) -> int:
+    """The id of a token the pipeline needs (<s>, </s>, <pad>, <image>), or a clear error."""
+    token_id = tokenizer.token_to_id(token)
+    if token_id is None:
+        raise ValueError(f"the tokenizer has no token {token!r}; add it as a special token")
+    return token_id
+
+
+# --------------------------------------------------------------------------------------------
+# Conversation templates
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Template:
+    """How a conversation becomes one string (LLaVA `llava/conversation.py`, `train.py`).
+
+    A user turn is `turn_prefix + user_role + ": " + message + user_end` and an assistant turn
+    `turn_prefix + assistant_role + ": " + answer + assistant_end`; the conversation is
+    `system + system_end + turns + conversation_end`. `stop` is the string the model must emit
+    to end an answer: it starts right after the answer and is supervised with it. Eval stops
+    generation on it.
+    """
+
+    name: str
+    system: str
+    system_end: str
+    user_role: str
+    assistant_role: str
+    turn_prefix: str
+    user_end: str
+    assistant_end: str
+    conversation_end: str
+    stop: str
+    image_only_user_turn: bool = False  # plain: the user turn is replaced by its image alone
+
+
+TEMPLATES: dict[str, Template] = {
+    # LLaVA-1.5 (`conv_vicuna_v1`, SeparatorStyle.TWO: sep " ", sep2 "</s>"):
+    # "<system> USER: <image>\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT: A2</s>"
+    "vicuna_v1": Template(
+        name="vicuna_v1",
+        system="A chat between a curious user and an artificial intelligence assistant. "
+               "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+        system_end=" ", user_role="USER", assistant_role="ASSISTANT", turn_prefix="",
+        user_end=" ", assistant_end=EOS_TOKEN, conversation_end="", stop=EOS_TOKEN),
+    # Original LLaVA as trained by `preprocess` + `_add_speaker_and_signal` (not the SINGLE style
+    # of conversation.py, which has no "\n\n" and no spaces around "###"):
+    # "<system>\n\n### Human: <image>\nQ\n### Assistant: A\n### Human: Q2\n### Assistant: A2\n### "
+    # Supervised: " A\n###", the answer and <STOP> = "###" (Table 3.2). LLaVA's `_mask_targets`
+    # masks only human sentences, so it also supervises each "### Assistant:" header; we do not,
+    # since the prompt always ends with that header at inference.
+    "vicuna_v0": Template(
+        name="vicuna_v0",
+        system="A chat between a curious human and an artificial intelligence assistant. "
+               "The assistant gives helpful, detailed, and polite answers to the human's questions.",
+        system_end="\n\n", user_role="Human", assistant_role="Assistant", turn_prefix="### ",
+        user_end="\n", assistant_end="\n", conversation_end="### ", stop="\n###"),
+    # Stage-1 alignment (`preprocess_plain`): "<image>" + caption + "\n"; the question is dropped,
+    # BOS and image are masked, the caption and "\n" supervised, no EOS.
+    "plain": Template(
+        name="plain", system="", system_end="", user_role="", assistant_role="", turn_prefix="",
+        user_end="", assistant_end="\n", conversation_end="", stop="\n",
+        image_only_user_turn=True),
+}
+
+
+def get_template(name: str) -> Template:
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown template {name!r}; known: {sorted(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+def _message(turn: Any, index: int) -> tuple[str, str]:
+    """(speaker, text) of one conversation turn, or a DataError naming the turn."""
+    if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+        raise DataError(f"turn {index} needs the keys 'from' and 'value', got {turn!r:.80}")
+    speaker, text = turn["from"], turn["value"]
+    if speaker not in ("human", "gpt"):
+        raise DataError(f"turn {index} has 'from' {speaker!r}; expected 'human' or 'gpt'")
+    if not isinstance(text, str):
+        raise DataError(f"turn {index} has a non-string 'value' {text!r:.80}")
+    return speaker, text
+
+
+def format_conversation(conversations: list[dict], template: str | Template,
+                        for_generation: bool = False) -> tuple[str, list[tuple[int, int]]]:
+    """Renders LLaVA `conversations` to one string and returns it with the supervised
+    character spans [start, end).
+
+    Turns must alternate human, gpt, human, ...; a leading gpt turn is dropped as LLaVA's
+    `preprocess_v1` does. A turn holding "<image>" is rewritten as "<image>\\n" + the rest
+    (LLaVA `preprocess_multimodal`), the LLaVA-1.5 layout. With `for_generation` the
+    conversation must end with a human turn, and the text ends with the assistant role
+    ("ASSISTANT:"); the answer of training, " A</s>", starts with the space this leaves out.
+    """
+    template = get_template(template) if isinstance(template, str) else template
+    turns = [_message(turn, index) for index, turn in enumerate(conversations)]
+    if turns and turns[0][0] == "gpt":
+        turns = turns[1:]
+    for index, (speaker, _) in enumerate(turns):
+        if speaker != ("human" if index % 2 == 0 else "gpt"):
+            raise DataError(f"turn {index} is from {speaker!r}; turns must alternate human, gpt")
+    if for_generation:
+        if not turns or turns[-1][0] != "human":
+            raise DataError("for_generation needs a conversation that ends with a human turn")
+    elif len(turns) < 2:
+        raise DataError("the conversation has no gpt answer")
+    if template.image_only_user_turn and len(turns) > (1 if for_generation else 2):
+        raise DataError(f"template {template.name!r} takes one human and one gpt turn, "
+                        f"got {len(turns)} turns")
+
+    pieces = [template.system + template.system_end]
+    spans: list[tuple[int, int]] = []
+    length = len(pieces[0])
+    for speaker, text in turns:
+        if IMAGE_PLACEHOLDER in text:
+            text = IMAGE_PLACEHOLDER + "\n" + text.replace(IMAGE_PLACEHOLDER, "").strip()
+        if speaker == "human":
+            if template.image_only_user_turn:
+                if IMAGE_PLACEHOLDER not in text:
+                    raise DataError(f"template {template.name!r} needs an image in the human turn")
+                piece = IMAGE_PLACEHOLDER
+            else:
+                piece = template.turn_prefix + template.user_role + ": " + text + template.user_end
+        else:
+            header = template.turn_prefix + template.assistant_role + ":" if template.assistant_role else ""
+            # The space between "ASSISTANT:" and the answer belongs to the answer: the
+            # generation prompt ends at the colon, so the model must produce " A...".
+            answer = (" " + text) if header else text
+            piece = header + answer + template.assistant_end
+            start = length + len(header)
+            spans.append((start, start + len(answer)))
+        pieces.append(piece)
+        length += len(piece)
+    if for_generation:
+        if template.assistant_role:
+            pieces.append(template.turn_prefix + template.assistant_role + ":")
+    else:
+        pieces.append(template.conversation_end)
+    text = "".join(pieces)
+    # Extend each answer span over the stop string that follows it ("</s>", "\n###", "\n").
+    spans = [(start, end + len(template.stop)) for start, end in spans]
+    assert all(text.startswith(template.stop, end - len(template.stop)) for _, end in spans)
+    return text, spans
+
+
+def _tokenize_with_labels(text: str, spans: list[tuple[int, int]], tokenizer: Tokenizer,
+                          image_token_index: int, num_image_tokens: int
+                          ) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+    """Tokenizes `text` once and labels every token from the character spans.
+
+    Returns (input_ids, labels, offsets) with BOS first and each "<image>" expanded to
+    `num_image_tokens` copies of `image_token_index`; `offsets` gives each output token's
+    characters (BOS gets (0, 0)). BOS is added here, not by the tokenizer's post-processor
+    (`add_special_tokens=False`): tokenizer.json files differ on whether they add one, and a
+    missing or doubled BOS silently hurts a pretrained LLM.
+    """
+    bos_id = require_token_id(tokenizer, BOS_TOKEN)
+    placeholder_id = require_token_id(tokenizer, IMAGE_PLACEHOLDER)
+    encoding = tokenizer.encode(text, add_special_tokens=False)
+    if encoding.ids.count(placeholder_id) != text.count(IMAGE_PLACEHOLDER):
+        raise ValueError(f"the tokenizer splits {IMAGE_PLACEHOLDER!r}; it must be a special token")
+    supervised_chars = np.zeros(len(text) + 1, dtype=np.int64)
+    for start, end in spans:
+        supervised_chars[start:end] = 1
+    # supervised_before[i] = supervised characters in text[:i], so a range test is O(1).
+    supervised_before = np.concatenate([[0], np.cumsum(supervised_chars)]).tolist()
+    input_ids, labels, offsets = [bos_id], [IGNORE_INDEX], [(0, 0)]
+    for token_id, (start, end) in zip(encoding.ids, encoding.offsets):
+        if token_id == placeholder_id:
+            input_ids += [image_token_index] * num_image_tokens
+            labels += [IGNORE_INDEX] * num_image_tokens
+            offsets += [(start, end)] * num_image_tokens
+            continue
+        # A token is supervised when any of its characters is: a merge across a span border
+        # (": A" as one token) must still be predicted, since it carries answer characters.
+        # Zero-width tokens (some pre-tokenizers emit them) take the flag of their position.
+        is_supervised = supervised_before[max(end, start + 1)] > supervised_before[start]
+        input_ids.append(token_id)
+        labels.append(token_id if is_supervised else IGNORE_INDEX)
+        offsets.append((start, end))
+    return input_ids, labels, offsets
+
+
+def render_conversation(conversations: list[dict], template: str | Template, tokenizer: Tokenizer,
+                        image_token_index: int, num_image_tokens: int,
+                        for_generation: bool = False) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a LLaVA conversation, BOS first, each "<image>" expanded to
+    `num_image_tokens` copies of `image_token_index`, labels IGNORE_INDEX except on the
+    assistant answers and their stop string. See `format_conversation` for `for_generation`."""
+    text, spans = format_conversation(conversations, template, for_generation)
+    input_ids, labels, _ = _tokenize_with_labels(text, spans, tokenizer, image_token_index,
+                                                 num_image_tokens)
+    return input_ids, labels
+
+
+def show_supervision(conversations: list[dict], template: str | Template, tokenizer: Tokenizer,
+                     num_image_tokens: int = 1) -> str:
+    """The rendered sample for a human: supervised tokens inside [brackets], the BOS as <s>, and
+    an image as "<image>xN". The text is cut from the rendered string at the token offsets,
+    so the brackets sit exactly where the loss starts and stops."""
+    text, spans = format_conversation(conversations, template)
+    image_marker = -1  # any id outside the vocabulary tells image tokens apart here
+    input_ids, labels, offsets = _tokenize_with_labels(text, spans, tokenizer, image_marker,
+                                                       num_image_tokens)
+    pieces, cursor, inside, position = [BOS_TOKEN], 0, False, 1
+    while position < len(input_ids):
+        start, end = offsets[position]
+        if start > cursor:  # characters no token covers (spaces a pre-tokenizer drops)
+            pieces.append(text[cursor:start])
+            cursor = start
+        supervised = labels[position] != IGNORE_INDEX
+        if supervised != inside:
+            pieces.append("[" if supervised else "]")
+            inside = supervised
+        if input_ids[position] == image_marker:
+            pieces.append(f"{IMAGE_PLACEHOLDER}x{num_image_tokens}")
+            position += num_image_tokens
+        else:
+            pieces.append(text[cursor:end])
+            position += 1
+        cursor = max(cursor, end)
+    if inside:
+        pieces.append("]")
+    return "".join(pieces) + text[cursor:]
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------
+
+def load_image(path: str) -> Image.Image:
+    """Opens and fully decodes an image as RGB; a DataError names the file when it is missing
+    or cannot be decoded (the decode happens here, not lazily in a later resize)."""
+    if not os.path.isfile(path):
+        raise DataError(f"image file not found: {path}", "missing_image")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")  # alpha is dropped, not composited, as in LLaVA
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"cannot decode image {path}: {error}", "corrupt_image") from error
+
+
+def expand2square(image: Image.Image, background_color: tuple[int, int, int]) -> Image.Image:
+    """Pads to a square with `background_color`, the image centered (LLaVA-1.5
+    `image_aspect_ratio=pad`, `expand2square` in llava/train/train.py): the whole image reaches
+    the encoder instead of its center crop."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new(image.mode, (side, side), background_color)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+def preprocess_image(image: Image.Image, image_size: int, pad_to_square: bool) -> torch.Tensor:
+    """(3, image_size, image_size) float32 pixels, as transformers' CLIPImageProcessor (PIL
+    backend) computes them; with `pad_to_square`, as LlavaImageProcessor(do_pad=True) and
+    LLaVA-1.5's pad-then-CLIP.
+
+    Steps of transformers 5.23 (image_transforms.get_resize_output_image_size, center_crop):
+    shortest side to `image_size` with the long side int(image_size * long / short) (floor),
+    PIL bicubic on uint8; center crop at top = (height - size) // 2, left = (width - size) // 2;
+    x / 255; (x - mean) / std.
+    """
+    if pad_to_square:
+        image = expand2square(image, CLIP_BACKGROUND)
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    new_long = int(image_size * long / short)
+    new_size = (image_size, new_long) if width <= height else (new_long, image_size)
+    image = image.resize(new_size, resample=Image.Resampling.BICUBIC)
+    left, top = (new_size[0] - image_size) // 2, (new_size[1] - image_size) // 2
+    image = image.crop((left, top, left + image_size, top + image_size))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return ((pixels - mean) / std).contiguous()
+
+
+def format_box(box: Sequence[float], decimals: int = 3) -> str:
+    """A normalized xyxy box as text, "[0.525,0.000,0.675,0.394]" (LION's REC format; the
+    LLaVA-1.5 REC/REG data write boxes the same way, relative to the padded square). Values are
+    clamped to [0, 1] so rounding noise never prints "-0.000" or "1.001"."""
+    if len(box) != 4:
+        raise ValueError(f"a box needs 4 values (x0, y0, x1, y1), got {box!r}")
+    return "[" + ",".join(f"{min(max(float(value), 0.0), 1.0):.{decimals}f}" for value in box) + "]"
+
+
+# --------------------------------------------------------------------------------------------
+# Reading LLaVA JSON / jsonl files
+# --------------------------------------------------------------------------------------------
+
+def read_records(path: str, problems: DataProblems) -> list[tuple[str, Any]]:
+    """(where, record) pairs from a JSON list or a jsonl file; `where` names the record for
+    messages: "file.json record 12" or "file.jsonl line 13". A jsonl line that is not valid
+    JSON is reported to `problems`; a .json file that does not parse is always fatal, since
+    nothing in it can be read."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    with open(path, encoding="utf-8") as file:
+        if path.endswith(".jsonl"):
+            records = []
+            for line_number, line in enumerate(file, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path} line {line_number}"
+                try:
+                    records.append((where, json.loads(line)))
+                except json.JSONDecodeError as error:
+                    problems.report("malformed_record", f"{where}: invalid JSON: {error}")
+            return records
+        try:
+            data = json.load(file)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from error
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    return [(f"{path} record {index}", record) for index, record in enumerate(data)]
+
+
+def _describe(where: str, record: Any) -> str:
+    """`where` plus the record id when there is one, for messages."""
+    if isinstance(record, dict) and "id" in record:
+        return f"{where} (id {record['id']!r})"
+    return where
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------------
+
+class _ImageRecordDataset(torch.utils.data.Dataset):
+    """What the image datasets share: records validated when the dataset is built, images
+    decoded in `__getitem__` (in the DataLoader workers), where a missing or corrupt image
+    yields `{"problem": (kind, message)}` instead of a sample; `collate` drops it and reports it
+    in `batch["problems"]` (hand those to `dataset.problems.extend`). With on_error="raise"
+    the DataError propagates and stops the run."""
+
+    image_folder: str
+    image_size: int
+    pad_to_square: bool
+    problems: DataProblems
+    sources: list[str]  # "file.json record 12 (id 'x')" per sample, for messages
+
+    def _validate(self, record: Any) -> Any:
+        raise NotImplementedError
+
+    def _validated_records(self, json_path: str) -> Iterator[tuple[str, Any, Any]]:
+        """(where, record, what `_validate` made of it) for each usable record of the file;
+        the others are reported to `problems` with their file, index and id."""
+        for where, record in read_records(json_path, self.problems):
+            where = _describe(where, record)
+            try:
+                validated = self._validate(record)
+            except DataError as error:
+                self.problems.report(error.kind, f"{where}: {error}")
+                continue
+            yield where, record, validated
+
+    def _pixels(self, image_path: str) -> torch.Tensor:
+        image = load_image(os.path.join(self.image_folder, image_path))
+        return preprocess_image(image, self.image_size, self.pad_to_square)
+
+    def _sample(self, index: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            return self._sample(index)
+        except DataError as error:
+            if self.problems.on_error == "raise":
+                raise DataError(f"{self.sources[index]}: {error}", error.kind) from error
+            return {"problem": (error.kind, f"{self.sources[index]}: {error}")}
+
+
+class InstructionDataset(_ImageRecordDataset):
+    """The LLaVA instruction JSON (a list, or .jsonl one record a line): `id`, optional `image`
+    (relative to `image_folder`), `conversations` (section 3.3; LLaVA `LazySupervisedDataset`).
+
+    Every record is validated, rendered and tokenized once here (`Tokenizer.encode_batch`), so
+    `lengths` are exact token counts (LLaVA estimates them from word counts) and records that
+    cannot be used are dropped before training starts: malformed records, missing image files,
+    and samples longer than `max_seq_len` that cannot be truncated. A longer sample is cut at
+    `max_seq_len` only when its image tokens all stay before the cut and at least one
+    supervised token survives; otherwise it is dropped ("too_long"): truncation never cuts
+    through an image, whose features must fill exactly `num_image_tokens` positions.
+    `problems` counts what was skipped, `num_truncated` what was cut.
+    Items: input_ids, labels (LongTensor), pixel_values (3, S, S) or None, length, has_image.
+    """
+
+    def __init__(self, json_path: str, image_folder: str, tokenizer: Tokenizer,
+                 template: str, image_token_index: int, num_image_tokens: int, image_size: int,
+                 pad_to_square: bool, max_seq_len: int, on_error: str = "skip"):
+        self.image_folder = image_folder
+        self.tokenizer = tokenizer
+        self.template = get_template(template)
+        self.image_token_index = image_token_index
+        self.num_image_tokens = num_image_tokens
+        self.image_size = image_size
+        self.pad_to_square = pad_to_square
+        self.max_seq_len = max_seq_len
+        self.problems = DataProblems(on_error)
+        placeholder_id = require_token_id(tokenizer, IMAGE_PLACEHOLDER)
+
+        candidates = list(self._validated_records(json_path))
+        encodings = tokenizer.encode_batch([text for _, _, (text, _) in candidates],
+                                           add_special_tokens=False)
+        self.records: list[dict] = []
+        self.sources = []
+        self.lengths: list[int] = []
+        self.has_image: list[bool] = []
+        self.num_truncated = 0
+        for (where, record, (_, spans)), encoding in zip(candidates, encodings):
+            full_length, kept_length = self._lengths(encoding, spans, placeholder_id)
+            if kept_length is None:
+                self.problems.report("too_long", f"{where}: {full_length} tokens, longer than "
+                                     f"max_seq_len {max_seq_len}, and cutting it would cut its "
+                                     "image or all of its answers")
+                continue
+            self.num_truncated += kept_length < full_length
+            self.records.append(record)
+            self.sources.append(where)
+            self.lengths.append(kept_length)
+            self.has_image.append("image" in record)
+
+    def _validate(self, record: Any) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered text and spans of a usable record, or a DataError saying what is wrong."""
+        if not isinstance(record, dict):
+            raise DataError(f"a record must be a JSON object, got {type(record).__name__}")
+        if not isinstance(record.get("conversations"), list):
+            raise DataError("missing or non-list key 'conversations'")
+        text, spans = format_conversation(record["conversations"], self.template)
+        num_placeholders = text.count(IMAGE_PLACEHOLDER)
+        if "image" in record:
+            if not isinstance(record["image"], str):
+                raise DataError(f"'image' must be a relative path, got {record['image']!r:.80}")
+            if num_placeholders != 1:
+                raise DataError(f"a sample with an image needs exactly one {IMAGE_PLACEHOLDER}, "
+                                f"found {num_placeholders}")
+            path = os.path.join(self.image_folder, record["image"])
+            if not os.path.isfile(path):
+                raise DataError(f"image file not found: {path}", "missing_image")
+        elif num_placeholders:
+            raise DataError(f"a text-only sample (no 'image') holds {IMAGE_PLACEHOLDER}")
+        return text, spans
+
+    def _lengths(self, encoding: Any, spans: list[tuple[int, int]],
+                 placeholder_id: int) -> tuple[int, int | None]:
+        """(full token count, count after truncation or None when the sample must be dropped).
+        Positions count the BOS in front and the image expansion."""
+        ids = encoding.ids
+        image_at = ids.index(placeholder_id) if placeholder_id in ids else None
+        image_expansion = self.num_image_tokens - 1 if image_at is not None else 0
+
+        def position(token_index: int) -> int:
+            after_image = image_at is not None and token_index > image_at
+            return 1 + token_index + (image_expansion if after_image else 0)
+
+        full_length = 1 + len(ids) + image_expansion
+        if full_length <= self.max_seq_len:
+            return full_length, full_length
+        if image_at is not None and position(image_at) + self.num_image_tokens > self.max_seq_len:
+            return full_length, None
+        first_answer_char = spans[0][0]
+        first_supervised = next((index for index, (_, end) in enumerate(encoding.offsets)
+                                 if end > first_answer_char), len(ids))
+        if position(first_supervised) >= self.max_seq_len:
+            return full_length, None
+        return full_length, self.max_seq_len
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _sample(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        pixel_values = self._pixels(record["image"]) if "image" in record else None
+        input_ids, labels = render_conversation(record["conversations"], self.template,
+                                                self.tokenizer, self.image_token_index,
+                                                self.num_image_tokens)
+        input_ids, labels = input_ids[:self.max_seq_len], labels[:self.max_seq_len]
+        return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
+                "pixel_values": pixel_values, "length": len(input_ids),
+                "has_image": pixel_values is not None}
+
+
+class CaptionDataset(_ImageRecordDataset):
+    """Image-caption pairs for CLIP contrastive pretraining (the shapes world's stage 0a), read
+    from the same LLaVA JSON captions file as stage 1: the image and the first gpt answer.
+
+    The caption is tokenized for the CLIP text tower: BOS + tokens + EOS, cut to `max_text_len`
+    with the EOS kept, since CLIP pools the text at its EOS token. Items have no labels.
+    """
+
+    def __init__(self, json_path: str, image_folder: str, tokenizer: Tokenizer, image_size: int,
+                 pad_to_square: bool = False, max_text_len: int = 77, on_error: str = "skip"):
+        self.image_folder = image_folder
+        self.image_size = image_size
+        self.pad_to_square = pad_to_square
+        self.problems = DataProblems(on_error)
+        bos_id = require_token_id(tokenizer, BOS_TOKEN)
+        eos_id = require_token_id(tokenizer, EOS_TOKEN)
+
+        self.sources = []
+        self.image_paths: list[str] = []
+        captions = []
+        for where, _, (image_path, caption) in self._validated_records(json_path):
+            self.sources.append(where)
+            self.image_paths.append(image_path)
+            captions.append(caption)
+        encodings = tokenizer.encode_batch(captions, add_special_tokens=False)
+        self.token_ids = [[bos_id] + encoding.ids[:max_text_len - 2] + [eos_id]
+                          for encoding in encodings]
+        self.lengths = [len(ids) for ids in self.token_ids]
+        self.has_image = [True] * len(self.token_ids)
+
+    def _validate(self, record: Any) -> tuple[str, str]:
+        if not isinstance(record, dict) or not isinstance(record.get("image"), str):
+            raise DataError("a caption record needs an 'image' path")
+        answers = [turn.get("value") for turn in record.get("conversations") or []
+                   if isinstance(turn, dict) and turn.get("from") == "gpt"]
+        if not answers or not isinstance(answers[0], str) or not answers[0].strip():
+            raise DataError("no gpt caption in 'conversations'")
+        path = os.path.join(self.image_folder, record["image"])
+        if not os.path.isfile(path):
+            raise DataError(f"image file not found: {path}", "missing_image")
+        return record["image"], answers[0].strip()
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def _sample(self, index: int) -> dict[str, Any]:
+        return {"input_ids": torch.tensor(self.token_ids[index]),
+                "pixel_values": self._pixels(self.image_paths[index]),
+                "length": self.lengths[index], "has_image": True}
+
+
+class TextDataset(torch.utils.data.Dataset):
+    """Documents for language-model pretraining (the shapes world's stage 0b): jsonl with one
+    {"text": ...} a line. Each document becomes BOS + tokens + EOS and is split into chunks of
+    at most `max_seq_len` tokens; every chunk is one sample, labels = input_ids.
+
+    No packing of several documents into one sequence: packing needs per-document attention
+    masks (or lets documents attend to each other), while length-grouped batching already keeps
+    padding low. The simple way is exact. Tokens live in one int32 array (small memory).
+    """
+
+    def __init__(self, jsonl_path: str, tokenizer: Tokenizer, max_seq_len: int,
+                 on_error: str = "skip"):
+        self.problems = DataProblems(on_error)
+        bos_id = require_token_id(tokenizer, BOS_TOKEN)
+        eos_id = require_token_id(tokenizer, EOS_TOKEN)
+        texts = []
+        for where, record in read_records(jsonl_path, self.problems):
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str) \
+                    or not record["text"].strip():
+                self.problems.report("malformed_record", f"{where}: needs a non-empty 'text'")
+                continue
+            texts.append(record["text"])
+        documents = [[bos_id] + encoding.ids + [eos_id]
+                     for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)]
+        self.tokens = np.array([token for document in documents for token in document],
+                               dtype=np.int32)
+        self.chunks: list[tuple[int, int]] = []
+        start = 0
+        for document in documents:
+            end = start + len(document)
+            # A 1-token tail has nothing to predict (labels are shifted by one): left out.
+            self.chunks += [(begin, min(begin + max_seq_len, end))
+                            for begin in range(start, end, max_seq_len) if end - begin > 1]
+            start = end
+        self.lengths = [end - begin for begin, end in self.chunks]
+        self.has_image = [False] * len(self.chunks)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        begin, end = self.chunks[index]
+        input_ids = torch.from_numpy(self.tokens[begin:end].astype(np.int64))
+        return {"input_ids": input_ids, "labels": input_ids.clone(), "pixel_values": None,
+                "length": end - begin, "has_image": False}
+
+
+# --------------------------------------------------------------------------------------------
+# Batching
+# --------------------------------------------------------------------------------------------
+
+def collate(batch: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
+    """Pads a list of samples into a training batch (RIGHT padding: the causal LM sees its
+    tokens first and padding never shifts positions).
+
+    Returns input_ids (B, T) padded with `pad_token_id`; labels (B, T) padded with IGNORE_INDEX,
+    or None for samples without labels (captions); attention_mask (B, T), 1 on tokens;
+    pixel_values (num_images, 3, S, S) stacked only for the samples that have an image, in batch
+    order (transformers convention), or None; problems: the (kind, message) of samples skipped
+    in the workers. When every sample was skipped, B is 0.
+    """
+    problems = [sample["problem"] for sample in batch if "problem" in sample]
+    samples = [sample for sample in batch if "problem" not in sample]
+    max_length = max((len(sample["input_ids"]) for sample in samples), default=0)
+    input_ids = torch.full((len(samples), max_length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(samples), max_length), dtype=torch.long)
+    has_labels = any("labels" in sample for sample in samples)
+    labels = torch.full((len(samples), max_length), IGNORE_INDEX, dtype=torch.long)
+    for row, sample in enumerate(samples):
+        length = len(sample["input_ids"])
+        input_ids[row, :length] = sample["input_ids"]
+        attention_mask[row, :length] = 1
+        if has_labels:
+            labels[row, :length] = sample["labels"]
+    images = [sample["pixel_values"] for sample in samples if sample["pixel_values"] is not None]
+    return {"input_ids": input_ids, "labels": labels if has_labels else None,
+            "attention_mask": attention_mask,
+            "pixel_values": torch.stack(images) if images else None, "problems": problems}
+
+
+class ModalityLengthGroupedSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches of one modality and similar lengths (LLaVA-1.5 `group_by_modality_length`,
+    `get_modality_length_grouped_indices` in llava/train/llava_trainer.py), as a batch sampler.
+
+    Per epoch, from `torch.Generator` seeded with `seed + epoch` (as DistributedSampler):
+    image and text samples are shuffled separately and cut into global batches of
+    `batch_size * world_size`; within each megabatch of `batches_per_megabatch` global batches
+    samples are sorted by length (LLaVA sorts a megabatch = the global batch across ranks and
+    gradient accumulation), so a batch pads little; the full global batches of both modalities
+    are shuffled together. Each modality's remainder forms one smaller global batch at the end
+    (LLaVA mixes the two remainders into one batch; here batches stay single-modality), padded
+    with repeated samples of its modality to a multiple of `world_size` so every rank gets the
+    same number of equally sized batches (as DistributedSampler pads), unless `drop_last`.
+
+    Rank `rank` gets the contiguous slice [rank * b, (rank + 1) * b) of every global batch, so
+    the union over ranks is the same global batch for any world size with the same
+    `batch_size * world_size`. The order depends only on (seed, epoch, lengths, has_image):
+    `set_epoch(epoch)` before each epoch, and `skip_batches(n)` to resume mid-epoch (the next
+    iteration starts at this rank's batch n; later epochs start at 0). Count consumed batches
+    in the trainer: DataLoader workers prefetch ahead of what the step has used.
+    """
+
+    def __init__(self, lengths: Sequence[int], has_image: Sequence[bool], batch_size: int,
+                 world_size: int = 1, rank: int = 0, seed: int = 0,
+                 batches_per_megabatch: int = 1, drop_last: bool = False):
+        if len(lengths) != len(has_image):
+            raise ValueError(f"{len(lengths)} lengths but {len(has_image)} has_image flags")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.lengths = list(lengths)
+        self.has_image = list(has_image)
+        self.batch_size = batch_size
+        self.world_size = world_size
+        self.rank = rank
+        self.seed = seed
+        self.batches_per_megabatch = batches_per_megabatch
+        self.drop_last = drop_last
+        self.epoch = 0
+        self._batches_to_skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def skip_batches(self, num_batches: int) -> None:
+        """Resume: the next iteration starts at this rank's batch `num_batches`."""
+        self._batches_to_skip = num_batches
+
+    def global_batches(self) -> list[list[int]]:
+        """All global batches of the current epoch (every rank's samples), in order."""
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        global_size = self.batch_size * self.world_size
+        full_batches, remainders = [], []
+        for modality in (True, False):
+            indices = [index for index, flag in enumerate(self.has_image) if flag == modality]
+            indices = [indices[i] for i in torch.randperm(len(indices), generator=generator)]
+            num_full = len(indices) // global_size * global_size
+            megabatch_size = global_size * self.batches_per_megabatch
+            for start in range(0, num_full, megabatch_size):
+                megabatch = sorted(indices[start:min(start + megabatch_size, num_full)],
+                                   key=lambda index: self.lengths[index], reverse=True)
+                full_batches += [megabatch[i:i + global_size]
+                                 for i in range(0, len(megabatch), global_size)]
+            remainder = indices[num_full:]
+            if remainder and not self.drop_last:
+                padded_size = math.ceil(len(remainder) / self.world_size) * self.world_size
+                remainder = [indices[i % len(indices)]
+                             for i in range(num_full, num_full + padded_size)]
+                remainders.append(sorted(remainder, key=lambda index: self.lengths[index],
+                                         reverse=True))
+        order = torch.randperm(len(full_batches), generator=generator)
+        return [full_batches[i] for i in order] + remainders
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches_to_skip, self._batches_to_skip = self._batches_to_skip, 0
+        for global_batch in self.global_batches()[batches_to_skip:]:
+            per_rank = len(global_batch) // self.world_size
+            yield global_batch[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+    def __len__(self) -> int:
+        global_size = self.batch_size * self.world_size
+        num_images = sum(self.has_image)
+        counts = (num_images, len(self.has_image) - num_images)
+        if self.drop_last:
+            return sum(count // global_size for count in counts)
+        return sum(math.ceil(count / global_size) for count in counts)
+
+
+class _Collate:
+    """`collate` with its pad id bound; a class rather than a lambda so worker processes
+    started with spawn can pickle it."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate(batch, self.pad_token_id)
+
+
+def make_dataloader(dataset: InstructionDataset | CaptionDataset | TextDataset, batch_size: int,
+                    pad_token_id: int, num_workers: int = 0, seed: int = 0, world_size: int = 1,
+                    rank: int = 0, batches_per_megabatch: int = 1, drop_last: bool = False,
+                    pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader over `dataset` with a ModalityLengthGroupedSampler (`loader.batch_sampler`:
+    call its set_epoch / skip_batches) and `collate`. `batch_size` is per rank;
+    `batches_per_megabatch` = the gradient-accumulation count reproduces LLaVA's megabatch
+    (world_size x per-device batch x accumulation samples sorted by length together). Workers stay
+    alive across epochs (persistent_workers), which saves re-forking a process that holds the
+    whole record list every epoch; sampling runs in the main process, so set_epoch still works.
+    """
+    sampler = ModalityLengthGroupedSampler(dataset.lengths, dataset.has_image, batch_size,
+                                           world_size=world_size, rank=rank, seed=seed,
+                                           batches_per_megabatch=batches_per_megabatch,
+                                           drop_last=drop_last)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
+                                       collate_fn=_Collate(pad_token_id),
+                                       num_workers=num_workers, pin_memory=pin_memory,
+                                       persistent_workers=num_workers > 0)

@@ -1,0 +1,942 @@
+"""Evaluation: the benchmark tasks on their public file formats, their metrics, and the eval loop.
+
+Read top to bottom: metrics, task loaders, prompts, the loop (`run_eval`), the command line.
+
+Metrics and the conventions they follow (REFERENCE.md section 7):
+- `vqa_accuracy`: the VQA accuracy of the official VQA evaluation code as run on EvalAI
+  (Cloud-CV/VQA-Challenge `vqaEval.py`; the same tables LLaVA's `m4c_evaluator.py` copies):
+  answers normalized (punctuation rules, periods outside numbers, number words to digits,
+  articles dropped, contractions table), then for each of the 10 human answers
+  min(1, #matches among the other 9 / 3), averaged.
+- `cider_d`: CIDEr-D exactly as pycocoevalcap's `Cider` (cider_scorer.py) computes it.
+- `parse_box`, `box_iou`: REC box text "[x0,y0,x1,y1]" normalized to [0, 1] (Shikra / LION /
+  LLaVA-1.5 REC data); a prediction is correct when IoU >= 0.5 (lmms-eval), unparsable = wrong.
+- `pope_metrics`: POPE (Li et al. 2023) accuracy / precision / recall / F1 / yes-ratio with the
+  yes/no extraction of LLaVA's `llava/eval/eval_pope.py`.
+
+Tasks and their files (refer toolkit pickles + COCO instances for RefCOCO/+/g, VQAv2 questions +
+annotations, Karpathy caption JSON, POPE jsonl, multiple-choice jsonl); the shapes world writes
+the same formats (SPEC.md). Multiple choice is scored two ways: by generating the option's letter
+(LLaVA-1.5, ScienceQA) and by ranking the candidates by the model's likelihood (LION on VSR /
+IconQA / VisDial, after LAVIS's `predict_class`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pickle
+import re
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Hashable, Iterator
+
+import torch
+import torch.nn.functional as F
+from PIL import ImageDraw
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from data import (EOS_TOKEN, IGNORE_INDEX, IMAGE_PLACEHOLDER, TEMPLATES, load_image, load_tokenizer,
+                  preprocess_image, render_conversation)
+from model import MLLM
+
+# ---------------------------------------------------------------------------------------------
+# VQA accuracy
+# ---------------------------------------------------------------------------------------------
+
+# Tables of the official VQA evaluation (EvalAI version, ASCII apostrophes), kept verbatim:
+# their oddities ("somebody'd" -> "somebodyd") are part of how published numbers were computed.
+VQA_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
+    "couldnt": "couldn't", "couldn'tve": "couldn't've", "couldnt've": "couldn't've",
+    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't",
+    "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
+    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
+    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
+    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've",
+    "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
+    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
+    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
+    "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
+    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
+    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
+    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
+    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
+    "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've",
+    "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're",
+    "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
+    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've",
+    "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't",
+    "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll",
+    "youre": "you're", "youve": "you've",
+}
+VQA_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
+                    "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+VQA_ARTICLES = {"a", "an", "the"}
+VQA_PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">",
+                   "<", "@", "`", ",", "?", "!"]
+COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
+# The official pattern is "(?!<=\d)(\.)(?!\d)": its first group is a mistyped look-behind that
+# never matches anything, so the rule in force is "drop a period not followed by a digit".
+PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")
+
+
+def normalize_vqa_answer(answer: str) -> str:
+    """The official VQA answer normalization: whitespace, punctuation, then digits/articles/
+    contractions word by word ("Two dogs." -> "2 dogs", "a dog" -> "dog", "dont" -> "don't")."""
+    text = answer.replace("\n", " ").replace("\t", " ").strip()
+    stripped = text
+    for mark in VQA_PUNCTUATION:
+        # A mark touching a space ("yes , it") or any "1,000"-style number in the answer: the mark
+        # is deleted; a mark inside a word ("black-and-white") becomes a space.
+        if mark + " " in text or " " + mark in text or COMMA_BETWEEN_DIGITS.search(text):
+            stripped = stripped.replace(mark, "")
+        else:
+            stripped = stripped.replace(mark, " ")
+    stripped = PERIOD_NOT_BEFORE_DIGIT.sub("", stripped)
+    words = [VQA_NUMBER_WORDS.get(word, word) for word in stripped.lower().split()]
+    words = [VQA_CONTRACTIONS.get(word, word) for word in words if word not in VQA_ARTICLES]
+    return " ".join(words)
+
+
+def vqa_accuracy(prediction: str, answers: list[str]) -> float:
+    """VQA accuracy of one prediction against the human answers (10 in VQAv2): for each answer
+    i, min(1, #answers j != i equal to the prediction / 3), averaged over i. Both sides are
+    normalized (the official code normalizes the ground truth only when annotators disagree,
+    because VQAv2's stored answers are already normalized; normalizing always is the same there
+    and fair on files whose answers are not)."""
+    if not answers:
+        raise ValueError("vqa_accuracy needs at least one ground-truth answer")
+    predicted = normalize_vqa_answer(prediction)
+    normalized = [normalize_vqa_answer(answer) for answer in answers]
+    matches = sum(answer == predicted for answer in normalized)
+    per_answer = []
+    for answer in normalized:
+        matches_among_others = matches - (answer == predicted)
+        per_answer.append(min(1.0, matches_among_others / 3))
+    return sum(per_answer) / len(per_answer)
+
+
+# ---------------------------------------------------------------------------------------------
+# CIDEr-D
+# ---------------------------------------------------------------------------------------------
+
+def _ngram_counts(sentence: str, max_n: int) -> Counter:
+    """Counts of the 1..max_n-grams of a whitespace-tokenized sentence (pycocoevalcap `precook`)."""
+    words = sentence.split()
+    return Counter(tuple(words[i:i + n]) for n in range(1, max_n + 1)
+                   for i in range(len(words) - n + 1))
+
+
+def cider_d(predictions: dict[Hashable, str], references: dict[Hashable, list[str]],
+            max_n: int = 4, sigma: float = 6.0) -> float:
+    """CIDEr-D (Vedantam et al. 2015) as pycocoevalcap's `Cider().compute_score` computes it, on
+    already tokenized text (tokens separated by spaces).
+
+    Per image: tf-idf vectors of the 1..4-grams with idf = log(#images) - log(max(1, df)), df =
+    the number of images whose references contain the n-gram; for each reference and each n,
+    sum(min(h, r) * r) / (|h| |r|) (the "clipping" that makes it CIDEr-D) times the Gaussian length
+    penalty exp(-(len_h - len_r)^2 / (2 sigma^2)), where a length is a count of bigrams (as in the
+    pycocoevalcap code); mean over n, over the references, times 10. Result: mean over images."""
+    if set(predictions) != set(references):
+        missing = set(references) ^ set(predictions)
+        raise ValueError(f"cider_d: predictions and references differ in keys, e.g. {next(iter(missing))!r}")
+    keys = list(references)
+    reference_counts = {key: [_ngram_counts(reference, max_n) for reference in references[key]] for key in keys}
+    document_frequency: Counter = Counter()
+    for key in keys:
+        document_frequency.update({ngram for counts in reference_counts[key] for ngram in counts})
+    log_num_images = math.log(float(len(keys)))
+
+    def tfidf(counts: Counter) -> tuple[list[dict], list[float], int]:
+        vectors: list[dict] = [defaultdict(float) for _ in range(max_n)]
+        squared_norms = [0.0] * max_n
+        bigram_count = 0
+        for ngram, term_frequency in counts.items():
+            order = len(ngram) - 1
+            weight = float(term_frequency) * (log_num_images - math.log(max(1.0, document_frequency[ngram])))
+            vectors[order][ngram] = weight
+            squared_norms[order] += weight ** 2
+            if order == 1:
+                bigram_count += term_frequency
+        return vectors, [math.sqrt(value) for value in squared_norms], bigram_count
+
+    def similarity(hypothesis: tuple, reference: tuple) -> list[float]:
+        (hyp_vectors, hyp_norms, hyp_length), (ref_vectors, ref_norms, ref_length) = hypothesis, reference
+        penalty = math.e ** (-(float(hyp_length - ref_length) ** 2) / (2 * sigma ** 2))
+        scores = []
+        for order in range(max_n):
+            score = 0.0
+            for ngram, weight in hyp_vectors[order].items():
+                reference_weight = ref_vectors[order].get(ngram, 0.0)
+                score += min(weight, reference_weight) * reference_weight
+            if hyp_norms[order] != 0 and ref_norms[order] != 0:
+                score /= hyp_norms[order] * ref_norms[order]
+            scores.append(score * penalty)
+        return scores
+
+    image_scores = []
+    for key in keys:
+        hypothesis = tfidf(_ngram_counts(predictions[key], max_n))
+        per_order = [0.0] * max_n
+        for counts in reference_counts[key]:
+            for order, value in enumerate(similarity(hypothesis, tfidf(counts))):
+                per_order[order] += value
+        image_scores.append(sum(per_order) / max_n / len(reference_counts[key]) * 10.0)
+    return sum(image_scores) / len(image_scores)
+
+
+def caption_tokens(text: str) -> str:
+    """Lowercased words separated by spaces, punctuation dropped: what pycocoevalcap's Java
+    PTBTokenizer yields for plain captions, without needing Java."""
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Boxes (REC) and POPE
+# ---------------------------------------------------------------------------------------------
+
+_NUMBER = r"\s*(-?(?:\d+(?:\.\d*)?|\.\d+))\s*"
+BOX_PATTERN = re.compile(r"\[" + ",".join([_NUMBER] * 4) + r"\]")
+
+
+def parse_box(text: str) -> list[float] | None:
+    """The first "[x0,y0,x1,y1]" in `text` (spaces and any number of decimals allowed), or None."""
+    match = BOX_PATTERN.search(text)
+    return [float(value) for value in match.groups()] if match else None
+
+
+def box_iou(a: list[float], b: list[float]) -> float:
+    """Intersection over union of two (x0, y0, x1, y1) boxes; a degenerate box has IoU 0."""
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    intersection = max(0.0, width) * max(0.0, height)
+    union = max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1]) + max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1]) - intersection
+    return intersection / union if union > 0 else 0.0
+
+
+def pope_answer(text: str) -> str:
+    """LLaVA's POPE extraction (eval_pope.py): keep the first sentence, drop commas, split on
+    spaces; "no" if a word is "No", "no" or "not", else "yes" (case and word list as LLaVA's)."""
+    first_sentence = text.split(".")[0].replace(",", "")
+    return "no" if {"No", "no", "not"} & set(first_sentence.split(" ")) else "yes"
+
+
+def pope_metrics(predictions: list[str], labels: list[str]) -> dict[str, float]:
+    """POPE metrics with "yes" as the positive class: accuracy, precision, recall, F1 and the
+    share of "yes" answers. Predictions are raw model texts (passed through `pope_answer`); labels
+    are "yes" / "no". An empty denominator gives 0 instead of LLaVA's ZeroDivisionError."""
+    if len(predictions) != len(labels) or not labels:
+        raise ValueError(f"pope_metrics: {len(predictions)} predictions for {len(labels)} labels")
+    said_yes = [pope_answer(text) == "yes" for text in predictions]
+    is_yes = [label == "yes" for label in labels]
+    true_positive = sum(p and t for p, t in zip(said_yes, is_yes))
+    false_positive = sum(p and not t for p, t in zip(said_yes, is_yes))
+    false_negative = sum(t and not p for p, t in zip(said_yes, is_yes))
+    correct = sum(p == t for p, t in zip(said_yes, is_yes))
+    precision = true_positive / (true_positive + false_positive) if true_positive + false_positive else 0.0
+    recall = true_positive / (true_positive + false_negative) if true_positive + false_negative else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"accuracy": correct / len(labels), "precision": precision, "recall": recall, "f1": f1,
+            "yes_ratio": sum(said_yes) / len(labels)}
+
+
+def parse_choice(text: str, choices: list[str]) -> int | None:
+    """The option a multiple-choice answer names: a leading letter ("B", "B.", "(B)", "B) cat"),
+    else the text of an option itself; None if neither (scored wrong, as LLaVA's ScienceQA eval
+    counts a failed parse)."""
+    answer = text.strip()
+    match = re.match(r"^\(?([A-Z])\)?(?:[.:)\s]|$)", answer)
+    if match and ord(match.group(1)) - ord("A") < len(choices):
+        return ord(match.group(1)) - ord("A")
+    lowered = [choice.strip().lower() for choice in choices]
+    stripped = answer.rstrip(".").lower()
+    return lowered.index(stripped) if stripped in lowered else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Task loaders: one list of Samples per task and split, read from the public file formats
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Sample:
+    """One evaluation question. `target` is what the task scores against: the box in pixels
+    (x0, y0, x1, y1) for REC, the human answers for VQA, the reference captions, the POPE label,
+    or the index of the right choice."""
+    sample_id: str
+    image: Path
+    text: str
+    target: Any
+    choices: list[str] = dataclasses.field(default_factory=list)
+    image_size: tuple[int, int] | None = None    # (width, height): REC boxes are normalized with it
+    group: str = ""                              # the POPE split a sample comes from
+
+
+def _require_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
+def _first_existing(directory: Path, names: list[str], what: str) -> Path:
+    """The first of `names` that exists in `directory`; the error lists every name tried."""
+    for name in names:
+        if (directory / name).is_file():
+            return directory / name
+    raise FileNotFoundError(f"{what} not found in {directory}: tried {', '.join(names)}")
+
+
+def read_jsonl(path: Path, required_keys: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
+    """(line number, record) for each non-blank line; a malformed line or a missing key is an
+    error naming the file and the line."""
+    with open(_require_file(path, "annotation file"), encoding="utf-8") as lines:
+        for line_number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {line_number}: malformed JSON ({error.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}, line {line_number}: expected a JSON object")
+            missing = [key for key in required_keys if key not in record]
+            if missing:
+                raise ValueError(f"{path}, line {line_number}: missing key(s) {', '.join(missing)}")
+            yield line_number, record
+
+
+def _read_json(path: Path, what: str) -> Any:
+    with open(_require_file(path, what), encoding="utf-8") as file:
+        try:
+            return json.load(file)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: malformed JSON at line {error.lineno} ({error.msg})") from None
+
+
+def load_refer(annotation_dir: Path, dataset: str, split: str, image_dir: Path) -> list[Sample]:
+    """RefCOCO / RefCOCO+ / RefCOCOg in the refer toolkit's layout: `refs(unc).p` (`refs(umd).p`
+    for refcocog), a pickled list of {ref_id, ann_id, image_id, split, sentences: [{sent_id,
+    sent}]}, with COCO `instances.json` for the boxes ([x, y, w, h]) and image files. One sample
+    per sentence, as the toolkit evaluates. Without the pickle, the jsonl form
+    `{dataset}_{split}.jsonl` ({"image", "expression", "bbox": [x0, y0, x1, y1] pixels, "width",
+    "height"}) is read."""
+    pickle_path = annotation_dir / ("refs(umd).p" if dataset == "refcocog" else "refs(unc).p")
+    jsonl_path = annotation_dir / f"{dataset}_{split}.jsonl"
+    if not pickle_path.is_file():
+        if not jsonl_path.is_file():
+            raise FileNotFoundError(f"{dataset} annotations not found: neither {pickle_path} nor {jsonl_path}")
+        return [Sample(sample_id=str(record.get("id", line_number)), image=image_dir / record["image"],
+                       text=record["expression"], target=[float(v) for v in record["bbox"]],
+                       image_size=(int(record["width"]), int(record["height"])))
+                for line_number, record in read_jsonl(jsonl_path, ("image", "expression", "bbox", "width", "height"))]
+    with open(pickle_path, "rb") as file:
+        refs = pickle.load(file)
+    instances = _read_json(annotation_dir / "instances.json", "COCO instances file")
+    boxes = {annotation["id"]: annotation["bbox"] for annotation in instances["annotations"]}
+    images = {image["id"]: image for image in instances["images"]}
+    samples = []
+    for ref in refs:
+        if ref["split"] != split:
+            continue
+        if ref["ann_id"] not in boxes or ref["image_id"] not in images:
+            raise KeyError(f"{pickle_path}: ref {ref['ref_id']} names annotation {ref['ann_id']} / "
+                           f"image {ref['image_id']}, missing from {annotation_dir / 'instances.json'}")
+        x, y, width, height = boxes[ref["ann_id"]]
+        image = images[ref["image_id"]]
+        for sentence in ref["sentences"]:
+            samples.append(Sample(sample_id=str(sentence["sent_id"]), image=image_dir / image["file_name"],
+                                  text=sentence["sent"], target=[x, y, x + width, y + height],
+                                  image_size=(int(image["width"]), int(image["height"]))))
+    if not samples:
+        raise ValueError(f"{pickle_path}: no refs in split {split!r}")
+    return samples
+
+
+def load_vqa(annotation_dir: Path, split: str, image_dir: Path, image_template: str) -> list[Sample]:
+    """VQAv2-style questions JSON {"questions": [{question_id, image_id, question}]} plus
+    annotations JSON {"annotations": [{question_id, answers: [{answer}]}]} (VQAv2 file names, or
+    questions.json / annotations.json). The image file is `image_template` formatted with
+    image_id and split (COCO: "COCO_{split}2014_{image_id:012d}.jpg")."""
+    questions_path = _first_existing(annotation_dir, ["questions.json", f"v2_OpenEnded_mscoco_{split}2014_questions.json",
+                                                      f"OpenEnded_mscoco_{split}2014_questions.json"], "VQA questions file")
+    annotations_path = _first_existing(annotation_dir, ["annotations.json", f"v2_mscoco_{split}2014_annotations.json",
+                                                        f"mscoco_{split}2014_annotations.json"], "VQA annotations file")
+    questions = _read_json(questions_path, "VQA questions file")["questions"]
+    answers = {annotation["question_id"]: [answer["answer"] for answer in annotation["answers"]]
+               for annotation in _read_json(annotations_path, "VQA annotations file")["annotations"]}
+    samples = []
+    for question in questions:
+        if question["question_id"] not in answers:
+            raise KeyError(f"{annotations_path}: no answers for question_id {question['question_id']}")
+        image_name = image_template.format(image_id=question["image_id"], split=split)
+        samples.append(Sample(sample_id=str(question["question_id"]), image=image_dir / image_name,
+                              text=question["question"], target=answers[question["question_id"]]))
+    return samples
+
+
+def load_captions(annotation_dir: Path, split: str, image_dir: Path) -> list[Sample]:
+    """Karpathy-split caption JSON (captions.json or dataset_coco.json): {"images": [{filename,
+    [filepath], cocoid | imgid, split, sentences: [{raw, tokens}]}]}; one sample per image of the
+    split, its sentences the references."""
+    path = _first_existing(annotation_dir, ["captions.json", "dataset_coco.json"], "caption file")
+    samples = []
+    for image in _read_json(path, "caption file")["images"]:
+        if image["split"] != split:
+            continue
+        image_path = image_dir / image.get("filepath", "") / image["filename"]
+        samples.append(Sample(sample_id=str(image.get("cocoid", image.get("imgid"))), image=image_path,
+                              text="", target=[sentence["raw"] for sentence in image["sentences"]]))
+    if not samples:
+        raise ValueError(f"{path}: no images in split {split!r}")
+    return samples
+
+
+POPE_SPLITS = ("random", "popular", "adversarial")
+
+
+def load_pope(annotation_dir: Path, split: str, image_dir: Path) -> list[Sample]:
+    """POPE jsonl {question_id, image, text, label: yes/no} per split (pope_{split}.jsonl, or the
+    original coco_pope_{split}.json); split "all" reads random, popular and adversarial."""
+    samples = []
+    for pope_split in POPE_SPLITS if split == "all" else (split,):
+        path = _first_existing(annotation_dir, [f"pope_{pope_split}.jsonl", f"coco_pope_{pope_split}.json"], "POPE file")
+        for line_number, record in read_jsonl(path, ("question_id", "image", "text", "label")):
+            if record["label"] not in ("yes", "no"):
+                raise ValueError(f"{path}, line {line_number}: label must be yes or no, got {record['label']!r}")
+            samples.append(Sample(sample_id=f"{pope_split}/{record['question_id']}", image=image_dir / record["image"],
+                                  text=record["text"], target=record["label"], group=pope_split))
+    return samples
+
+
+def load_multiple_choice(annotation_dir: Path, split: str, image_dir: Path) -> list[Sample]:
+    """Multiple-choice jsonl ({split}.jsonl or questions.jsonl): {question_id, image, question,
+    choices: [...], answer: index of the right choice}."""
+    path = _first_existing(annotation_dir, [f"{split}.jsonl", "questions.jsonl"], "multiple-choice file")
+    samples = []
+    for line_number, record in read_jsonl(path, ("question_id", "image", "question", "choices", "answer")):
+        if not 0 <= int(record["answer"]) < len(record["choices"]):
+            raise ValueError(f"{path}, line {line_number}: answer {record['answer']} is not an index of choices")
+        samples.append(Sample(sample_id=str(record["question_id"]), image=image_dir / record["image"],
+                              text=record["question"], target=int(record["answer"]), choices=list(record["choices"])))
+    return samples
+
+
+# task name -> (kind of scoring, folder under DATA/eval/, default split)
+TASKS = {
+    "refcoco": ("rec", "refcoco", "val"),
+    "refcoco+": ("rec", "refcoco+", "val"),
+    "refcocog": ("rec", "refcocog", "val"),
+    "vqa": ("vqa", "vqa", "val"),
+    "captions": ("caption", "captions", "test"),
+    "pope": ("pope", "pope", "all"),
+    "mc": ("choice", "mc", "test"),
+    "mc-rank": ("rank", "mc", "test"),
+}
+COCO_IMAGE_TEMPLATE = "COCO_{split}2014_{image_id:012d}.jpg"
+
+
+def load_task(task: str, data_dir: str | Path, split: str, annotation_dir: str | Path | None = None,
+              image_dir: str | Path | None = None, image_template: str = COCO_IMAGE_TEMPLATE) -> list[Sample]:
+    """The samples of a task. Defaults follow the shapes-world layout (SPEC.md): annotations in
+    DATA/eval/<folder>/, images in DATA/images/; both can point elsewhere for the public data."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    kind, folder, _ = TASKS[task]
+    annotations = Path(annotation_dir) if annotation_dir else Path(data_dir) / "eval" / folder
+    images = Path(image_dir) if image_dir else Path(data_dir) / "images"
+    if kind == "rec":
+        return load_refer(annotations, task, split, images)
+    if kind == "vqa":
+        return load_vqa(annotations, split, images, image_template)
+    if kind == "caption":
+        return load_captions(annotations, split, images)
+    if kind == "pope":
+        return load_pope(annotations, split, images)
+    return load_multiple_choice(annotations, split, images)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts per model family
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PromptStyle:
+    """How a model family is asked each kind of question. `template` is a data.py conversation
+    template (the image goes first in the first user turn, as LLaVA-1.5's data has it); None means
+    the family has no chat template: the prompt is BOS, the image tokens, then `turn` text
+    (InstructBLIP / LION put the instruction after the query tokens, Lynx after the image)."""
+    template: str | None
+    turn: str              # one dialogue turn for template-less styles; "{}" = the message itself
+    short_answer: str      # VQA, POPE, and the prompt whose continuation mc-rank scores
+    multiple_choice: str
+    referring: str
+    caption: str
+    describe: str          # Lynx's plug-and-play first question
+    lowercase: bool = False
+
+
+REC_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: {expression}"
+PROMPT_STYLES = {
+    # LLaVA-1.5 response-format prompts (REFERENCE.md section 1; caption prompt as lmms-eval).
+    "llava15": PromptStyle(
+        template="vicuna_v1", turn="{}",
+        short_answer="{question}\nAnswer the question using a single word or phrase.",
+        multiple_choice="{question}\n{options}\nAnswer with the option's letter from the given choices directly.",
+        referring=REC_PROMPT, caption="Provide a one-sentence caption for the provided image.",
+        describe="Describe the image in detail."),
+    # LLaVA (v1): the same chat, no response-format suffixes (the ablation of Table 4.2).
+    "llava": PromptStyle(
+        template="vicuna_v1", turn="{}", short_answer="{question}", multiple_choice="{question}\n{options}",
+        referring=REC_PROMPT, caption="Describe the image concisely.", describe="Describe the image in detail."),
+    # InstructBLIP / LION evaluation instructions (LION appendix B.2; REC: first Shikra template of Table 9).
+    "instructblip": PromptStyle(
+        template=None, turn="{}", short_answer="Question: {question} Short answer:",
+        multiple_choice="Question: {question} Options: {options} Short answer:",
+        referring="Identify the position of {expression} in image and share its coordinates.",
+        caption="A short image caption.", describe="Describe the image in detail."),
+    # Lynx: "User: {question}\nBot:", lowercased text, its training prompts (Lynx appendix tables).
+    "lynx": PromptStyle(
+        template=None, turn="User: {}\nBot:", short_answer="{question} Give a short answer.",
+        multiple_choice="{question}\n{options}\nAnswer with the option's letter.", referring=REC_PROMPT,
+        caption="Describe the image briefly.", describe="Describe the image in detail.", lowercase=True),
+}
+
+
+def user_message(kind: str, sample: Sample, style: PromptStyle) -> str:
+    """The question text a sample asks, in the style's wording."""
+    if kind == "rec":
+        message = style.referring.format(expression=sample.text)
+    elif kind == "caption":
+        message = style.caption
+    elif kind == "choice":
+        options = "\n".join(f"{chr(ord('A') + index)}. {choice}" for index, choice in enumerate(sample.choices))
+        message = style.multiple_choice.format(question=sample.text, options=options)
+    else:  # VQA, POPE, and the question whose candidate answers mc-rank scores
+        message = style.short_answer.format(question=sample.text)
+    return message.lower() if style.lowercase else message
+
+
+# ---------------------------------------------------------------------------------------------
+# The model side: prompts to token ids, batches, generation, likelihood ranking
+# ---------------------------------------------------------------------------------------------
+
+class Evaluator:
+    """A model, its tokenizer and a prompt style, turned into batched answers to Samples."""
+
+    def __init__(self, model: MLLM, tokenizer: Tokenizer, style: PromptStyle, blind: bool = False,
+                 stop_strings: list[str] | None = None):
+        self.model, self.tokenizer, self.style, self.blind = model, tokenizer, style, blind
+        self.stop_strings = stop_strings or []
+        config = model.config
+        self.pad_to_square = config.image_aspect_ratio == "pad"
+        self.image_size = config.vision_config.image_size
+        self.image_token_index = config.image_token_index
+        self.pad_token_id = config.pad_token_id
+        self.bos_token_id = config.text_config.bos_token_id
+        eos = config.text_config.eos_token_id
+        self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
+        parameter = next(model.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
+
+    def encode_dialogue(self, turns: list[tuple[str, str | None]], answer: str | None) -> tuple[list[int], list[int]]:
+        """Token ids (and labels marking `answer`'s tokens) of a dialogue: finished (question,
+        reply) turns, then the last question, then `answer`, or the open assistant turn for
+        generation when `answer` is None."""
+        if self.style.template is not None:
+            conversation = []
+            for index, (question, reply) in enumerate(turns):
+                image = IMAGE_PLACEHOLDER + "\n" if index == 0 else ""
+                conversation.append({"from": "human", "value": image + question})
+                if reply is not None:
+                    conversation.append({"from": "gpt", "value": reply})
+            if answer is not None:
+                conversation.append({"from": "gpt", "value": answer})
+            input_ids, labels = render_conversation(conversation, self.style.template, self.tokenizer,
+                                                    self.image_token_index, self.model.num_image_tokens,
+                                                    for_generation=answer is None)
+            return list(input_ids), _last_labeled_span(list(labels))
+        text = "".join(self.style.turn.format(question) + (f" {reply}\n" if reply is not None else "")
+                       for question, reply in turns)
+        prompt = [self.bos_token_id] + [self.image_token_index] * self.model.num_image_tokens + self._encode(text)
+        if answer is None:
+            return prompt, [IGNORE_INDEX] * len(prompt)
+        answer_ids = self._encode(" " + answer) + self.eos_token_ids[:1]
+        return prompt + answer_ids, [IGNORE_INDEX] * len(prompt) + answer_ids
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def pixel_values(self, samples: list[Sample]) -> torch.Tensor:
+        """One preprocessed image per sample; zeros for the blind baseline (what vision adds)."""
+        images = torch.stack([preprocess_image(load_image(sample.image), self.image_size, self.pad_to_square)
+                              for sample in samples])
+        if self.blind:
+            images = torch.zeros_like(images)
+        return images.to(self.device, self.dtype)
+
+    def generate(self, samples: list[Sample], dialogues: list[list[tuple[str, str | None]]],
+                 **decoding) -> list[str]:
+        """Answers to the last question of each dialogue, generated as one left-padded batch."""
+        prompts = [self.encode_dialogue(dialogue, None)[0] for dialogue in dialogues]
+        longest = max(len(prompt) for prompt in prompts)
+        input_ids = torch.full((len(prompts), longest), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            # Left padding: every prompt ends at the last column, so the first generated token of
+            # every row is predicted from the same (last) position.
+            input_ids[row, longest - len(prompt):] = torch.tensor(prompt)
+            attention_mask[row, longest - len(prompt):] = 1
+        if self.stop_strings:
+            decoding["stop_token_sequences"] = [self._encode(stop) for stop in self.stop_strings]
+        generated = self.model.generate(input_ids.to(self.device), pixel_values=self.pixel_values(samples),
+                                        attention_mask=attention_mask.to(self.device), **decoding)
+        return [self.decode(row.tolist()) for row in generated]
+
+    def decode(self, token_ids: list[int]) -> str:
+        """Text of generated ids up to the first end-of-sequence or padding token, and before the
+        first stop string (generation keeps the stop sequence it ended on)."""
+        for stop in [*self.eos_token_ids, self.pad_token_id]:
+            if stop in token_ids:
+                token_ids = token_ids[:token_ids.index(stop)]
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        for stop in self.stop_strings:
+            text = text.split(stop)[0]
+        return text.strip()
+
+    def rank_choices(self, samples: list[Sample], dialogues: list[list[tuple[str, str | None]]]) -> list[list[float]]:
+        """Log-likelihood of each candidate answer (its tokens and end of turn) after each
+        dialogue, summed over tokens: LION ranks VSR / IconQA / VisDial candidates this way
+        (LAVIS `predict_class`: the candidate with the lowest summed loss wins). One forward pass
+        over every (sample, candidate) row of the batch, right-padded."""
+        rows, owners = [], []
+        for index, (sample, dialogue) in enumerate(zip(samples, dialogues)):
+            for choice in sample.choices:
+                rows.append(self.encode_dialogue(dialogue, choice.lower() if self.style.lowercase else choice))
+                owners.append(index)
+        longest = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for row, (ids, row_labels) in enumerate(rows):
+            input_ids[row, :len(ids)] = torch.tensor(ids)
+            labels[row, :len(ids)] = torch.tensor(row_labels)
+            attention_mask[row, :len(ids)] = 1
+        pixel_values = self.pixel_values(samples)[torch.tensor(owners)]
+        logits = self.model(input_ids.to(self.device), pixel_values=pixel_values,
+                            attention_mask=attention_mask.to(self.device))
+        # Position t predicts token t + 1; only the candidates' positions go through the softmax,
+        # which keeps memory at (#candidate tokens, vocab) instead of (rows, length, vocab).
+        targets = labels[:, 1:].to(self.device)
+        scored = targets != IGNORE_INDEX
+        token_log_probs = F.log_softmax(logits[:, :-1][scored].float(), dim=-1).gather(-1, targets[scored][:, None])[:, 0]
+        row_of_token = torch.arange(len(rows), device=self.device)[:, None].expand_as(targets)[scored]
+        totals = torch.zeros(len(rows), device=self.device).index_add_(0, row_of_token, token_log_probs)
+        per_sample: list[list[float]] = [[] for _ in samples]
+        for owner, total in zip(owners, totals.tolist()):
+            per_sample[owner].append(total)
+        return per_sample
+
+
+def _last_labeled_span(labels: list[int]) -> list[int]:
+    """Labels with only the final assistant reply kept: a dialogue with an earlier reply (the
+    describe-first description) must not count that reply in a candidate's likelihood."""
+    end = max((i for i, label in enumerate(labels) if label != IGNORE_INDEX), default=-1) + 1
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return [label if start <= i < end else IGNORE_INDEX for i, label in enumerate(labels)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+# ---------------------------------------------------------------------------------------------
+
+def normalize_box(box: list[float], image_size: tuple[int, int], pad_to_square: bool) -> list[float]:
+    """A pixel box as the model reads and writes boxes: normalized to the padded square when
+    images are padded (LLaVA-1.5 `pad`, pasted centered with integer offsets like
+    expand2square), else to the image's own width and height."""
+    width, height = image_size
+    if pad_to_square:
+        side = max(width, height)
+        left, top = (side - width) // 2, (side - height) // 2
+        return [(box[0] + left) / side, (box[1] + top) / side, (box[2] + left) / side, (box[3] + top) / side]
+    return [box[0] / width, box[1] / height, box[2] / width, box[3] / height]
+
+
+def denormalize_box(box: list[float], image_size: tuple[int, int], pad_to_square: bool) -> list[float]:
+    """Inverse of `normalize_box`: back to pixels of the original image."""
+    width, height = image_size
+    if pad_to_square:
+        side = max(width, height)
+        left, top = (side - width) // 2, (side - height) // 2
+        return [box[0] * side - left, box[1] * side - top, box[2] * side - left, box[3] * side - top]
+    return [box[0] * width, box[1] * height, box[2] * width, box[3] * height]
+
+
+def score_task(kind: str, samples: list[Sample], predictions: list[str], pad_to_square: bool,
+               choice_scores: list[list[float]] | None = None) -> tuple[list[dict], dict[str, float]]:
+    """Per-sample records (for predictions.jsonl) and the task's metrics."""
+    records = [{"id": sample.sample_id, "image": str(sample.image), "question": sample.text,
+                "prediction": prediction} for sample, prediction in zip(samples, predictions)]
+    metrics: dict[str, float] = {"samples": len(samples)}
+    if kind == "rec":
+        correct = unparsable = 0
+        for record, sample, prediction in zip(records, samples, predictions):
+            target = normalize_box(sample.target, sample.image_size, pad_to_square)
+            box = parse_box(prediction)
+            iou = box_iou(box, target) if box else 0.0
+            unparsable += box is None
+            correct += iou >= 0.5
+            record.update(target=[round(value, 4) for value in target], box=box, iou=iou)
+        metrics.update(accuracy=correct / len(samples), unparsable=unparsable)
+    elif kind == "vqa":
+        scores = [vqa_accuracy(prediction, sample.target) for sample, prediction in zip(samples, predictions)]
+        for record, sample, score in zip(records, samples, scores):
+            record.update(answers=sample.target, accuracy=score)
+        metrics["accuracy"] = sum(scores) / len(scores)
+    elif kind == "caption":
+        for record, sample in zip(records, samples):
+            record["references"] = sample.target
+        hypotheses = {sample.sample_id: caption_tokens(prediction) for sample, prediction in zip(samples, predictions)}
+        references = {sample.sample_id: [caption_tokens(reference) for reference in sample.target] for sample in samples}
+        metrics["cider"] = cider_d(hypotheses, references)
+    elif kind == "pope":
+        for record, sample, prediction in zip(records, samples, predictions):
+            record.update(label=sample.target, answer=pope_answer(prediction))
+        groups = sorted({sample.group for sample in samples}, key=POPE_SPLITS.index)
+        per_group = {group: pope_metrics([p for s, p in zip(samples, predictions) if s.group == group],
+                                         [s.target for s in samples if s.group == group]) for group in groups}
+        for name in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
+            # Papers report POPE per split and averaged over the three splits.
+            metrics[name] = sum(values[name] for values in per_group.values()) / len(per_group)
+            if len(groups) > 1:
+                metrics.update({f"{group}_{name}": values[name] for group, values in per_group.items()})
+    else:
+        correct = unparsable = 0
+        for index, (record, sample, prediction) in enumerate(zip(records, samples, predictions)):
+            chosen = parse_choice(prediction, sample.choices)
+            unparsable += chosen is None
+            correct += chosen == sample.target
+            record.update(choices=sample.choices, answer=sample.target, chosen=chosen)
+            if choice_scores is not None:
+                record["log_likelihoods"] = choice_scores[index]
+        metrics.update(accuracy=correct / len(samples), unparsable=unparsable)
+    return records, metrics
+
+
+def visualize_rec(records: list[dict], samples: list[Sample], pad_to_square: bool, directory: Path) -> None:
+    """PNG per sample: ground truth in green, prediction in red, the expression on top."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for index, (record, sample) in enumerate(zip(records, samples)):
+        image = load_image(sample.image)
+        draw = ImageDraw.Draw(image)
+        draw.rectangle(sample.target, outline=(0, 200, 0), width=2)
+        if record["box"] is not None:
+            predicted = denormalize_box(record["box"], sample.image_size, pad_to_square)
+            # PIL refuses x1 < x0; a model's inverted box is drawn as the box it spans.
+            draw.rectangle([min(predicted[0], predicted[2]), min(predicted[1], predicted[3]),
+                            max(predicted[0], predicted[2]), max(predicted[1], predicted[3])], outline=(220, 0, 0), width=2)
+        draw.text((2, 2), f"{sample.text} (IoU {record['iou']:.2f})", fill=(255, 255, 255))
+        image.save(directory / f"{index:04d}_{re.sub(r'[^A-Za-z0-9_-]', '_', sample.sample_id)}.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+# Enough new tokens for each kind of answer (a box is ~30 tokens with digit-split BPE); the
+# generation stops at end of sequence long before on a trained model.
+DEFAULT_MAX_NEW_TOKENS = {"rec": 48, "vqa": 16, "caption": 40, "pope": 8, "choice": 8, "rank": 8}
+
+
+def answer_samples(evaluator: Evaluator, kind: str, samples: list[Sample], batch_size: int,
+                   describe_first: bool, describe_max_new_tokens: int, progress_label: str | None,
+                   **decoding) -> tuple[list[str], list[str], list[list[float]] | None]:
+    """(answers, descriptions, candidate log-likelihoods or None) in the order of `samples`.
+
+    Batches hold questions of similar length (sorted by question text, as lmms-eval orders its
+    requests), so left padding wastes little compute; the results go back to the samples' order.
+    mc-rank answers with the letter of its most likely candidate, so both multiple-choice modes
+    share the scoring."""
+    style = evaluator.style
+    messages = [user_message(kind, sample, style) for sample in samples]
+    order = sorted(range(len(samples)), key=lambda index: len(messages[index]))
+    answers, descriptions = [""] * len(samples), [""] * len(samples)
+    choice_scores: list[list[float]] | None = [[] for _ in samples] if kind == "rank" else None
+    with tqdm(total=len(samples), desc=progress_label, disable=progress_label is None) as bar:
+        for start in range(0, len(order), batch_size):
+            indices = order[start:start + batch_size]
+            batch = [samples[index] for index in indices]
+            histories: list[list[tuple[str, str | None]]] = [[] for _ in batch]
+            if describe_first:
+                described = evaluator.generate(batch, [[(style.describe, None)]] * len(batch),
+                                               **{**decoding, "max_new_tokens": describe_max_new_tokens})
+                histories = [[(style.describe, description)] for description in described]
+                for index, description in zip(indices, described):
+                    descriptions[index] = description
+            dialogues = [history + [(messages[index], None)] for history, index in zip(histories, indices)]
+            if choice_scores is not None:
+                batch_answers = []
+                for index, scores in zip(indices, evaluator.rank_choices(batch, dialogues)):
+                    choice_scores[index] = scores
+                    batch_answers.append(chr(ord("A") + max(range(len(scores)), key=scores.__getitem__)))
+            else:
+                batch_answers = evaluator.generate(batch, dialogues, **decoding)
+            for index, answer in zip(indices, batch_answers):
+                answers[index] = answer
+            bar.update(len(batch))
+    return answers, descriptions, choice_scores
+
+
+def run_eval(model: MLLM, tokenizer: Tokenizer, task: str, data_dir: str | Path, split: str | None = None,
+             batch_size: int = 16, limit: int | None = None, out_dir: str | Path | None = None, *,
+             prompt_style: str | None = None, template: str | None = None, annotation_dir: str | Path | None = None,
+             image_dir: str | Path | None = None, image_template: str = COCO_IMAGE_TEMPLATE,
+             describe_first: bool = False, describe_max_new_tokens: int = 128, visualize: int = 0,
+             blind: bool = False, stop_strings: list[str] | None = None, progress: bool = True,
+             print_results: bool = True, **decoding) -> dict[str, float]:
+    """Evaluate `model` on one task and split; returns the metrics (and writes
+    `{task}_{split}.predictions.jsonl` / `.metrics.json` to `out_dir` when given).
+
+    prompt_style: a key of PROMPT_STYLES; default `model.config.prompt_style` if the config has
+    one, else "llava15". template: the data.py conversation template; default
+    `model.config.template` if present, else the style's. describe_first: Lynx's plug-and-play,
+    the model's own detailed description goes into the dialogue before the question. blind:
+    images replaced by zeros (the no-vision baseline). stop_strings: generation stops after one
+    and the answer is cut before it. `decoding` goes to `model.generate` (max_new_tokens
+    defaults per task kind)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    kind, _, default_split = TASKS[task]
+    split = split or default_split
+    samples = load_task(task, data_dir, split, annotation_dir, image_dir, image_template)[:limit]
+    missing = next((sample.image for sample in samples if not sample.image.is_file()), None)
+    if missing is not None:
+        hint = f" (VQA image names come from image_template, now {image_template!r})" if kind == "vqa" else ""
+        raise FileNotFoundError(f"image not found: {missing}{hint}")
+    if visualize and kind != "rec":
+        raise ValueError("visualize draws boxes: only the REC tasks (refcoco, refcoco+, refcocog) have them")
+    style_name = prompt_style or getattr(model.config, "prompt_style", None) or "llava15"
+    if style_name not in PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style {style_name!r}; choose from {', '.join(PROMPT_STYLES)}")
+    style = PROMPT_STYLES[style_name]
+    template = template or getattr(model.config, "template", None)
+    if template is not None and style.template is not None:
+        # The chat the model was trained with wins over the style's default (LLaVA v1: vicuna_v0).
+        style = dataclasses.replace(style, template=template)
+    if style.template is not None and TEMPLATES[style.template].stop != EOS_TOKEN:
+        # "###" of vicuna_v0 ends an answer the way EOS does for vicuna_v1.
+        stop_strings = [*(stop_strings or []), TEMPLATES[style.template].stop]
+    decoding = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS[kind], **decoding}
+    evaluator = Evaluator(model, tokenizer, style, blind, stop_strings)
+
+    was_training = model.training
+    model.eval()
+    started = time.perf_counter()
+    with torch.inference_mode():
+        predictions, descriptions, choice_scores = answer_samples(
+            evaluator, kind, samples, batch_size, describe_first, describe_max_new_tokens,
+            progress_label=f"{task} {split}" if progress else None, **decoding)
+    seconds = time.perf_counter() - started
+    model.train(was_training)
+
+    records, metrics = score_task(kind, samples, predictions, evaluator.pad_to_square, choice_scores)
+    if describe_first:
+        for record, description in zip(records, descriptions):
+            record["description"] = description
+    metrics["samples_per_second"] = len(samples) / seconds if seconds > 0 else 0.0
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / f"{task}_{split}.predictions.jsonl", "w", encoding="utf-8") as file:
+            for record in records:
+                file.write(json.dumps(record) + "\n")
+        summary = {"task": task, "split": split, "prompt_style": style_name, "describe_first": describe_first,
+                   "blind": blind, "decoding": decoding, "metrics": metrics}
+        (out / f"{task}_{split}.metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if visualize:
+            visualize_rec(records[:visualize], samples[:visualize], evaluator.pad_to_square, out / f"{task}_{split}_boxes")
+    if print_results:
+        print(format_table(task, split, metrics))
+    return metrics
+
+
+def format_table(task: str, split: str, metrics: dict[str, float]) -> str:
+    """A markdown table of one task's metrics."""
+    lines = ["| task | split | metric | value |", "|---|---|---|---|"]
+    for name, value in metrics.items():
+        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        lines.append(f"| {task} | {split} | {name} | {shown} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description="Evaluate a checkpoint on a benchmark task.")
+    parser.add_argument("--task", required=True, choices=list(TASKS))
+    parser.add_argument("--ckpt", required=True, help="checkpoint directory (MLLM.from_pretrained)")
+    parser.add_argument("--data", required=True, help="dataset root (the shapes world: DATA/eval/<task>, DATA/images)")
+    parser.add_argument("--split", help="val / testA / testB / test (REC), test (captions), "
+                                        "random / popular / adversarial / all (POPE)")
+    parser.add_argument("--annotation-dir", help="directory of the task's annotation files (default DATA/eval/<task>)")
+    parser.add_argument("--image-dir", help="directory of the images (default DATA/images)")
+    parser.add_argument("--image-template", default=COCO_IMAGE_TEMPLATE,
+                        help="VQA image file name from image_id and split (shapes world: '{image_id:012d}.png')")
+    parser.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's, else DATA/tokenizer.json)")
+    parser.add_argument("--out", default="out/eval", help="directory for predictions and metrics")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--limit", type=int, help="evaluate only the first N samples")
+    parser.add_argument("--prompt-style", choices=list(PROMPT_STYLES), help="default: the model config's, else llava15")
+    parser.add_argument("--template", choices=list(TEMPLATES),
+                        help="conversation template (default: the model config's, else the style's)")
+    parser.add_argument("--describe-first", action="store_true", help="Lynx plug-and-play: describe the image, then answer")
+    parser.add_argument("--visualize", type=int, default=0, metavar="N", help="REC: draw N samples' boxes to PNGs")
+    parser.add_argument("--blind", action="store_true", help="replace every image by zeros (the no-vision baseline)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    decoding = parser.add_argument_group("decoding (passed to model.generate)")
+    decoding.add_argument("--max-new-tokens", type=int)
+    decoding.add_argument("--min-new-tokens", type=int)
+    decoding.add_argument("--num-beams", type=int)
+    decoding.add_argument("--length-penalty", type=float)
+    decoding.add_argument("--no-repeat-ngram-size", type=int)
+    decoding.add_argument("--do-sample", action="store_true", default=None)
+    decoding.add_argument("--temperature", type=float)
+    decoding.add_argument("--top-k", type=int)
+    decoding.add_argument("--top-p", type=float)
+    decoding.add_argument("--repetition-penalty", type=float)
+    decoding.add_argument("--stop", action="append", help="stop string (repeatable)")
+    args = parser.parse_args(argv)
+
+    model = MLLM.from_pretrained(args.ckpt).to(args.device)
+    checkpoint_tokenizer = Path(args.ckpt) / "tokenizer.json"
+    tokenizer = load_tokenizer(str(args.tokenizer or (checkpoint_tokenizer if checkpoint_tokenizer.is_file()
+                                                      else Path(args.data) / "tokenizer.json")))
+    options = {name: getattr(args, name) for name in ("max_new_tokens", "min_new_tokens", "num_beams", "length_penalty",
+                                                      "no_repeat_ngram_size", "do_sample", "temperature", "top_k",
+                                                      "top_p", "repetition_penalty") if getattr(args, name) is not None}
+    return run_eval(model, tokenizer, args.task, args.data, args.split, batch_size=args.batch_size, limit=args.limit,
+                    out_dir=args.out, prompt_style=args.prompt_style, template=args.template,
+                    annotation_dir=args.annotation_dir, image_dir=args.image_dir, image_template=args.image_template,
+                    describe_first=args.describe_first, visualize=args.visualize, blind=args.blind,
+                    stop_strings=args.stop, **options)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1063 @@
+"""The shapes world: a synthetic, seed-deterministic stand-in for the public datasets, small
+enough that the miniature LLaVA-1.5 recipe learns to see on a laptop CPU in minutes (issue 4).
+
+Images are pale backgrounds (plain, striped or speckled) with 1-6 shapes, each a shape x color x
+size with a known pixel box. From the same scenes every annotation file is written in the SAME
+format as the public dataset it stands in for, so one set of loaders and eval tasks serves both:
+
+- train/pretrain.json: LLaVA instruction JSON (papers/llava-dissertation.txt section 3.4, stage 1;
+  LLaVA-1.5's LCS-558K): stage-1 short captions, prompts from LLaVA's brief-caption list.
+- train/instruct.json: LLaVA instruction JSON, a miniature of LLaVA-1.5's 665K mixture (section 4.3,
+  Table 4.1: response-format prompts): short-answer VQA with the response-format prompt,
+  multi-turn conversations, detailed descriptions, captions, REC and REG (box text normalized to
+  the padded square, as LLaVA-1.5's RefCOCO / VG data), multiple choice with the letter prompt,
+  and text-only samples (ShareGPT's role). Exact strings: REFERENCE.md section 1.
+- train/instruct_no_format_prompts.json: the same mixture without the response-format prompts,
+  for the original-LLaVA ablation (configs/shapes_llava.py).
+- train/text.jsonl: {"text": ...} documents for pretraining the tiny LLaMA as a language model.
+- eval/refcoco: the refer toolkit's `refs(unc).p` + COCO `instances.json` (Yu et al. 2016,
+  Lin et al. 2014), splits val / testA / testB, plus a jsonl form with pixel boxes.
+- eval/vqa: VQAv2 questions + annotations JSON with 10 human-like answers (Goyal et al. 2017).
+- eval/captions: the Karpathy-split JSON with 5 reference sentences per image.
+- eval/pope: POPE (Li et al. 2023) "Is there a {object} in the image?" with random, popular and
+  adversarial negatives; eval/mc: multiple choice jsonl (ScienceQA-IMG / MMBench style).
+- tags.json: per-image tags and object boxes, the ground-truth stand-ins for LION's RAM tags and
+  Lyrics' visual refiner (REFERENCE.md sections 3 and 5).
+- tokenizer.json: a byte-level BPE trained with `tokenizers` on the world's text, digits split.
+
+Every image lives in images/{image_id:012d}.png (train ids 1..N, eval ids after them); every
+"image" / "file_name" field in the annotations is that file name, relative to images/. Box text is
+normalized xyxy relative to LLaVA-1.5's padded square, 3 decimals: "[0.525,0.000,0.675,0.394]".
+world.json, written last, records the generation arguments: a build with the same arguments (and
+the same shapes.py) returns at once, any other regenerates. Same seed, same bytes (given the same
+numpy / pillow / tokenizers versions).
+
+    python shapes.py --out data/shapes --seed 0          # the default world (cached)
+    python shapes.py --out /tmp/shapes_small --small     # the CI smoke world
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import multiprocessing
+import os
+import pickle
+import shutil
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+DEFAULT_WORLD_DIR = Path("data/shapes")
+# Sized so the whole miniature recipe fits a 2-core CPU in about 20 minutes (issue 4).
+DEFAULT_SIZES = {"num_train_images": 6000, "num_eval_images": 300}
+SMALL_WORLD = {"num_train_images": 40, "num_eval_images": 12}  # the CI smoke world
+DEFAULT_IMAGE_SIZE = 96
+MARKER_FILE = "world.json"
+# Everything build_world writes; a stale world is removed entry by entry, never the whole folder.
+WORLD_ENTRIES = ("images", "train", "eval", "tags.json", "tokenizer.json", MARKER_FILE)
+
+# ---------------------------------------------------------------------------------------------
+# The world's vocabulary
+# ---------------------------------------------------------------------------------------------
+# Sampling weights are mildly skewed so that POPE's "popular" negatives (the most frequent
+# objects of the dataset) really are more frequent, as COCO's are.
+SHAPE_WEIGHTS = {"circle": 0.26, "square": 0.23, "triangle": 0.2, "star": 0.17, "diamond": 0.14}
+SHAPES = tuple(SHAPE_WEIGHTS)
+SHAPE_CUMULATIVE_WEIGHTS = np.cumsum(list(SHAPE_WEIGHTS.values()))
+# Saturated colors about 60 degrees of hue apart plus black: each has a channel <= 60, so none can
+# be confused with a background, whose channels are all >= 190.
+COLOR_RGB = {
+    "red": (220, 30, 30), "yellow": (235, 200, 0), "green": (30, 160, 40), "cyan": (0, 185, 200),
+    "blue": (30, 60, 220), "purple": (140, 40, 180), "black": (25, 25, 25),
+}
+COLOR_WEIGHTS = {"red": 0.2, "blue": 0.18, "green": 0.16, "yellow": 0.14, "black": 0.12,
+                 "purple": 0.1, "cyan": 0.1}
+COLORS = tuple(COLOR_RGB)
+COLOR_CUMULATIVE_WEIGHTS = np.cumsum([COLOR_WEIGHTS[color] for color in COLORS])
+# Side of an object's square box as a fraction of the image's longer side: the tiny ViT sees the
+# padded square at 64 px, where small objects span about 11-13 px and large ones 20-24 px.
+SIZE_FRACTIONS = {"small": (0.17, 0.21), "large": (0.32, 0.38)}
+SIZES = tuple(SIZE_FRACTIONS)
+BACKGROUNDS = ("plain", "striped", "speckled")
+MAX_OBJECTS = 6
+# Two boxes may share at most this fraction of the smaller box: stricter than an IoU bound,
+# because a small shape inside a large box has a low IoU yet would be hidden.
+MAX_OVERLAP = 0.1
+PLACEMENT_ATTEMPTS = 100
+NON_SQUARE_SHARE = 0.25
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+# ---------------------------------------------------------------------------------------------
+# Fixed strings: prompts of the LLaVA / LLaVA-1.5 data and the conversation templates
+# ---------------------------------------------------------------------------------------------
+SHORT_ANSWER_PROMPT = "\nAnswer the question using a single word or phrase."
+MULTIPLE_CHOICE_PROMPT = "\nAnswer with the option's letter from the given choices directly."
+REC_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: "
+REG_PROMPT = "Please provide a short description for this region: "
+# LLaVA's brief-caption instructions (LCS-558K); the last one is lmms-eval's COCO caption prompt,
+# so the stage-2 model has seen the request the caption benchmark makes.
+CAPTION_PROMPTS = (
+    "Describe the image concisely.", "Provide a brief description of the given image.",
+    "Offer a succinct explanation of the picture presented.", "Summarize the visual content of the image.",
+    "Share a concise interpretation of the image provided.", "Render a clear and concise summary of the photo.",
+    "Provide a one-sentence caption for the provided image.",
+)
+# LLaVA's detailed-description instructions (detail_23k).
+DETAIL_PROMPTS = (
+    "Describe the following image in detail.", "Provide a detailed description of the given image.",
+    "Give an elaborate explanation of the image you see.", "Share a comprehensive rundown of the presented image.",
+    "Offer a thorough analysis of the image.", "Walk through the important details of the image.",
+    "Describe the image in detail.",  # eval.py's prompt for Lynx's describe-first step
+)
+# The templates' fixed text (REFERENCE.md section 1), so the tokenizer learns them as few tokens.
+TEMPLATE_STRINGS = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the user's questions.",
+    "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the human's questions.",
+    "USER: ASSISTANT: ###Human: ###Assistant: Human: Assistant: User: Bot:",
+)
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")  # ids 0-4; <s> = 1, </s> = 2 as LLaMA
+TOKENIZER_VOCAB_SIZE = 2048
+TOKENIZER_IMAGES = 1000
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenes
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShapeObject:
+    shape: str
+    color: str
+    size: str
+    box: tuple[int, int, int, int]  # pixels x0, y0, x1, y1; the shape fills pixels x0..x1-1
+
+    @property
+    def name(self) -> str:
+        return f"{self.size} {self.color} {self.shape}"
+
+    @property
+    def category(self) -> str:
+        """The POPE object: color and shape ("red circle"); size is relative, not an object."""
+        return f"{self.color} {self.shape}"
+
+    @property
+    def center(self) -> tuple[float, float]:
+        return (self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2
+
+
+@dataclass(frozen=True)
+class Scene:
+    seed: int
+    split: str   # "train" or "eval"
+    index: int   # position within the split; with seed and split it seeds all of this image's randomness
+    image_id: int
+    width: int
+    height: int
+    background: str
+    background_colors: tuple[tuple[int, int, int], tuple[int, int, int]]
+    stripe_width: int
+    stripe_direction: str  # "horizontal", "vertical" or "diagonal"
+    noise_seed: int
+    objects: tuple[ShapeObject, ...]
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.image_id:012d}.png"
+
+    def objects_left_to_right(self) -> list[ShapeObject]:
+        """Captions and descriptions list objects in reading order, which makes them learnable."""
+        return sorted(self.objects, key=lambda obj: (obj.center[0], obj.center[1]))
+
+
+# Each image has one random stream per purpose, seeded by (seed, split, index, purpose): a file's
+# content depends only on its own images, not on the order in which files are written, and the eval
+# images do not change when num_train_images does (results stay comparable across train sizes).
+SPLITS = ("train", "eval")
+RANDOM_PURPOSES = ("image", "train", "refcoco", "vqa", "pope", "multiple_choice", "text_only")
+
+
+def random_stream(seed: int, split: str, index: int, purpose: str) -> np.random.Generator:
+    return np.random.default_rng([seed, SPLITS.index(split), index, RANDOM_PURPOSES.index(purpose)])
+
+
+def annotation_rng(scene: Scene, purpose: str) -> np.random.Generator:
+    return random_stream(scene.seed, scene.split, scene.index, purpose)
+
+
+def box_areas(boxes: np.ndarray) -> np.ndarray:
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def box_overlaps(candidates: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """(C, 4) x (B, 4) xyxy boxes -> (C, B) intersection area over the smaller box's area."""
+    low = np.maximum(candidates[:, None, :2], boxes[None, :, :2])
+    high = np.minimum(candidates[:, None, 2:], boxes[None, :, 2:])
+    intersection = np.clip(high - low, 0, None).prod(axis=-1)
+    return intersection / np.minimum(box_areas(candidates)[:, None], box_areas(boxes)[None, :])
+
+
+def weighted_pick(rng: np.random.Generator, names: tuple[str, ...], cumulative_weights: np.ndarray) -> str:
+    """One name drawn with probability proportional to its weight (rng.choice(p=...) is ~10x slower)."""
+    return names[int(np.searchsorted(cumulative_weights, rng.random() * cumulative_weights[-1], side="right"))]
+
+
+def sample_scene(seed: int, split: str, index: int, image_id: int, image_size: int) -> Scene:
+    """Draw a scene: canvas size, background, then objects placed by rejection sampling.
+
+    image_size is the longer side; the shorter side of a square image is uniform in
+    [2/3 * image_size, image_size], and NON_SQUARE_SHARE of the images are image_size x 2/3 of it
+    (either orientation) so that LLaVA-1.5's pad-to-square path is exercised.
+    """
+    rng = random_stream(seed, split, index, "image")
+    short_side = round(image_size * 2 / 3)
+    if rng.random() < NON_SQUARE_SHARE:
+        width, height = (image_size, short_side) if rng.random() < 0.5 else (short_side, image_size)
+    else:
+        width = height = int(rng.integers(short_side, image_size + 1))
+    long_side = max(width, height)
+    background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    pale_colors = tuple(tuple(int(c) for c in rng.integers(205, 251, size=3)) for _ in range(2))
+    stripe_width = int(rng.integers(3, 7))
+    stripe_direction = ("horizontal", "vertical", "diagonal")[int(rng.integers(3))]
+    noise_seed = int(rng.integers(2**31))
+
+    objects: list[ShapeObject] = []
+    for _ in range(int(rng.integers(1, MAX_OBJECTS + 1))):
+        # No two objects share shape, color and size, so "the small red circle" is always unique.
+        while True:
+            attributes = (weighted_pick(rng, SHAPES, SHAPE_CUMULATIVE_WEIGHTS),
+                          weighted_pick(rng, COLORS, COLOR_CUMULATIVE_WEIGHTS), SIZES[int(rng.integers(len(SIZES)))])
+            if all((o.shape, o.color, o.size) != attributes for o in objects):
+                break
+        low, high = SIZE_FRACTIONS[attributes[2]]
+        side = int(round(rng.uniform(low, high) * long_side))
+        corners = np.stack([rng.integers(0, width - side + 1, PLACEMENT_ATTEMPTS),
+                            rng.integers(0, height - side + 1, PLACEMENT_ATTEMPTS)], axis=1)
+        candidates = np.concatenate([corners, corners + side], axis=1)
+        free = np.ones(PLACEMENT_ATTEMPTS, dtype=bool)
+        if objects:
+            free = (box_overlaps(candidates, np.array([o.box for o in objects])) <= MAX_OVERLAP).all(axis=1)
+        # The first free candidate; an object that finds no free place is dropped, so crowded
+        # scenes of large objects end up with fewer objects.
+        if free.any():
+            objects.append(ShapeObject(*attributes, box=tuple(int(v) for v in candidates[np.argmax(free)])))
+    return Scene(seed, split, index, image_id, width, height, background, pale_colors, stripe_width,
+                 stripe_direction, noise_seed, tuple(objects))
+
+
+def shape_outline(shape: str, box: tuple[int, int, int, int]) -> list[tuple[float, float]]:
+    """Polygon vertices of a triangle, diamond or star stretched to fill the box exactly, so the
+    annotated box is the tight box of the drawn pixels."""
+    if shape == "triangle":
+        unit = [(0.5, 0.0), (1.0, 1.0), (0.0, 1.0)]
+    elif shape == "diamond":
+        unit = [(0.5, 0.0), (1.0, 0.5), (0.5, 1.0), (0.0, 0.5)]
+    elif shape == "star":
+        # Five points, inner radius 0.45 of the outer: fat enough to stay a star at 11 px.
+        angles = np.deg2rad(-90 + 36 * np.arange(10))
+        radii = np.where(np.arange(10) % 2 == 0, 1.0, 0.45)
+        xs, ys = radii * np.cos(angles), radii * np.sin(angles)
+        xs, ys = (xs - xs.min()) / np.ptp(xs), (ys - ys.min()) / np.ptp(ys)
+        unit = list(zip(xs.tolist(), ys.tolist()))
+    else:
+        raise ValueError(f"shape {shape!r} is not a polygon shape")
+    x0, y0, x1, y1 = box
+    return [(x0 + u * (x1 - 1 - x0), y0 + v * (y1 - 1 - y0)) for u, v in unit]
+
+
+def render_scene(scene: Scene) -> Image.Image:
+    height, width = scene.height, scene.width
+    first, second = (np.array(c, dtype=np.int16) for c in scene.background_colors)
+    if scene.background == "plain":
+        pixels = np.broadcast_to(first, (height, width, 3)).copy()
+    elif scene.background == "striped":
+        ys, xs = np.mgrid[0:height, 0:width]
+        coordinate = {"horizontal": ys, "vertical": xs, "diagonal": xs + ys}[scene.stripe_direction]
+        pixels = np.where(((coordinate // scene.stripe_width) % 2 == 0)[..., None], first, second)
+    else:
+        noise = np.random.default_rng(scene.noise_seed).integers(-12, 13, size=(height, width, 3))
+        pixels = first + noise
+    image = Image.fromarray(np.clip(pixels, 190, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(image)
+    for obj in scene.objects:
+        fill = COLOR_RGB[obj.color]
+        x0, y0, x1, y1 = obj.box
+        if obj.shape == "circle":
+            draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
+        elif obj.shape == "square":
+            draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
+        else:
+            draw.polygon(shape_outline(obj.shape, obj.box), fill=fill)
+    return image
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry shared by the annotations
+# ---------------------------------------------------------------------------------------------
+def is_left_of(a: ShapeObject, b: ShapeObject) -> bool:
+    """Entirely left: only clear relations are ever stated or asked about."""
+    return a.box[2] <= b.box[0]
+
+
+def is_above(a: ShapeObject, b: ShapeObject) -> bool:
+    return a.box[3] <= b.box[1]
+
+
+RELATIONS = {
+    "to the left of": is_left_of,
+    "to the right of": lambda a, b: is_left_of(b, a),
+    "above": is_above,
+    "below": lambda a, b: is_above(b, a),
+}
+
+
+def region_phrase(obj: ShapeObject, scene: Scene) -> str:
+    """Where the object's center falls in a 3 x 3 grid: "at the top left", "in the center"..."""
+    column = ("left", "center", "right")[min(2, int(3 * obj.center[0] / scene.width))]
+    row = ("top", "middle", "bottom")[min(2, int(3 * obj.center[1] / scene.height))]
+    if row == "middle":
+        return "in the center" if column == "center" else f"on the {column}"
+    return f"at the {row}" if column == "center" else f"at the {row} {column}"
+
+
+def padded_square_box(box: tuple[int, int, int, int], width: int, height: int) -> list[float]:
+    """Pixel box -> [0, 1] xyxy in the square LLaVA-1.5 pads the image to: side max(w, h), image
+    pasted at ((side - w) // 2, (side - h) // 2) as llava's expand2square does."""
+    side = max(width, height)
+    offset_x, offset_y = (side - width) // 2, (side - height) // 2
+    x0, y0, x1, y1 = box
+    return [(x0 + offset_x) / side, (y0 + offset_y) / side, (x1 + offset_x) / side, (y1 + offset_y) / side]
+
+
+def box_text(box_normalized: list[float]) -> str:
+    """"[0.525,0.000,0.675,0.394]": LION / Shikra box text; identical to data.format_box (a test
+    checks it), repeated here so generating the world does not import torch."""
+    return "[" + ",".join(f"{min(1.0, max(0.0, v)):.3f}" for v in box_normalized) + "]"
+
+
+# ---------------------------------------------------------------------------------------------
+# Language: referring expressions, captions, descriptions, questions
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Expression:
+    text: str                  # "the small red circle", "the circle to the left of the blue square"
+    mentions: frozenset[str]   # the target's attributes the text gives away (never asked about)
+    relational: bool
+
+
+# Attribute-only descriptions, most natural first (anchors of relational expressions use the first
+# unique one that names the shape).
+ATTRIBUTE_SETS = (("shape",), ("color", "shape"), ("size", "shape"), ("size", "color", "shape"),
+                  ("color",), ("size", "color"))
+RELATIONAL_TARGET_SETS = ((), ("shape",), ("color", "shape"), ("size", "shape"))
+
+
+def describe(obj: ShapeObject, attributes: tuple[str, ...]) -> str:
+    words = [getattr(obj, a) for a in ("size", "color") if a in attributes]
+    return " ".join(words + [obj.shape if "shape" in attributes else "shape"])
+
+
+def attribute_values(obj: ShapeObject, attributes: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(getattr(obj, a) for a in attributes)
+
+
+def unique_under(objects: list[ShapeObject], attributes: tuple[str, ...]) -> list[bool]:
+    """For each object: is it the only one in `objects` with its values of `attributes`?"""
+    counts = Counter(attribute_values(o, attributes) for o in objects)
+    return [counts[attribute_values(o, attributes)] == 1 for o in objects]
+
+
+@functools.lru_cache(maxsize=1024)  # every annotation of a scene asks again
+def referring_expressions(scene: Scene) -> tuple[tuple[Expression, ...], ...]:
+    """Every unambiguous referring expression of each object (aligned with scene.objects):
+    attribute-only ones ("the small red circle", "the red shape") and relational ones ("the circle
+    to the left of the blue square"), the latter valid when the relation to the anchor leaves
+    exactly one object matching the target's description."""
+    objects = list(scene.objects)
+    attribute_only: list[list[Expression]] = [[] for _ in objects]
+    for attributes in ATTRIBUTE_SETS:
+        for index, unique in enumerate(unique_under(objects, attributes)):
+            if unique:
+                text = f"the {describe(objects[index], attributes)}"
+                attribute_only[index].append(Expression(text, frozenset(attributes), relational=False))
+    # The full triple is always unique (sample_scene), so every object has an anchor name.
+    anchor_names = [next(e.text for e in expressions if "shape" in e.mentions) for expressions in attribute_only]
+    relational: list[list[Expression]] = [[] for _ in objects]
+    for anchor, anchor_name in zip(objects, anchor_names):
+        for phrase, relation in RELATIONS.items():
+            related = [o for o in objects if relation(o, anchor)]  # never the anchor itself
+            if not related:
+                continue
+            for attributes in RELATIONAL_TARGET_SETS:
+                for obj, unique in zip(related, unique_under(related, attributes)):
+                    if unique:
+                        text = f"the {describe(obj, attributes)} {phrase} {anchor_name}"
+                        relational[objects.index(obj)].append(
+                            Expression(text, frozenset(attributes), relational=True))
+    return tuple(tuple(a + r) for a, r in zip(attribute_only, relational))
+
+
+def attribute_expressions(scene: Scene, index: int) -> list[Expression]:
+    return [e for e in referring_expressions(scene)[index] if not e.relational]
+
+
+RELATIONAL_SHARE = 0.35
+
+
+def pick_expression(rng: np.random.Generator, expressions: list[Expression] | tuple[Expression, ...]) -> Expression:
+    """A relational expression RELATIONAL_SHARE of the time when there is one: an object has many
+    more relational expressions than attribute-only ones, and a uniform pick would drown the
+    simple forms ("the small red circle") the model learns first."""
+    relational = [e for e in expressions if e.relational]
+    simple = [e for e in expressions if not e.relational]
+    return pick(rng, relational if relational and (not simple or rng.random() < RELATIONAL_SHARE) else simple)
+
+
+def pick(rng: np.random.Generator, options: list | tuple):
+    return options[int(rng.integers(len(options)))]
+
+
+def with_article(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def join_phrases(phrases: list[str]) -> str:
+    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def capitalize(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def caption_variants(scene: Scene) -> list[str]:
+    """Five phrasings of the short caption (the Karpathy references); stage 1 trains on one."""
+    objects = join_phrases([with_article(o.name) for o in scene.objects_left_to_right()])
+    count = len(scene.objects)
+    shapes_word = "shape" if count == 1 else "shapes"
+    return [
+        f"{objects}.",
+        f"{objects} on a {scene.background} background.",
+        f"{NUMBER_WORDS[count]} {shapes_word}: {objects}.",
+        f"a {scene.background} background with {objects}.",
+        f"an image of {objects}.",
+    ]
+
+
+def detailed_description(scene: Scene) -> str:
+    count = len(scene.objects)
+    opening = (f"There {'is one shape' if count == 1 else f'are {NUMBER_WORDS[count]} shapes'} "
+               f"on a {scene.background} background.")
+    sentences = [f"{capitalize(with_article(o.name))} is {region_phrase(o, scene)}."
+                 for o in scene.objects_left_to_right()]
+    return " ".join([opening] + sentences)
+
+
+@dataclass(frozen=True)
+class Question:
+    text: str
+    answer: str
+    question_type: str   # VQAv2's question_type: the question's opening words
+    answer_type: str     # VQAv2's answer_type: "yes/no", "number" or "other"
+
+
+def ask_attribute(rng: np.random.Generator, scene: Scene, attribute: str) -> Question | None:
+    """"What color is the circle to the left of the blue square?": attribute of a referred object,
+    referred to without giving the attribute away."""
+    candidates = [(o, [e for e in expressions if attribute not in e.mentions])
+                  for o, expressions in zip(scene.objects, referring_expressions(scene))]
+    candidates = [(o, expressions) for o, expressions in candidates if expressions]
+    if not candidates:
+        return None
+    obj, expressions = pick(rng, candidates)
+    expression = pick_expression(rng, expressions)
+    openings = {"color": "what color is", "shape": "what shape is", "size": "what size is"}
+    return Question(f"{capitalize(openings[attribute])} {expression.text}?", getattr(obj, attribute),
+                    f"{openings[attribute]} the", "other")
+
+
+def ask_count(rng: np.random.Generator, scene: Scene) -> Question:
+    kind = pick(rng, ("all", "shape", "color"))
+    if kind == "all":
+        return Question("How many shapes are there?", str(len(scene.objects)), "how many", "number")
+    # Mostly ask about something present; sometimes the answer is 0, as it can be in VQAv2.
+    present = rng.random() < 0.85
+    if kind == "shape":
+        shape = pick(rng, [o.shape for o in scene.objects]) if present else pick(rng, SHAPES)
+        count = sum(o.shape == shape for o in scene.objects)
+        return Question(f"How many {shape}s are there?", str(count), "how many", "number")
+    color = pick(rng, [o.color for o in scene.objects]) if present else pick(rng, COLORS)
+    count = sum(o.color == color for o in scene.objects)
+    return Question(f"How many {color} shapes are there?", str(count), "how many", "number")
+
+
+def absent_categories(scene: Scene) -> list[str]:
+    present = {o.category for o in scene.objects}
+    return [f"{c} {s}" for s in SHAPES for c in COLORS if f"{c} {s}" not in present]
+
+
+def shares_attribute(category: str, scene: Scene) -> bool:
+    color, shape = category.split()
+    return any(o.color == color or o.shape == shape for o in scene.objects)
+
+
+def existence_probe(rng: np.random.Generator, scene: Scene) -> tuple[str, bool]:
+    """An object category to ask about and whether it is present: present half the time; the
+    absent ones are half random, half adversarial (sharing a color or a shape with a present one)."""
+    if rng.random() < 0.5:
+        return pick(rng, [o.category for o in scene.objects]), True
+    absent = absent_categories(scene)
+    adversarial = [c for c in absent if shares_attribute(c, scene)]
+    return pick(rng, adversarial if adversarial and rng.random() < 0.5 else absent), False
+
+
+def ask_existence(rng: np.random.Generator, scene: Scene) -> Question:
+    """POPE's question, "Is there a {object} in the image?"."""
+    category, present = existence_probe(rng, scene)
+    return Question(f"Is there {with_article(category)} in the image?", "yes" if present else "no",
+                    "is there a", "yes/no")
+
+
+def ask_position(rng: np.random.Generator, scene: Scene) -> Question | None:
+    """"Is the red circle to the left of the star?" (yes/no) or "Is the red circle to the left or
+    to the right of the star?" (left/right), only for pairs whose relation is clear."""
+    pairs = []
+    for i, a in enumerate(scene.objects):
+        for j, b in enumerate(scene.objects):
+            if i != j:
+                if is_left_of(a, b) or is_left_of(b, a):
+                    pairs.append((i, j, "horizontal"))
+                if is_above(a, b) or is_above(b, a):
+                    pairs.append((i, j, "vertical"))
+    if not pairs:
+        return None
+    i, j, axis = pick(rng, pairs)
+    a, b = scene.objects[i], scene.objects[j]
+    first = pick(rng, attribute_expressions(scene, i)).text
+    second = pick(rng, attribute_expressions(scene, j)).text
+    if axis == "horizontal":
+        holds, phrase, choice = is_left_of(a, b), "to the left of", ("left", "right")
+        alternative = f"Is {first} to the left or to the right of {second}?"
+    else:
+        holds, phrase, choice = is_above(a, b), "above", ("above", "below")
+        alternative = f"Is {first} above or below {second}?"
+    if rng.random() < 0.5:
+        return Question(f"Is {first} {phrase} {second}?", "yes" if holds else "no", "is the", "yes/no")
+    return Question(alternative, choice[0] if holds else choice[1], "is the", "other")
+
+
+QUESTION_TYPES = ("color", "shape", "size", "count", "existence", "position")
+
+
+def ask(rng: np.random.Generator, scene: Scene, question_type: str) -> Question | None:
+    if question_type in ("color", "shape", "size"):
+        return ask_attribute(rng, scene, question_type)
+    if question_type == "count":
+        return ask_count(rng, scene)
+    if question_type == "existence":
+        return ask_existence(rng, scene)
+    return ask_position(rng, scene)
+
+
+def ask_several(rng: np.random.Generator, scene: Scene, number: int) -> list[Question]:
+    """Up to `number` distinct questions of distinct types, in random type order."""
+    questions: list[Question] = []
+    for question_type in rng.permutation(QUESTION_TYPES).tolist():
+        question = ask(rng, scene, question_type)
+        if question is not None and question.text not in {q.text for q in questions}:
+            questions.append(question)
+        if len(questions) == number:
+            break
+    return questions
+
+
+def multiple_choice(rng: np.random.Generator, scene: Scene) -> tuple[str, list[str], int]:
+    """(question, four choices, index of the answer): the color or shape of a referred object, or
+    the number of shapes, with three distractors from the same vocabulary."""
+    kind = pick(rng, ("color", "shape", "count"))
+    attribute_question = None if kind == "count" else ask_attribute(rng, scene, kind)
+    if attribute_question is None:  # also when no expression can avoid naming the attribute
+        question, answer = "How many shapes are there?", str(len(scene.objects))
+        vocabulary = [str(n) for n in range(1, MAX_OBJECTS + 1)]
+    else:
+        question, answer = attribute_question.text, attribute_question.answer
+        vocabulary = list(COLORS if kind == "color" else SHAPES)
+    distractors = rng.permutation([v for v in vocabulary if v != answer])[:3].tolist()
+    choices = [([answer] + distractors)[i] for i in rng.permutation(4).tolist()]
+    return question, choices, choices.index(answer)
+
+
+def multiple_choice_prompt(question: str, choices: list[str]) -> str:
+    """LLaVA-1.5's multiple-choice prompt (its ScienceQA / MMBench format)."""
+    letters = "ABCDEFGH"
+    options = "\n".join(f"{letters[i]}. {choice}" for i, choice in enumerate(choices))
+    return f"{question}\n{options}{MULTIPLE_CHOICE_PROMPT}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Training annotations (LLaVA instruction JSON)
+# ---------------------------------------------------------------------------------------------
+def turns(pairs: list[tuple[str, str]]) -> list[dict]:
+    """LLaVA conversations; the image goes first in the first human turn, as in LLaVA-1.5 data."""
+    conversation = []
+    for index, (question, answer) in enumerate(pairs):
+        conversation.append({"from": "human", "value": ("<image>\n" if index == 0 else "") + question})
+        conversation.append({"from": "gpt", "value": answer})
+    return conversation
+
+
+def short_answer_pairs(rng: np.random.Generator, scene: Scene) -> list[tuple[str, str]]:
+    """LLaVA-1.5's VQAv2 / GQA entries: several questions per image, each with the prompt."""
+    return [(q.text + SHORT_ANSWER_PROMPT, q.answer) for q in ask_several(rng, scene, int(rng.integers(2, 5)))]
+
+
+def grounding_pairs(rng: np.random.Generator, scene: Scene) -> list[tuple[str, str]]:
+    """LLaVA-1.5's RefCOCO / Visual Genome entries: REC (expression -> box) and REG (box -> short
+    description) turns over several objects of one image."""
+    pairs = []
+    objects = rng.permutation(len(scene.objects)).tolist()[:int(rng.integers(2, 5))]
+    for index in objects:
+        obj = scene.objects[index]
+        box = box_text(padded_square_box(obj.box, scene.width, scene.height))
+        if rng.random() < 0.65:
+            expression = pick_expression(rng, referring_expressions(scene)[index])
+            pairs.append((REC_PROMPT + expression.text, box))
+        else:
+            pairs.append((REG_PROMPT + box, obj.name))
+    return pairs
+
+
+def conversation_pairs(rng: np.random.Generator, scene: Scene) -> list[tuple[str, str]]:
+    """LLaVA-Instruct-style conversation: full-sentence answers over several turns."""
+    count = len(scene.objects)
+    shape_counts = Counter(o.shape for o in scene.objects_left_to_right())  # keeps reading order
+    inventory = join_phrases([with_article(shape) if number == 1 else f"{NUMBER_WORDS[number]} {shape}s"
+                              for shape, number in shape_counts.items()])
+    options = [
+        ("What shapes are in the image?", f"The image contains {inventory}."),
+        ("How many shapes are there?",
+         "There is one shape." if count == 1 else f"There are {NUMBER_WORDS[count]} shapes."),
+        ("What is the background like?", f"The background is {scene.background}."),
+    ]
+    for obj, expressions in zip(scene.objects, referring_expressions(scene)):
+        expression = pick_expression(rng, expressions)
+        subject = capitalize(expression.text)
+        options.append((f"Where is {expression.text}?", f"{subject} is {region_phrase(obj, scene)} of the image."))
+        if "color" not in expression.mentions:
+            options.append((f"What color is {expression.text}?", f"{subject} is {obj.color}."))
+        if "size" not in expression.mentions:
+            options.append((f"Is {expression.text} small or large?", f"{subject} is {obj.size}."))
+    category, present = existence_probe(rng, scene)
+    options.append((f"Is there {with_article(category)} in the image?",
+                    f"Yes, there is {with_article(category)} in the image." if present
+                    else f"No, there is no {category} in the image."))
+    chosen = rng.permutation(len(options)).tolist()[:int(rng.integers(2, 5))]
+    return [options[i] for i in chosen]
+
+
+def text_only_sample(rng: np.random.Generator, index: int) -> dict:
+    """Plain-language facts about the world's vocabulary, no image (the role of ShareGPT in
+    LLaVA-1.5's mixture: keep the LLM answering text-only requests)."""
+    corners = {"circle": "no corners", "square": "four corners", "triangle": "three corners",
+               "star": "ten corners", "diamond": "four corners"}
+    kind = pick(rng, ("corners", "count", "list"))
+    if kind == "corners":
+        shape = pick(rng, SHAPES)
+        pair = (f"How many corners does {with_article(shape)} have?",
+                f"{capitalize(with_article(shape))} has {corners[shape]}.")
+    elif kind == "count":
+        number = int(rng.integers(0, 9))
+        pair = (f"What number comes after {number}?", f"{number + 1} comes after {number}.")
+    else:
+        pair = ("Name the colors of the shapes in this world.", f"The colors are {join_phrases(list(COLORS))}.")
+    return {"id": f"text_{index:06d}", "conversations": [{"from": "human", "value": pair[0]},
+                                                          {"from": "gpt", "value": pair[1]}]}
+
+
+def instruct_samples(rng: np.random.Generator, scene: Scene) -> list[dict]:
+    """Three samples per image: short-answer VQA, grounding, and one of conversation / detailed
+    description / caption / multiple choice."""
+    prefix = f"{scene.image_id:012d}"
+    kind = pick(rng, ("conversation", "detail", "caption", "multiple_choice"))
+    if kind == "conversation":
+        third = conversation_pairs(rng, scene)
+    elif kind == "detail":
+        third = [(pick(rng, DETAIL_PROMPTS), detailed_description(scene))]
+    elif kind == "caption":
+        third = [(pick(rng, CAPTION_PROMPTS), capitalize(pick(rng, caption_variants(scene))))]
+    else:
+        question, choices, answer = multiple_choice(rng, scene)
+        third = [(multiple_choice_prompt(question, choices), "ABCDEFGH"[answer])]
+    return [{"id": f"{prefix}_{name}", "image": scene.file_name, "conversations": turns(pairs)}
+            for name, pairs in (("vqa", short_answer_pairs(rng, scene)),
+                                ("grounding", grounding_pairs(rng, scene)), (kind, third))]
+
+
+def text_document(rng: np.random.Generator, scene: Scene) -> str:
+    """One language-model document per training image: caption, description and Q/A sentences."""
+    answers = [f"{question} {answer}" for question, answer in conversation_pairs(rng, scene)]
+    return " ".join([capitalize(pick(rng, caption_variants(scene))), detailed_description(scene)] + answers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation annotations (the public benchmarks' formats)
+# ---------------------------------------------------------------------------------------------
+ANSWER_VARIANTS = {
+    "small": ("little", "tiny"), "large": ("big",),
+    "left": ("on the left", "left side"), "right": ("on the right", "right side"),
+    "above": ("on top", "higher"), "below": ("under", "lower"),
+}
+
+
+def human_answers(rng: np.random.Generator, question: Question) -> list[str]:
+    """Ten answers as ten annotators give them: mostly the canonical form, some variants ("two" for
+    "2", "a circle", "big"), rarely a mistake, so VQA accuracy's min(1, matches / 3) is exercised."""
+    answers = []
+    for _ in range(10):
+        draw = rng.random()
+        answer = question.answer
+        if draw < 0.05:
+            if question.answer_type == "number":
+                answer = str(max(0, int(answer) + pick(rng, (-1, 1))))
+            elif question.answer_type == "yes/no":
+                answer = "no" if answer == "yes" else "yes"
+        elif draw < 0.25:
+            if question.answer_type == "number":
+                answer = NUMBER_WORDS[int(answer)]
+            elif answer in SHAPES:
+                answer = with_article(answer)
+            elif answer in ANSWER_VARIANTS:
+                answer = pick(rng, ANSWER_VARIANTS[answer])
+        answers.append(answer)
+    return answers
+
+
+def vqa_files(scenes: list[Scene], per_image: int) -> tuple[dict, dict]:
+    """VQAv2 questions and annotations (question_id = image_id * 1000 + k, as VQAv2 numbers them)."""
+    questions, annotations = [], []
+    for scene in scenes:
+        rng = annotation_rng(scene, "vqa")
+        for k, question in enumerate(ask_several(rng, scene, per_image)):
+            question_id = scene.image_id * 1000 + k
+            answers = human_answers(rng, question)
+            questions.append({"image_id": scene.image_id, "question": question.text, "question_id": question_id})
+            annotations.append({
+                "question_id": question_id, "image_id": scene.image_id,
+                "question_type": question.question_type, "answer_type": question.answer_type,
+                "multiple_choice_answer": Counter(answers).most_common(1)[0][0],
+                "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+                            for i, a in enumerate(answers)],
+            })
+    header = {"info": {"description": "shapes world, VQAv2 format"}, "license": {"name": "synthetic"},
+              "data_subtype": "shapes"}
+    return ({**header, "task_type": "Open-Ended", "data_type": "shapes", "questions": questions},
+            {**header, "data_type": "shapes", "annotations": annotations})
+
+
+def refcoco_split(position: int) -> str:
+    """Eval images are dealt round-robin to RefCOCO's three splits (each image in exactly one, as
+    in the refer toolkit); the Karpathy captions reuse "val" and call the rest "test"."""
+    return ("val", "testA", "testB")[position % 3]
+
+
+def refcoco_files(scenes: list[Scene]) -> tuple[list[dict], dict, dict[str, list[dict]]]:
+    """(refs pickle list, COCO instances dict, jsonl rows per split). Every object of every eval
+    image is a ref with up to two sentences: an attribute-only and a relational expression."""
+    refs, images, annotations, jsonl = [], [], [], {"val": [], "testA": [], "testB": []}
+    sentence_count = 0
+    category_ids = {shape: i + 1 for i, shape in enumerate(SHAPES)}
+    for position, scene in enumerate(scenes):
+        rng = annotation_rng(scene, "refcoco")
+        split = refcoco_split(position)
+        images.append({"id": scene.image_id, "file_name": scene.file_name,
+                       "width": scene.width, "height": scene.height})
+        for index, obj in enumerate(scene.objects):
+            annotation_id = len(annotations) + 1
+            x0, y0, x1, y1 = obj.box
+            annotations.append({"id": annotation_id, "image_id": scene.image_id,
+                                "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                                "category_id": category_ids[obj.shape], "area": float((x1 - x0) * (y1 - y0)),
+                                "iscrowd": 0, "segmentation": []})
+            chosen = [pick(rng, attribute_expressions(scene, index))]
+            relational = [e for e in referring_expressions(scene)[index] if e.relational]
+            if relational:
+                chosen.append(pick(rng, relational))
+            sentences = []
+            for expression in chosen:
+                sentences.append({"tokens": expression.text.split(), "raw": expression.text,
+                                  "sent_id": sentence_count, "sent": expression.text})
+                sentence_count += 1
+                jsonl[split].append({"image": scene.file_name, "expression": expression.text,
+                                     "bbox": list(obj.box), "width": scene.width, "height": scene.height})
+            refs.append({"sent_ids": [s["sent_id"] for s in sentences], "file_name": scene.file_name,
+                         "ann_id": annotation_id, "ref_id": len(refs), "image_id": scene.image_id,
+                         "split": split, "sentences": sentences, "category_id": category_ids[obj.shape]})
+    categories = [{"id": i, "name": shape, "supercategory": "shape"} for shape, i in category_ids.items()]
+    return refs, {"images": images, "annotations": annotations, "categories": categories}, jsonl
+
+
+def karpathy_captions(scenes: list[Scene]) -> dict:
+    images = []
+    for position, scene in enumerate(scenes):
+        sentences = [{"tokens": text.lower().rstrip(".").replace(":", "").replace(",", "").split(), "raw": text,
+                      "imgid": position, "sentid": position * 5 + k}
+                     for k, text in enumerate(capitalize(t) for t in caption_variants(scene))]
+        images.append({"filepath": "", "filename": scene.file_name, "imgid": position,
+                       "split": "val" if refcoco_split(position) == "val" else "test",
+                       "sentids": [s["sentid"] for s in sentences], "cocoid": scene.image_id,
+                       "sentences": sentences})
+    return {"images": images, "dataset": "shapes"}
+
+
+def pope_files(scenes: list[Scene], train_scenes: list[Scene]) -> dict[str, list[dict]]:
+    """POPE (Li et al. 2023, section 4.1): images with >= 3 ground-truth objects, 3 present objects
+    ("yes") and 3 absent ones ("no") each. Negatives: random = uniform among absent objects;
+    popular = the most frequent objects of the (training) dataset; adversarial = the objects that
+    co-occur most with the image's objects, restricted here to those sharing a color or shape
+    with one of them, since co-occurrence alone is uniform in a synthetic world."""
+    frequency = Counter(category for s in train_scenes for category in {o.category for o in s.objects})
+    co_occurrence: Counter = Counter()
+    for s in train_scenes:
+        categories = sorted({o.category for o in s.objects})
+        co_occurrence.update((a, b) for a in categories for b in categories if a != b)
+    splits: dict[str, list[dict]] = {"random": [], "popular": [], "adversarial": []}
+    for scene in scenes:
+        present = sorted({o.category for o in scene.objects})
+        if len(present) < 3:
+            continue
+        rng = annotation_rng(scene, "pope")
+        positives = rng.permutation(present)[:3].tolist()
+        absent = absent_categories(scene)
+        popular = sorted(absent, key=lambda c: (-frequency[c], c))
+        adversarial = sorted((c for c in absent if shares_attribute(c, scene)),
+                             key=lambda c: (-sum(co_occurrence[(p, c)] for p in present), c))
+        negatives = {"random": rng.permutation(absent)[:3].tolist(), "popular": popular[:3],
+                     "adversarial": (adversarial + [c for c in popular if c not in adversarial])[:3]}
+        for split, rows in splits.items():
+            for category, label in [(c, "yes") for c in positives] + [(c, "no") for c in negatives[split]]:
+                rows.append({"question_id": len(rows) + 1, "image": scene.file_name,
+                             "text": f"Is there {with_article(category)} in the image?", "label": label})
+    return splits
+
+
+def multiple_choice_rows(scenes: list[Scene]) -> list[dict]:
+    rows = []
+    for scene in scenes:
+        question, choices, answer = multiple_choice(annotation_rng(scene, "multiple_choice"), scene)
+        rows.append({"question_id": len(rows) + 1, "image": scene.file_name, "question": question,
+                     "choices": choices, "answer": answer})
+    return rows
+
+
+def tags_entry(scene: Scene) -> dict:
+    """RAM-like tags (the distinct objects, sorted as a tagger's label list) and refiner-like boxes."""
+    return {"tags": sorted({o.category for o in scene.objects}),
+            "objects": [{"name": o.name, "box": list(o.box)} for o in scene.objects]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------
+def train_tokenizer(texts: list[str]) -> Tokenizer:
+    """Byte-level BPE (GPT-2's pre-tokenizer and decoder, so decode(encode(text)) == text) with
+    every digit its own token (LLaMA's digit splitting: box coordinates and counts stay
+    digit-wise). The special tokens match as whole strings, so "<image>" is one id."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB_SIZE, min_frequency=2, show_progress=False,
+                                  special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and caching the world
+# ---------------------------------------------------------------------------------------------
+def without_format_prompts(samples: list[dict]) -> list[dict]:
+    """The same mixture as the original LLaVA would have seen it: questions without LLaVA-1.5's
+    response-format suffixes (the ablation of the dissertation's Table 4.2, configs/shapes_llava.py)."""
+    def strip(value: str) -> str:
+        return value.replace(SHORT_ANSWER_PROMPT, "").replace(MULTIPLE_CHOICE_PROMPT, "")
+    return [{**sample, "conversations": [{**turn, "value": strip(turn["value"])} for turn in sample["conversations"]]}
+            for sample in samples]
+
+
+def write_json(path: Path, payload) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload), encoding="utf-8")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+
+def generator_arguments(seed: int, num_train_images: int, num_eval_images: int, image_size: int) -> dict:
+    """What the marker file records; the source hash makes an edit of this file regenerate."""
+    return {"seed": seed, "num_train_images": num_train_images, "num_eval_images": num_eval_images,
+            "image_size": image_size, "generator_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}
+
+
+def marker_arguments(marker: Path) -> dict | None:
+    """The arguments a finished build recorded; None when there is no readable marker (never
+    built, or a build that was interrupted before its last step, writing the marker)."""
+    try:
+        return json.loads(marker.read_text(encoding="utf-8")).get("arguments")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def train_annotations(scene: Scene) -> tuple[dict, list[dict], str]:
+    """The stage-1 caption sample, the stage-2 samples and the LM document of one training image."""
+    rng = annotation_rng(scene, "train")
+    caption = {"id": f"{scene.image_id:012d}", "image": scene.file_name,
+               "conversations": turns([(pick(rng, CAPTION_PROMPTS), pick(rng, caption_variants(scene)))])}
+    return caption, instruct_samples(rng, scene), text_document(rng, scene)
+
+
+def draw_image(job: tuple[int, str, int, int, int, Path]) -> Scene:
+    """Sample one scene and save its PNG; job = (seed, split, index, image_id, image_size, images_dir)."""
+    seed, split, index, image_id, image_size, images_dir = job
+    scene = sample_scene(seed, split, index, image_id, image_size)
+    render_scene(scene).save(images_dir / scene.file_name)
+    return scene
+
+
+def parallel_map(function, items: list, workers: int) -> list:
+    """Ordered map over worker processes (the results do not depend on `workers`). Forked, not
+    spawned, where possible: a spawned worker re-imports the caller's main script (train.py)."""
+    if workers <= 1:
+        return [function(item) for item in items]
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        return list(pool.map(function, items, chunksize=max(1, len(items) // (8 * workers))))
+
+
+def default_workers(num_images: int) -> int:
+    """One process per usable core (at most 8) for large worlds; 1 for small ones, where starting
+    processes would cost more than it saves."""
+    if num_images < 1000:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(8, cores)
+
+
+def build_world(out_dir: str | Path = DEFAULT_WORLD_DIR, seed: int = 0,
+                num_train_images: int = DEFAULT_SIZES["num_train_images"],
+                num_eval_images: int = DEFAULT_SIZES["num_eval_images"], image_size: int = DEFAULT_IMAGE_SIZE,
+                workers: int | None = None) -> Path:
+    """Write the shapes world into out_dir (layout in the module docstring and SPEC.md) and return
+    out_dir. Cached: if out_dir/world.json records the same arguments, nothing is done; otherwise
+    the world's entries (WORLD_ENTRIES, nothing else) are removed and regenerated.
+
+    workers: processes for the per-image work (None: default_workers). The bytes written never
+    depend on it.
+    """
+    if num_train_images < 1 or num_eval_images < 1 or image_size < 32:
+        raise ValueError(f"build_world needs >= 1 train and eval image and image_size >= 32, got "
+                         f"{num_train_images}, {num_eval_images}, {image_size}")
+    out_dir = Path(out_dir)
+    arguments = generator_arguments(seed, num_train_images, num_eval_images, image_size)
+    marker = out_dir / MARKER_FILE
+    if marker_arguments(marker) == arguments:
+        return out_dir
+    for entry in WORLD_ENTRIES:
+        path = out_dir / entry
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    images_dir = out_dir / "images"
+    images_dir.mkdir(parents=True)
+    if workers is None:
+        workers = default_workers(num_train_images + num_eval_images)
+
+    jobs = [(seed, "train", index, index + 1, image_size, images_dir) for index in range(num_train_images)]
+    jobs += [(seed, "eval", index, num_train_images + index + 1, image_size, images_dir)
+             for index in range(num_eval_images)]
+    scenes = parallel_map(draw_image, jobs, workers)
+    train_scenes, eval_scenes = scenes[:num_train_images], scenes[num_train_images:]
+
+    per_image = parallel_map(train_annotations, train_scenes, workers)
+    pretrain = [caption for caption, _, _ in per_image]
+    instruct = [sample for _, samples, _ in per_image for sample in samples]
+    documents = [document for _, _, document in per_image]
+    text_rng = random_stream(seed, "train", 0, "text_only")
+    text_only = [text_only_sample(text_rng, k) for k in range(max(1, round(0.03 * num_train_images)))]
+    instruct.extend(text_only)
+    documents.extend(" ".join(turn["value"] for turn in sample["conversations"]) for sample in text_only)
+    write_json(out_dir / "train" / "pretrain.json", pretrain)
+    write_json(out_dir / "train" / "instruct.json", instruct)
+    write_json(out_dir / "train" / "instruct_no_format_prompts.json", without_format_prompts(instruct))
+    write_jsonl(out_dir / "train" / "text.jsonl", [{"text": d} for d in documents])
+
+    eval_dir = out_dir / "eval"
+    refs, instances, rec_rows = refcoco_files(eval_scenes)
+    (eval_dir / "refcoco").mkdir(parents=True)
+    (eval_dir / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=4))
+    write_json(eval_dir / "refcoco" / "instances.json", instances)
+    for split, rows in rec_rows.items():
+        write_jsonl(eval_dir / "refcoco" / f"refcoco_{split}.jsonl", rows)
+    questions, annotations = vqa_files(eval_scenes, per_image=3)
+    write_json(eval_dir / "vqa" / "questions.json", questions)
+    write_json(eval_dir / "vqa" / "annotations.json", annotations)
+    write_json(eval_dir / "captions" / "captions.json", karpathy_captions(eval_scenes))
+    for split, rows in pope_files(eval_scenes, train_scenes).items():
+        write_jsonl(eval_dir / "pope" / f"pope_{split}.jsonl", rows)
+    write_jsonl(eval_dir / "mc" / "questions.jsonl", multiple_choice_rows(eval_scenes))
+    write_json(out_dir / "tags.json", {str(s.image_id): tags_entry(s) for s in scenes})
+
+    # The vocabulary is closed: the first TOKENIZER_IMAGES images' text holds every word, and
+    # learning from it alone keeps the tokenizer fast and identical for all larger worlds.
+    tokenizer_texts = list(TEMPLATE_STRINGS)
+    for caption, samples, document in per_image[:TOKENIZER_IMAGES]:
+        tokenizer_texts += [turn["value"] for sample in [caption] + samples for turn in sample["conversations"]]
+        tokenizer_texts.append(document)
+    tokenizer_texts += documents[len(train_scenes):]  # the text-only samples
+    tokenizer = train_tokenizer(tokenizer_texts)
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    write_json(marker, {"arguments": arguments,
+                        "counts": {"train_images": len(train_scenes), "eval_images": len(eval_scenes),
+                                   "pretrain_samples": len(pretrain), "instruct_samples": len(instruct),
+                                   "text_documents": len(documents), "vqa_questions": len(questions["questions"]),
+                                   "refcoco_refs": len(refs), "vocab_size": tokenizer.get_vocab_size()}})
+    return out_dir
+
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_WORLD_DIR, help="world directory (cache)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-train-images", type=int, default=DEFAULT_SIZES["num_train_images"])
+    parser.add_argument("--num-eval-images", type=int, default=DEFAULT_SIZES["num_eval_images"])
+    parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="longer image side in pixels")
+    parser.add_argument("--small", action="store_true",
+                        help=f"the CI smoke world: {SMALL_WORLD['num_train_images']} train, "
+                             f"{SMALL_WORLD['num_eval_images']} eval images (overrides --num-*)")
+    args = parser.parse_args()
+    sizes = SMALL_WORLD if args.small else {"num_train_images": args.num_train_images,
+                                            "num_eval_images": args.num_eval_images}
+    start = time.perf_counter()
+    out_dir = build_world(args.out, seed=args.seed, image_size=args.image_size, **sizes)
+    counts = json.loads((out_dir / MARKER_FILE).read_text(encoding="utf-8"))["counts"]
+    print(f"shapes world in {out_dir} ({time.perf_counter() - start:.1f} s): "
+          + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,466 @@
+"""Tests of data.py: templates and their loss masks, the LLaVA JSON datasets, CLIP preprocessing
+against transformers, collate and the modality/length-grouped sampler. All inputs are built in
+tmp_path; the tokenizer is a tiny BPE trained here with `tokenizers`."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+import data
+
+IMAGE_TOKEN_INDEX = 1000  # outside the tiny vocabulary, as llava-hf's 32000 can be
+NUM_IMAGE_TOKENS = 4
+
+MULTI_TURN = [
+    {"from": "human", "value": "What color is the circle?\n<image>"},
+    {"from": "gpt", "value": "The circle is red."},
+    {"from": "human", "value": "How many squares are there?"},
+    {"from": "gpt", "value": "There are 3 squares."},
+]
+
+
+def build_tokenizer(pre_tokenizer: str = "byte_level") -> Tokenizer:
+    """A tiny BPE with the project's special tokens; byte-level (GPT-2 / LLaMA-3 style) or
+    metaspace (SentencePiece / LLaMA-2 style) pre-tokenization."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    if pre_tokenizer == "byte_level":
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        tokenizer.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+        tokenizer.decoder = decoders.Metaspace()
+        alphabet = list("\n#")
+    corpus = [template.system for template in data.TEMPLATES.values()]
+    corpus += ["USER: ASSISTANT: ### Human: ### Assistant:", "a caption of shapes."]
+    corpus += [turn["value"] for turn in MULTI_TURN]
+    trainer = trainers.BpeTrainer(vocab_size=300, show_progress=False, initial_alphabet=alphabet,
+                                  special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"])
+    tokenizer.train_from_iterator(corpus * 10, trainer)
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return build_tokenizer()
+
+
+def supervised_text(input_ids: list[int], labels: list[int], tokenizer: Tokenizer) -> str:
+    """The decoded supervised tokens, one string per contiguous run, joined by '|'."""
+    runs, current = [], []
+    for token_id, label in zip(input_ids, labels):
+        if label != data.IGNORE_INDEX:
+            assert label == token_id
+            current.append(token_id)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return "|".join(tokenizer.decode(run, skip_special_tokens=False) for run in runs)
+
+
+# --------------------------------------------------------------------------------------------
+# Templates and masks
+# --------------------------------------------------------------------------------------------
+
+V1_SYSTEM, V0_SYSTEM = data.TEMPLATES["vicuna_v1"].system, data.TEMPLATES["vicuna_v0"].system
+
+
+@pytest.mark.parametrize("template,expected_shown,expected_supervised", [
+    ("vicuna_v1",
+     f"<s>{V1_SYSTEM} USER: <image>x4\nWhat color is the circle? ASSISTANT:"
+     "[ The circle is red.</s>]USER: How many squares are there? ASSISTANT:"
+     "[ There are 3 squares.</s>]",
+     " The circle is red.</s>| There are 3 squares.</s>"),
+    ("vicuna_v0",
+     f"<s>{V0_SYSTEM}\n\n### Human: <image>x4\nWhat color is the circle?\n"
+     "### Assistant:[ The circle is red.\n###] Human: How many squares are there?\n"
+     "### Assistant:[ There are 3 squares.\n###] ",
+     " The circle is red.\n###| There are 3 squares.\n###"),
+])
+def test_multi_turn_mask(tokenizer, template, expected_shown, expected_supervised):
+    shown = data.show_supervision(MULTI_TURN, template, tokenizer, NUM_IMAGE_TOKENS)
+    print("\n" + shown)
+    assert shown == expected_shown
+    input_ids, labels = data.render_conversation(MULTI_TURN, template, tokenizer,
+                                                 IMAGE_TOKEN_INDEX, NUM_IMAGE_TOKENS)
+    assert supervised_text(input_ids, labels, tokenizer) == expected_supervised
+
+
+def test_image_placeholder_is_expanded_and_bos_first(tokenizer):
+    input_ids, labels = data.render_conversation(MULTI_TURN, "vicuna_v1", tokenizer,
+                                                 IMAGE_TOKEN_INDEX, NUM_IMAGE_TOKENS)
+    assert input_ids[0] == tokenizer.token_to_id("<s>") and labels[0] == data.IGNORE_INDEX
+    assert input_ids.count(tokenizer.token_to_id("<s>")) == 1
+    image_positions = [i for i, token in enumerate(input_ids) if token == IMAGE_TOKEN_INDEX]
+    assert image_positions == list(range(image_positions[0], image_positions[0] + NUM_IMAGE_TOKENS))
+    assert all(labels[i] == data.IGNORE_INDEX for i in image_positions)
+    assert tokenizer.token_to_id("<image>") not in input_ids
+
+
+def test_plain_mask_supervises_caption_and_newline_only(tokenizer):
+    caption = [{"from": "human", "value": "Describe the image briefly.\n<image>"},
+               {"from": "gpt", "value": "a caption of shapes."}]
+    shown = data.show_supervision(caption, "plain", tokenizer, NUM_IMAGE_TOKENS)
+    print("\n" + shown)
+    assert shown == "<s><image>x4[a caption of shapes.\n]"
+    input_ids, labels = data.render_conversation(caption, "plain", tokenizer, IMAGE_TOKEN_INDEX,
+                                                 NUM_IMAGE_TOKENS)
+    assert input_ids[:1 + NUM_IMAGE_TOKENS] == [tokenizer.token_to_id("<s>")] + \
+        [IMAGE_TOKEN_INDEX] * NUM_IMAGE_TOKENS
+    assert labels[:1 + NUM_IMAGE_TOKENS] == [data.IGNORE_INDEX] * (1 + NUM_IMAGE_TOKENS)
+    assert all(label != data.IGNORE_INDEX for label in labels[1 + NUM_IMAGE_TOKENS:])
+    assert tokenizer.token_to_id("</s>") not in input_ids  # LLaVA's plain template has no EOS
+    with pytest.raises(data.DataError, match="one human and one gpt"):
+        data.render_conversation(MULTI_TURN, "plain", tokenizer, IMAGE_TOKEN_INDEX, 1)
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "vicuna_v0", "plain"])
+@pytest.mark.parametrize("pre_tokenizer", ["byte_level", "metaspace"])
+def test_supervised_tokens_cover_exactly_the_answer_spans(template, pre_tokenizer):
+    """Whatever the pre-tokenizer merges, the supervised tokens are the answers + stop."""
+    tokenizer = build_tokenizer(pre_tokenizer)
+    conversation = MULTI_TURN[:2] if template == "plain" else MULTI_TURN
+    text, spans = data.format_conversation(conversation, template)
+    input_ids, labels = data.render_conversation(conversation, template, tokenizer,
+                                                 IMAGE_TOKEN_INDEX, NUM_IMAGE_TOKENS)
+    # Line the tokenizer's own tokens up with the rendered labels (BOS and image expansion out).
+    placeholder_id = tokenizer.token_to_id("<image>")
+    encoding = tokenizer.encode(text, add_special_tokens=False)
+    offsets = [offset for token, offset in zip(encoding.ids, encoding.offsets) if token != placeholder_id]
+    text_labels = [label for token, label in zip(input_ids[1:], labels[1:]) if token != IMAGE_TOKEN_INDEX]
+    assert len(offsets) == len(text_labels)
+    covered = "".join(text[start:end] for (start, end), label in zip(offsets, text_labels)
+                      if label != data.IGNORE_INDEX)
+    assert covered == "".join(text[start:end] for start, end in spans)
+
+
+def test_generation_prompt_ends_with_assistant_role(tokenizer):
+    question = MULTI_TURN[:1]
+    text, spans = data.format_conversation(question, "vicuna_v1", for_generation=True)
+    assert text.endswith("USER: <image>\nWhat color is the circle? ASSISTANT:") and spans == []
+    text_v0, _ = data.format_conversation(question, "vicuna_v0", for_generation=True)
+    assert text_v0.endswith("### Human: <image>\nWhat color is the circle?\n### Assistant:")
+    input_ids, labels = data.render_conversation(question, "vicuna_v1", tokenizer,
+                                                 IMAGE_TOKEN_INDEX, NUM_IMAGE_TOKENS,
+                                                 for_generation=True)
+    assert all(label == data.IGNORE_INDEX for label in labels)
+    # The training sequence continues the generation prompt token for token.
+    train_ids, _ = data.render_conversation(MULTI_TURN, "vicuna_v1", tokenizer,
+                                            IMAGE_TOKEN_INDEX, NUM_IMAGE_TOKENS)
+    assert train_ids[:len(input_ids)] == input_ids
+    with pytest.raises(data.DataError, match="ends with a human turn"):
+        data.format_conversation(MULTI_TURN, "vicuna_v1", for_generation=True)
+
+
+def test_malformed_conversations_are_named(tokenizer):
+    with pytest.raises(data.DataError, match="turn 1 has 'from' 'bot'"):
+        data.format_conversation([{"from": "human", "value": "hi"},
+                                  {"from": "bot", "value": "x"}], "vicuna_v1")
+    with pytest.raises(data.DataError, match="no gpt answer"):
+        data.format_conversation([{"from": "human", "value": "hi"}], "vicuna_v1")
+    with pytest.raises(data.DataError, match="turn 0 needs the keys"):
+        data.format_conversation([{"value": "hi"}], "vicuna_v1")
+
+
+def test_format_box():
+    assert data.format_box([0.525, 0.0, 0.675, 0.3941]) == "[0.525,0.000,0.675,0.394]"
+    assert data.format_box([-0.00001, 0.5, 1.0004, 0.25], decimals=2) == "[0.00,0.50,1.00,0.25]"
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------
+
+def random_image(width: int, height: int, seed: int) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+@pytest.mark.parametrize("width,height", [(50, 30), (37, 30), (31, 47), (40, 40)])
+def test_preprocess_matches_transformers_clip_and_llava(width, height):
+    transformers = pytest.importorskip("transformers")
+    image = random_image(width, height, seed=width)
+    size = 24  # 37x30 -> long side 24 * 37 / 30 = 29.6: transformers floors to 29, crop left 2
+    clip = transformers.CLIPImageProcessorPil(size={"shortest_edge": size},
+                                              crop_size={"height": size, "width": size})
+    expected = clip(image, return_tensors="pt")["pixel_values"][0]
+    ours = data.preprocess_image(image, size, pad_to_square=False)
+    assert ours.shape == (3, size, size)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+
+    llava = transformers.LlavaImageProcessorPil(size={"shortest_edge": size}, do_pad=True,
+                                                crop_size={"height": size, "width": size})
+    expected_padded = llava(image, return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(data.preprocess_image(image, size, pad_to_square=True),
+                               expected_padded, atol=1e-5, rtol=0)
+
+
+def test_expand2square_centers_on_clip_mean_background():
+    assert data.CLIP_BACKGROUND == (122, 116, 104)
+    image = Image.new("RGB", (6, 2), (255, 0, 0))
+    square = data.expand2square(image, data.CLIP_BACKGROUND)
+    pixels = np.asarray(square)
+    assert square.size == (6, 6)
+    assert (pixels[2:4] == (255, 0, 0)).all()
+    assert (pixels[:2] == data.CLIP_BACKGROUND).all() and (pixels[4:] == data.CLIP_BACKGROUND).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------------
+
+def write_world(tmp_path, records, jsonl=False):
+    """PNGs (non-square) and an instruction file in tmp_path; returns (json path, image folder)."""
+    image_folder = tmp_path / "images"
+    image_folder.mkdir(exist_ok=True)
+    for index, (width, height) in enumerate([(40, 30), (30, 44), (36, 36)]):
+        random_image(width, height, seed=index).save(image_folder / f"{index}.png")
+    (image_folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    if jsonl:
+        path = tmp_path / "instruct.jsonl"
+        path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line)
+                                  for line in records) + "\n")
+    else:
+        path = tmp_path / "instruct.json"
+        path.write_text(json.dumps(records))
+    return str(path), str(image_folder)
+
+
+def qa(question, answer):
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
+
+GOOD_RECORDS = [
+    {"id": "multi", "image": "0.png", "conversations": MULTI_TURN},
+    {"id": "text", "conversations": qa("How many squares are there?", "There are 3 squares.")},
+    {"id": "vqa", "image": "1.png", "conversations": qa("<image>\nWhat color is the circle?", "red")},
+    {"id": "square", "image": "2.png", "conversations": qa("<image>\nHow many?", "3")},
+]
+
+
+def make_dataset(path, folder, tokenizer, **overrides):
+    arguments = dict(template="vicuna_v1", image_token_index=IMAGE_TOKEN_INDEX,
+                     num_image_tokens=NUM_IMAGE_TOKENS, image_size=16, pad_to_square=True,
+                     max_seq_len=200)
+    arguments.update(overrides)
+    return data.InstructionDataset(path, folder, tokenizer, **arguments)
+
+
+def test_instruction_dataset_items(tmp_path, tokenizer):
+    dataset = make_dataset(*write_world(tmp_path, GOOD_RECORDS), tokenizer)
+    assert len(dataset) == 4 and dataset.problems.total == 0
+    assert dataset.has_image == [True, False, True, True]
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        assert sample["length"] == len(sample["input_ids"]) == dataset.lengths[index]
+        assert sample["input_ids"].dtype == torch.long and sample["labels"].shape == sample["input_ids"].shape
+        if dataset.has_image[index]:
+            assert sample["pixel_values"].shape == (3, 16, 16)
+            assert (sample["input_ids"] == IMAGE_TOKEN_INDEX).sum() == NUM_IMAGE_TOKENS
+        else:
+            assert sample["pixel_values"] is None and IMAGE_TOKEN_INDEX not in sample["input_ids"]
+
+
+def test_truncation_never_cuts_an_image(tmp_path, tokenizer):
+    long_answer = " ".join(["The circle is red."] * 30)
+    records = [
+        # Image late in a long conversation: the image block would straddle the cut -> dropped.
+        {"id": "late_image", "image": "0.png",
+         "conversations": qa("There are 3 squares.", long_answer) + qa("<image>\nAnd now?", "red")},
+        # Image first, long answer: cut after the image, the answer partly kept -> truncated.
+        {"id": "long_answer", "image": "1.png", "conversations": qa("<image>\nWhat?", long_answer)},
+        # Text-only and long: truncated.
+        {"id": "long_text", "conversations": qa("Hi?", long_answer)},
+        {"id": "short", "image": "2.png", "conversations": qa("<image>\nHow many?", "3")},
+    ]
+    # The tiny BPE spends ~95 tokens on the system message; the image takes 20.
+    dataset = make_dataset(*write_world(tmp_path, records), tokenizer, max_seq_len=160,
+                           num_image_tokens=20)
+    assert [record["id"] for record in dataset.records] == ["long_answer", "long_text", "short"]
+    assert dataset.problems.counts == {"too_long": 1}
+    assert "record 0 (id 'late_image')" in dataset.problems.summary()
+    assert dataset.num_truncated == 2
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        assert len(sample["input_ids"]) <= 160 == max(dataset.lengths)
+        assert (sample["labels"] != data.IGNORE_INDEX).any()
+    assert (dataset[0]["input_ids"] == IMAGE_TOKEN_INDEX).sum() == 20
+    # At 120 no answer token of an image sample fits after its image: only the text sample
+    # stays. Dropping is policy, not an error: on_error="raise" does not raise for it.
+    dataset = make_dataset(*write_world(tmp_path, records), tokenizer, max_seq_len=120,
+                           num_image_tokens=20, on_error="raise")
+    assert [record["id"] for record in dataset.records] == ["long_text"]
+
+
+BAD_RECORDS = [
+    {"id": "missing", "image": "nowhere.png", "conversations": qa("<image>\nWhat?", "red")},
+    {"id": "bad_from", "conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "x"}]},
+    {"id": "no_answer", "conversations": [{"from": "human", "value": "hi"}]},
+    {"conversations": "not a list"},
+    {"id": "stray_placeholder", "conversations": qa("<image>\nWhat?", "x")},
+    {"id": "no_placeholder", "image": "0.png", "conversations": qa("What?", "x")},
+]
+
+
+def test_malformed_records_and_missing_images_are_skipped_and_counted(tmp_path, tokenizer):
+    path, folder = write_world(tmp_path, GOOD_RECORDS + BAD_RECORDS)
+    dataset = make_dataset(path, folder, tokenizer)
+    assert len(dataset) == 4
+    assert dataset.problems.counts == {"malformed_record": 5, "missing_image": 1}
+    summary = dataset.problems.summary()
+    print("\n" + summary)
+    assert f"{path} record 4 (id 'missing'): image file not found: {folder}/nowhere.png" in summary
+    assert "record 5 (id 'bad_from'): turn 1 has 'from' 'bot'" in summary
+    assert "record 6 (id 'no_answer'): the conversation has no gpt answer" in summary
+    with pytest.raises(data.DataError, match="record 4 .*nowhere.png"):
+        make_dataset(path, folder, tokenizer, on_error="raise")
+
+
+def test_jsonl_bad_line_is_named_by_line_number(tmp_path, tokenizer):
+    lines = [GOOD_RECORDS[0], "{not json", "", GOOD_RECORDS[1], BAD_RECORDS[1]]
+    path, folder = write_world(tmp_path, lines, jsonl=True)
+    dataset = make_dataset(path, folder, tokenizer)
+    assert len(dataset) == 2 and dataset.problems.counts == {"malformed_record": 2}
+    summary = dataset.problems.summary()
+    assert f"{path} line 2: invalid JSON" in summary
+    assert f"{path} line 5 (id 'bad_from')" in summary
+    with pytest.raises(data.DataError, match="line 2: invalid JSON"):
+        make_dataset(path, folder, tokenizer, on_error="raise")
+
+
+def test_corrupt_image_is_skipped_through_the_dataloader(tmp_path, tokenizer):
+    records = GOOD_RECORDS + [{"id": "corrupt", "image": "corrupt.png",
+                               "conversations": qa("<image>\nWhat?", "red")}]
+    path, folder = write_world(tmp_path, records)
+    dataset = make_dataset(path, folder, tokenizer)
+    assert len(dataset) == 5  # the file exists; only decoding shows it is corrupt
+    loader = data.make_dataloader(dataset, batch_size=5, pad_token_id=3)
+    batches = list(loader)
+    assert len(batches) == 2  # image batch, text batch
+    for batch in batches:
+        dataset.problems.extend(batch["problems"])
+    assert sum(batch["input_ids"].shape[0] for batch in batches) == 4
+    assert dataset.problems.counts == {"corrupt_image": 1}
+    assert f"record 4 (id 'corrupt'): cannot decode image {folder}/corrupt.png" in \
+        dataset.problems.summary()
+    raising = make_dataset(path, folder, tokenizer, on_error="raise")
+    with pytest.raises(data.DataError, match="id 'corrupt'.*corrupt.png"):
+        raising[4]
+
+
+def test_caption_and_text_datasets(tmp_path, tokenizer):
+    path, folder = write_world(tmp_path, GOOD_RECORDS + [{"id": "no_image", "conversations": qa("a", "b")}])
+    captions = data.CaptionDataset(path, folder, tokenizer, image_size=16, max_text_len=5)
+    assert len(captions) == 3 and captions.problems.counts == {"malformed_record": 2}
+    sample = captions[0]
+    bos, eos = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
+    assert sample["input_ids"][0] == bos and sample["input_ids"][-1] == eos
+    assert len(sample["input_ids"]) == 5 and sample["pixel_values"].shape == (3, 16, 16)
+    batch = data.collate([captions[0], captions[1]], pad_token_id=3)
+    assert batch["labels"] is None and batch["pixel_values"].shape == (2, 3, 16, 16)
+
+    text_path = tmp_path / "text.jsonl"
+    text_path.write_text(json.dumps({"text": "There are 3 squares. " * 8}) + "\n"
+                         + json.dumps({"text": "red"}) + "\n" + json.dumps({"txt": "x"}) + "\n")
+    texts = data.TextDataset(str(text_path), tokenizer, max_seq_len=16)
+    assert texts.problems.counts == {"malformed_record": 1}
+    document = [bos] + tokenizer.encode("There are 3 squares. " * 8, add_special_tokens=False).ids + [eos]
+    chunks = [texts[index]["input_ids"].tolist() for index in range(len(texts) - 1)]
+    assert sum(chunks, []) == document and all(len(chunk) <= 16 for chunk in chunks)
+    red = tokenizer.encode("red", add_special_tokens=False).ids
+    assert texts[len(texts) - 1]["input_ids"].tolist() == [bos, *red, eos]
+    assert torch.equal(texts[0]["labels"], texts[0]["input_ids"]) and texts[0]["pixel_values"] is None
+
+
+# --------------------------------------------------------------------------------------------
+# Collate and sampler
+# --------------------------------------------------------------------------------------------
+
+def test_collate_right_pads_and_stacks_only_images(tmp_path, tokenizer):
+    dataset = make_dataset(*write_world(tmp_path, GOOD_RECORDS), tokenizer)
+    samples = [dataset[0], dataset[1], dataset[2]]  # image, text, image
+    batch = data.collate(samples, pad_token_id=3)
+    lengths = [sample["length"] for sample in samples]
+    assert batch["input_ids"].shape == batch["labels"].shape == (3, max(lengths))
+    assert batch["pixel_values"].shape == (2, 3, 16, 16)
+    torch.testing.assert_close(batch["pixel_values"][1], samples[2]["pixel_values"])
+    for row, length in enumerate(lengths):
+        assert batch["attention_mask"][row].tolist() == [1] * length + [0] * (max(lengths) - length)
+        assert (batch["input_ids"][row, length:] == 3).all()
+        assert (batch["labels"][row, length:] == data.IGNORE_INDEX).all()
+        assert torch.equal(batch["input_ids"][row, :length], samples[row]["input_ids"])
+    text_only = data.collate([dataset[1]], pad_token_id=3)
+    assert text_only["pixel_values"] is None
+    empty = data.collate([{"problem": ("corrupt_image", "x")}], pad_token_id=3)
+    assert empty["input_ids"].shape == (0, 0) and empty["problems"] == [("corrupt_image", "x")]
+
+
+def make_sampler(**overrides):
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 100, (53,), generator=generator).tolist()
+    has_image = (torch.rand(53, generator=generator) < 0.6).tolist()
+    arguments = dict(lengths=lengths, has_image=has_image, batch_size=4, seed=1,
+                     batches_per_megabatch=2)
+    arguments.update(overrides)
+    return data.ModalityLengthGroupedSampler(**arguments)
+
+
+def test_sampler_single_modality_deterministic_and_covers_everything():
+    sampler = make_sampler()
+    batches = list(sampler)
+    assert len(batches) == len(sampler)
+    assert all(len({sampler.has_image[i] for i in batch}) == 1 for batch in batches)
+    assert sorted(sum(batches, [])) == list(range(53))  # world 1: no padding, each once
+    assert batches == list(make_sampler())
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+    sampler.set_epoch(0)
+    assert list(sampler) == batches
+    # Lengths are grouped: within a megabatch, batches are sorted longest first.
+    full = [batch for batch in batches if len(batch) == 4]
+    assert any(min(sampler.lengths[i] for i in batch) > 50 for batch in full)
+
+
+def test_sampler_rank_slices_partition_each_global_batch():
+    single = list(make_sampler(batch_size=6))
+    world = [list(make_sampler(batch_size=3, world_size=2, rank=rank)) for rank in range(2)]
+    has_image = make_sampler().has_image
+    assert len(world[0]) == len(world[1]) == len(single)
+    # Same global batch size, same seed: rank 0 + rank 1 = the single-process batch.
+    for step, global_batch in enumerate(single[:-2]):  # the last two are the remainders
+        assert world[0][step] + world[1][step] == global_batch
+    for step in range(len(single)):
+        assert len(world[0][step]) == len(world[1][step])  # remainders padded for the ranks
+        assert len({has_image[i] for i in world[0][step] + world[1][step]}) == 1
+    assert set(sum(world[0] + world[1], [])) == set(range(53))
+
+
+def test_sampler_resume_from_position():
+    sampler = make_sampler(batch_size=3, world_size=2, rank=1)
+    sampler.set_epoch(3)
+    full_epoch = list(sampler)
+    sampler.skip_batches(5)
+    assert list(sampler) == full_epoch[5:]
+    assert list(sampler) == full_epoch  # the skip applies to one iteration only
+    resumed = make_sampler(batch_size=3, world_size=2, rank=1)
+    resumed.set_epoch(3)
+    resumed.skip_batches(5)
+    assert list(resumed) == full_epoch[5:]
+
+
+def test_make_dataloader_with_workers(tmp_path, tokenizer):
+    dataset = make_dataset(*write_world(tmp_path, GOOD_RECORDS * 3), tokenizer)
+    loader = data.make_dataloader(dataset, batch_size=2, pad_token_id=3, num_workers=2, seed=0)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 7  # 9 image samples -> 5 batches, 3 text -> 2
+    in_process = list(data.make_dataloader(dataset, batch_size=2, pad_token_id=3, seed=0))
+    for batch, expected in zip(batches, in_process):
+        assert torch.equal(batch["input_ids"], expected["input_ids"])

@@ -1,0 +1,72 @@
+"""The main job in miniature: both shapes-world recipes, every stage for two steps on a small
+world, then the eval with and without the image, through train.py's real entry point."""
+import json
+from pathlib import Path
+
+import pytest
+
+import train
+from model import LanguageModel, MLLM
+from vision import CLIPModel
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ["--max_steps=2", "--micro_batch_size=8", "--global_batch_size=8", "--num_workers=0"]
+HEADLINE = ("vqa_accuracy", "rec_accuracy", "pope_f1", "cider")
+
+
+def smoke_config(name: str, world: Path, out: Path, tmp_path: Path) -> Path:
+    """The shipped config with its world and output folders moved into tmp_path, a small world,
+    and the eval cut to 3 samples per task."""
+    text = (ROOT / "configs" / name).read_text()
+    moves = {"shapes_llava15.py": {'"data/shapes"': f'"{world}"', '"out/shapes_llava15"': f'"{out}"'},
+             # shapes_llava.py execs smoke_shapes_llava15.py beside it, then starts from its towers.
+             "shapes_llava.py": {'"out/shapes_llava"': f'"{out.with_name("llava")}"',
+                                 '"out/shapes_llava15/': f'"{out}/'}}[name]
+    for original, moved in moves.items():
+        assert original in text, f"configs/{name} no longer holds {original}"
+        text = text.replace(original, moved)
+    text += ("\nworld = dict(world, num_train_images=40, num_eval_images=12)"
+             "\neval_tasks = [dict(task, limit=3) for task in eval_tasks]\n")
+    path = tmp_path / f"smoke_{name}"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("recipe")
+    out = tmp_path / "llava15"
+    train.main([str(smoke_config("shapes_llava15.py", tmp_path / "world", out, tmp_path)), *SMOKE])
+    return tmp_path
+
+
+def check_results(results: dict) -> None:
+    for metrics in (results, results["blind"]):
+        for key in HEADLINE:
+            assert 0.0 <= metrics[key] <= (10.0 if key == "cider" else 1.0), (key, metrics[key])
+
+
+def test_llava15_recipe_runs_every_stage_and_writes_results(recipe):
+    out = recipe / "llava15"
+    results = json.loads((out / "results.json").read_text())
+    check_results(results)
+    assert results["wall_seconds"] > 0
+    assert results["tasks"]["vqa"]["samples"] == 3
+    # Each stage's output loads in the public layout it claims.
+    CLIPModel.from_pretrained(str(out / "clip"))
+    LanguageModel.from_pretrained(str(out / "lm"))
+    model = MLLM.from_pretrained(str(out / "finetune"))
+    assert model.config.projector_type == "mlp2x_gelu" and model.config.vision_feature_layer == -2
+    for stage in ("clip", "lm", "pretrain", "finetune"):
+        assert (out / "logs" / f"{stage}_loss.png").is_file()
+        assert len((out / "logs" / f"{stage}.jsonl").read_text().splitlines()) == 2
+    assert (out / "eval" / "blind_vqa").is_dir()
+
+
+def test_llava_recipe_reuses_the_pretrained_towers(recipe):
+    config = smoke_config("shapes_llava.py", recipe / "world", recipe / "llava15", recipe)
+    train.main([str(config), *SMOKE])
+    results = json.loads((recipe / "llava" / "results.json").read_text())
+    check_results(results)
+    model = MLLM.from_pretrained(str(recipe / "llava" / "finetune"))
+    assert model.config.projector_type == "linear" and model.config.vision_feature_layer == -1

@@ -1,0 +1,153 @@
+"""train.py: config checking, the schedule, exact resume, NaN stop, and 2 processes = 1 process."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import shapes
+import train
+from model import MLLM, MLLMConfig, TextConfig
+from vision import VisionConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    return shapes.build_world(tmp_path_factory.mktemp("world"), seed=0, num_train_images=48, num_eval_images=8)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(world, tmp_path_factory) -> Path:
+    """A tiny random LLaVA-1.5 in the llava-hf layout, the starting point of the stages below."""
+    tokenizer = data.load_tokenizer(str(world / "tokenizer.json"))
+    torch.manual_seed(0)
+    config = MLLMConfig(
+        vision_config=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, image_size=32, patch_size=8),
+        text_config=TextConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+        image_token_index=tokenizer.token_to_id("<image>"), pad_token_id=tokenizer.token_to_id("<pad>"))
+    path = tmp_path_factory.mktemp("tiny") / "llava"
+    MLLM(config).save_pretrained(str(path))
+    return path
+
+
+def write_config(path: Path, world: Path, checkpoint: Path, out_dir: Path, **stage) -> Path:
+    stage = dict(dict(name="finetune", init=str(checkpoint), data=str(world / "train" / "instruct.json"),
+                      image_folder=str(world / "images"), template="vicuna_v1", max_seq_len=256,
+                      learning_rate=1e-3, warmup_steps=2, global_batch_size=8, micro_batch_size=4,
+                      max_steps=6), **stage)
+    path.write_text(f"out_dir = {str(out_dir)!r}\ntokenizer = {str(world / 'tokenizer.json')!r}\n"
+                    f"num_workers = 0\nsave_every = 3\nstages = [{stage!r}]\n")
+    return path
+
+
+def losses(out_dir: Path, stage: str = "finetune") -> list[float]:
+    return [json.loads(line)["loss"] for line in (out_dir / "logs" / f"{stage}.jsonl").read_text().splitlines()]
+
+
+def test_config_errors_name_the_key(tmp_path):
+    config = tmp_path / "config.py"
+    config.write_text("out_dir = 'x'\nlerning_rate = 1.0\nstages = [dict(name='a')]\n")
+    with pytest.raises(KeyError, match="lerning_rate"):
+        train.load_config(str(config), [])
+    config.write_text("out_dir = 'x'\nstages = [dict(name='a', epochs='two')]\n")
+    with pytest.raises(TypeError, match="a.epochs"):
+        train.load_config(str(config), [])
+    config.write_text("out_dir = 'x'\nlearning_rate = 1e-3\nstages = [dict(name='a'), dict(name='b', learning_rate=5.0)]\n")
+    with pytest.raises(KeyError, match="nope"):
+        train.load_config(str(config), ["--nope=1"])
+    with pytest.raises(TypeError, match="save_every"):
+        train.load_config(str(config), ["--save_every=often"])
+    with pytest.raises(KeyError, match="no stage named 'c'"):
+        train.load_config(str(config), ["--c.learning_rate=1"])
+    # Precedence: file top-level < stage dict < --key=value < --stage.key=value.
+    _, stages = train.load_config(str(config), [])
+    assert [s.learning_rate for s in stages] == [1e-3, 5.0]
+    _, stages = train.load_config(str(config), ["--learning_rate=0.5", "--b.learning_rate=0.25"])
+    assert [s.learning_rate for s in stages] == [0.5, 0.25]
+
+
+def test_schedule_warmup_then_cosine_to_floor():
+    factors = [train.learning_rate_factor(step, 10, 2, 0.1) for step in range(10)]
+    assert factors[:2] == [0.5, 1.0]
+    assert all(a >= b for a, b in zip(factors[1:], factors[2:]))
+    assert train.learning_rate_factor(10, 10, 2, 0.1) == pytest.approx(0.1)
+
+
+def test_optimizer_groups_no_decay_on_vectors_and_own_lr():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    stage = train.StageConfig(name="s", weight_decay=0.1, learning_rate=1e-3,
+                              param_groups=[dict(pattern=r"^2\.", learning_rate=5e-5, schedule="constant")])
+    groups = train.build_optimizer(model, stage).param_groups
+    by_key = {(g["lr"], g["weight_decay"], g["schedule"]): len(g["params"]) for g in groups}
+    assert by_key == {(1e-3, 0.1, "cosine"): 1, (1e-3, 0.0, "cosine"): 3,
+                      (5e-5, 0.1, "constant"): 1, (5e-5, 0.0, "constant"): 1}
+
+
+def test_split_batch_keeps_images_with_their_rows():
+    batch = {"input_ids": torch.tensor([[7, 9, 9, 0], [5, 5, 0, 0], [9, 9, 1, 2]]),
+             "labels": torch.zeros(3, 4, dtype=torch.long),
+             "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1]]),
+             "pixel_values": torch.tensor([[1.0], [2.0]])}
+    first, second = train.split_batch(batch, 2, image_token_index=9)
+    assert first["input_ids"].shape == (2, 4) and first["pixel_values"].tolist() == [[1.0]]
+    assert second["pixel_values"].tolist() == [[2.0]]
+
+
+def test_resume_continues_exactly(world, tiny_checkpoint, tmp_path):
+    straight = tmp_path / "straight"
+    train.main([str(write_config(tmp_path / "a.py", world, tiny_checkpoint, straight))])
+    interrupted = tmp_path / "interrupted"
+    config = write_config(tmp_path / "b.py", world, tiny_checkpoint, interrupted)
+    with pytest.raises(SystemExit, match="stop_after_steps"):
+        train.main([str(config), "--stop_after_steps=4"])
+    assert not (interrupted / "finetune").exists()
+    train.main([str(config), "--resume"])
+    assert len(losses(straight)) == 6
+    assert losses(interrupted) == losses(straight)
+    final = MLLM.from_pretrained(str(interrupted / "finetune"))
+    reference = MLLM.from_pretrained(str(straight / "finetune"))
+    for (name, a), b in zip(final.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert (interrupted / "logs" / "finetune_loss.png").is_file()
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(world, tiny_checkpoint, tmp_path, monkeypatch):
+    out_dir = tmp_path / "out"
+    calls = {"count": 0}
+    original = MLLM.forward
+
+    def forward_with_nan_at_step_five(self, *args, **kwargs):
+        logits, loss = original(self, *args, **kwargs)
+        calls["count"] += 1
+        return logits, loss * float("nan") if calls["count"] > 8 else loss  # 2 micro-batches a step
+
+    monkeypatch.setattr(MLLM, "forward", forward_with_nan_at_step_five)
+    with pytest.raises(FloatingPointError, match="at step 5"):
+        train.main([str(write_config(tmp_path / "c.py", world, tiny_checkpoint, out_dir))])
+    state = torch.load(out_dir / "checkpoints" / "finetune" / "train_state.pt", weights_only=False)
+    assert state["step"] == 3
+    MLLM.from_pretrained(str(out_dir / "checkpoints" / "finetune"))
+
+
+def test_two_processes_match_one(world, tiny_checkpoint, tmp_path):
+    """gloo on CPU: 2 processes x 1 micro-batch = 1 process x 2 micro-batches, same global batch."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    runs = {}
+    for processes in (1, 2):
+        out_dir = tmp_path / f"world{processes}"
+        config = write_config(tmp_path / f"d{processes}.py", world, tiny_checkpoint, out_dir, max_steps=3)
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                   "--master_port", str(29500 + processes), str(ROOT / "train.py"), str(config)]
+        result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[processes] = losses(out_dir)
+    assert len(runs[1]) == 3
+    assert runs[2] == pytest.approx(runs[1], rel=1e-5, abs=1e-6)

@@ -1,0 +1,637 @@
+"""Train any staged recipe of nanoMLLM from one plain-Python config.
+
+    python train.py configs/llava15.py                    # every stage, in order
+    python train.py configs/llava15.py --stage finetune   # one stage (starts from the previous one's output)
+    python train.py configs/llava15.py --resume           # continue exactly where the last run stopped
+    python train.py configs/llava15.py --micro_batch_size=4 --finetune.learning_rate=1e-5
+    torchrun --nproc_per_node 8 train.py configs/llava15.py
+
+A recipe is a list of stages (LLaVA: stage 1 "feature alignment" then stage 2 "instruction
+tuning", llava-dissertation.txt section 3.4; LLaVA-1.5 section 4.3). A stage says where its model
+starts, which parameters train (regexes; everything else frozen), its optimizer and schedule
+(AdamW, linear warmup then cosine decay to a floor, no weight decay on norms and biases), its
+global batch (micro-batches x gradient accumulation x processes), how long, and its data. Stage
+outputs go to `out_dir/<stage>/` in the llava-hf layout, so `eval.py` and transformers read them.
+
+Config precedence, lowest first: StageConfig defaults < top-level names in the config file (they
+apply to every stage) < the stage's own dict < `--key=value` on the command line (every stage)
+< `--stage_name.key=value`. Unknown keys and values of the wrong type stop the run before any work.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+import data
+from adapters import apply_lora, set_trainable
+from model import MLLM, LanguageModel, TextConfig
+from vision import CLIPConfig, CLIPModel
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Configuration
+
+@dataclass
+class StageConfig:
+    """One stage of a recipe. Defaults are LLaVA-1.5's stage 2 (REFERENCE.md section 1)."""
+    name: str = ""
+    objective: str = "mllm"  # "mllm" (LLaVA stages), "clip" (contrastive pretraining), "lm" (text pretraining)
+    # Where the model starts: "previous" (the last stage's output), "components" (vision_path +
+    # language_path + a fresh connector: LLaVA stage 1), "scratch" (`architecture`, random init),
+    # or a checkpoint directory.
+    init: str = "previous"
+    vision_path: str = ""  # a CLIP checkpoint, or the name of an earlier stage that produced one
+    language_path: str = ""  # a LlamaForCausalLM checkpoint, or the name of an earlier stage
+    architecture: dict = field(default_factory=dict)  # config.json-style dims for init="scratch"
+    data: str = ""  # LLaVA instruction JSON / jsonl (mllm, clip) or {"text"} jsonl (lm)
+    image_folder: str = ""
+    template: str = "vicuna_v1"
+    max_seq_len: int = 2048
+    trainable: list = field(default_factory=lambda: [r"^multi_modal_projector\.", r"^language_model\."])
+    lora: dict = field(default_factory=dict)  # {"targets": [...], "rank": 128, "alpha": 256, "dropout": 0.05}
+    learning_rate: float = 2e-5
+    # Per-module learning rates: [{"pattern": regex, "learning_rate": x, "schedule": "cosine"|"constant"}].
+    # LLaVA-1.5 LoRA trains the projector at 2e-5 beside LoRA at 2e-4; LION keeps its aggregator at 1e-5.
+    param_groups: list = field(default_factory=list)
+    min_lr_ratio: float = 0.0  # cosine decays to learning_rate * min_lr_ratio
+    warmup_ratio: float = 0.03
+    warmup_steps: int = 0  # overrides warmup_ratio when > 0
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    grad_clip: float = 1.0
+    global_batch_size: int = 128
+    micro_batch_size: int = 16
+    epochs: float = 1.0
+    max_steps: int = 0  # when > 0, the stage's length in optimizer steps (the schedule follows it)
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "out"
+    seed: int = 1337
+    tokenizer: str = ""  # tokenizer.json, or a directory holding one
+    model: dict = field(default_factory=dict)  # MLLMConfig overrides for init="components"
+    stages: list = field(default_factory=list)
+    world: dict = field(default_factory=dict)  # shapes.build_world(**world) before the first stage
+    eval_tasks: list = field(default_factory=list)  # eval.run_eval after the last stage
+    eval_blind: bool = False  # also evaluate with every image replaced by zeros
+    device: str = "auto"  # "auto": cuda if available, else cpu
+    compile: bool = False
+    num_workers: int = 2
+    log_every: int = 10
+    save_every: int = 500  # optimizer steps between checkpoints (and one at the end of each stage)
+    stop_after_steps: int = 0  # stop the current stage after this many steps, checkpointed (time-boxed jobs)
+    on_data_error: str = "skip"  # "skip" (count, report each epoch) or "raise"
+
+
+def check_type(key: str, value, annotation) -> None:
+    """Raise unless `value` fits the field's annotation (ints pass for floats, lists for tuples)."""
+    expected = {"int": int, "float": (int, float), "str": str, "bool": bool, "list": (list, tuple),
+                "tuple": (list, tuple), "dict": dict}[str(annotation).split("[")[0]]
+    is_bool_for_number = isinstance(value, bool) and annotation in ("int", "float")
+    if not isinstance(value, expected) or is_bool_for_number:
+        raise TypeError(f"config key {key!r} must be {annotation}, got {value!r} ({type(value).__name__})")
+
+
+def parse_value(text: str):
+    """A command-line value: a Python literal if it parses as one, else the plain string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def load_config(path: str, overrides: list[str]) -> tuple[TrainConfig, list[StageConfig]]:
+    """Execute the config file, apply `--key=value` overrides, check every key and type."""
+    train_fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    stage_fields = {f.name: f.type for f in dataclasses.fields(StageConfig)}
+    namespace: dict = {"__file__": path}  # a config may build on another: see configs/llava15_lora.py
+    exec(compile(Path(path).read_text(), path, "exec"), namespace)
+    values = {key: value for key, value in namespace.items()
+              if not key.startswith("_") and not isinstance(value, type(sys)) and not callable(value)}
+    for key in values:
+        if key not in train_fields and key not in stage_fields:
+            raise KeyError(f"{path}: unknown config key {key!r}")
+    stage_dicts = [dict(stage) for stage in values.get("stages", [])]
+    stage_names = [stage.get("name", "") for stage in stage_dicts]
+    if not all(stage_names) or len(set(stage_names)) != len(stage_names):
+        raise ValueError(f"{path}: every stage needs a unique 'name' (got {stage_names})")
+
+    cli_every_stage, cli_per_stage = {}, {}
+    for item in overrides:
+        if not item.startswith("--") or "=" not in item:
+            raise ValueError(f"expected --key=value, got {item!r}")
+        key, text = item[2:].split("=", 1)
+        if "." in key:
+            stage_name, key = key.split(".", 1)
+            if stage_name not in stage_names:
+                raise KeyError(f"--{stage_name}.{key}: no stage named {stage_name!r} (stages: {stage_names})")
+            if key not in stage_fields:
+                raise KeyError(f"--{stage_name}.{key}: unknown stage key {key!r}")
+            cli_per_stage.setdefault(stage_name, {})[key] = parse_value(text)
+        elif key in train_fields:
+            values[key] = parse_value(text)
+        elif key in stage_fields:
+            cli_every_stage[key] = parse_value(text)
+        else:
+            raise KeyError(f"--{key}: unknown config key")
+
+    config = TrainConfig(**{key: value for key, value in values.items() if key in train_fields})
+    shared = {key: value for key, value in values.items() if key in stage_fields}
+    stages = []
+    for stage in stage_dicts:
+        for key in stage:
+            if key not in stage_fields:
+                raise KeyError(f"{path}: stage {stage['name']!r} has unknown key {key!r}")
+        merged = {**shared, **stage, **cli_every_stage, **cli_per_stage.get(stage["name"], {})}
+        stages.append(StageConfig(**merged))
+    for name, value in dataclasses.asdict(config).items():
+        check_type(name, value, train_fields[name])
+    if config.save_every < 1 or config.log_every < 1:
+        raise ValueError("save_every and log_every must be >= 1")
+    for stage in stages:
+        for name, value in dataclasses.asdict(stage).items():
+            check_type(f"{stage.name}.{name}", value, stage_fields[name])
+        if stage.objective not in ("mllm", "clip", "lm"):
+            raise ValueError(f"stage {stage.name!r}: objective must be mllm, clip or lm, not {stage.objective!r}")
+        if stage.global_batch_size % stage.micro_batch_size:
+            raise ValueError(f"stage {stage.name!r}: global_batch_size {stage.global_batch_size} is not a "
+                             f"multiple of micro_batch_size {stage.micro_batch_size}")
+    return config, stages
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Processes, devices, checkpoint files
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(config: TrainConfig) -> Runtime:
+    """One process, or one of `torchrun`'s (RANK / WORLD_SIZE / LOCAL_RANK in the environment):
+    NCCL between GPUs, gloo between CPU processes."""
+    use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    if "RANK" not in os.environ:
+        return Runtime(0, 1, torch.device("cuda" if use_cuda else config.device if config.device != "auto" else "cpu"))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Runtime(dist.get_rank(), dist.get_world_size(),
+                   torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu"))
+
+
+def barrier(runtime: Runtime) -> None:
+    if runtime.world_size > 1:
+        dist.barrier()
+
+
+def mean_over_processes(value: float, runtime: Runtime) -> float:
+    if runtime.world_size == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=runtime.device)
+    dist.all_reduce(tensor)
+    return tensor.item() / runtime.world_size
+
+
+@contextmanager
+def atomic_directory(path: Path):
+    """Write a directory under a temporary name, then swap it in, so a crash mid-write never
+    leaves a half checkpoint: at any moment `path` (or, during the swap, `path.old`) is complete."""
+    temporary, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    yield temporary
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+    temporary.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def complete_directory(path: Path) -> Path | None:
+    """`path`, or its `.old` copy if a crash interrupted the swap of atomic_directory."""
+    for candidate in (path, path.with_name(path.name + ".old")):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Models and data per objective
+
+def resolve_path(path: str, out_dir: Path, stage_names: list[str]) -> str:
+    """A stage name stands for that stage's output directory."""
+    return str(out_dir / path) if path in stage_names else path
+
+
+def build_model(stage: StageConfig, config: TrainConfig, previous: Path | None, stage_names: list[str],
+                tokenizer) -> torch.nn.Module:
+    """The stage's starting model: from the previous stage, from components, from scratch or a path."""
+    out_dir = Path(config.out_dir)
+    model_class = {"mllm": MLLM, "clip": CLIPModel, "lm": LanguageModel}[stage.objective]
+    if stage.init == "scratch":
+        architecture = {"vocab_size": tokenizer.get_vocab_size(), **stage.architecture}
+        if stage.objective == "clip":
+            text = {"vocab_size": tokenizer.get_vocab_size(), **architecture.get("text_config", {}),
+                    "bos_token_id": tokenizer.token_to_id(data.BOS_TOKEN),
+                    "eos_token_id": tokenizer.token_to_id(data.EOS_TOKEN),
+                    "pad_token_id": tokenizer.token_to_id("<pad>")}
+            return CLIPModel(CLIPConfig.from_dict({**architecture, "text_config": text}))
+        if stage.objective == "lm":
+            return LanguageModel(TextConfig.from_dict({
+                **architecture, "bos_token_id": tokenizer.token_to_id(data.BOS_TOKEN),
+                "eos_token_id": tokenizer.token_to_id(data.EOS_TOKEN), "pad_token_id": tokenizer.token_to_id("<pad>")}))
+        raise ValueError(f"stage {stage.name!r}: init='scratch' is for the clip and lm objectives")
+    if stage.init == "components":
+        if stage.objective != "mllm":
+            raise ValueError(f"stage {stage.name!r}: init='components' builds an MLLM")
+        overrides = dict(config.model)
+        for key, token in (("image_token_index", data.IMAGE_PLACEHOLDER), ("pad_token_id", "<pad>")):
+            if key not in overrides and tokenizer.token_to_id(token) is not None:
+                overrides[key] = tokenizer.token_to_id(token)
+        paths = [resolve_path(path, out_dir, stage_names) for path in (stage.vision_path, stage.language_path)]
+        for path in paths:
+            if not (Path(path) / "config.json").is_file():
+                raise FileNotFoundError(f"stage {stage.name!r}: no checkpoint at {path!r} (vision_path / language_path)")
+        return MLLM.from_vision_and_language(*paths, **overrides)
+    source = previous if stage.init == "previous" else Path(resolve_path(stage.init, out_dir, stage_names))
+    if source is None:
+        raise ValueError(f"stage {stage.name!r} starts from 'previous' but no stage ran before it")
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"stage {stage.name!r}: no checkpoint at {source} (run the stage that writes it first)")
+    return model_class.from_pretrained(str(source))
+
+
+def build_dataset(stage: StageConfig, config: TrainConfig, model: torch.nn.Module, tokenizer):
+    if stage.objective == "lm":
+        return data.TextDataset(stage.data, tokenizer, stage.max_seq_len, on_error=config.on_data_error)
+    if stage.objective == "clip":
+        vision = model.config.vision_config
+        return data.CaptionDataset(stage.data, stage.image_folder, tokenizer, vision.image_size,
+                                   max_text_len=model.config.text_config.max_position_embeddings,
+                                   on_error=config.on_data_error)
+    return data.InstructionDataset(stage.data, stage.image_folder, tokenizer, stage.template,
+                                   model.config.image_token_index, model.num_image_tokens,
+                                   model.config.vision_config.image_size, model.config.image_aspect_ratio == "pad",
+                                   stage.max_seq_len, on_error=config.on_data_error)
+
+
+def model_inputs(batch: dict, objective: str, device: torch.device) -> dict:
+    """The arguments of the stage's model.forward; every model returns (output, loss)."""
+    names = {"mllm": ("input_ids", "pixel_values", "attention_mask", "labels"),
+             "clip": ("pixel_values", "input_ids", "attention_mask"),
+             "lm": ("input_ids", "attention_mask", "labels")}[objective]
+    return {name: batch[name].to(device, non_blocking=True) if batch[name] is not None else None for name in names}
+
+
+def split_batch(batch: dict, num_chunks: int, image_token_index: int | None) -> list[dict]:
+    """Cut one process's step batch into its gradient-accumulation micro-batches (rows in order,
+    trailing padding trimmed). Which images belong to which rows: for MLLM batches, the rows that
+    hold image tokens; for CLIP batches, every row."""
+    rows = batch["input_ids"].shape[0]
+    if image_token_index is None:
+        has_image = torch.full((rows,), batch["pixel_values"] is not None)
+    else:
+        has_image = (batch["input_ids"] == image_token_index).any(1)
+    image_slot = has_image.long().cumsum(0) - 1
+    chunks = []
+    for part in torch.arange(rows).tensor_split(num_chunks):
+        if len(part) == 0:
+            continue
+        length = int(batch["attention_mask"][part].sum(1).max())
+        chunk = {key: batch[key][part, :length] if batch.get(key) is not None else None
+                 for key in ("input_ids", "labels", "attention_mask")}
+        images = image_slot[part][has_image[part]]
+        chunk["pixel_values"] = batch["pixel_values"][images] if len(images) else None
+        chunks.append(chunk)
+    return chunks
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Optimizer and schedule
+
+def build_optimizer(model: torch.nn.Module, stage: StageConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters. Norms, biases and other vectors get no weight decay
+    (nanoGPT's rule: decay only matrices); `param_groups` patterns get their own learning rate
+    and schedule (first match wins)."""
+    groups: dict[tuple, list] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        rule = next((g for g in stage.param_groups if re.search(g["pattern"], name)), {})
+        lr = rule.get("learning_rate", stage.learning_rate)
+        schedule = rule.get("schedule", "cosine")
+        decay = stage.weight_decay if parameter.ndim >= 2 else 0.0
+        groups.setdefault((lr, schedule, decay), []).append(parameter)
+    return torch.optim.AdamW(
+        [{"params": params, "lr": lr, "base_lr": lr, "schedule": schedule, "weight_decay": decay}
+         for (lr, schedule, decay), params in groups.items()],
+        betas=tuple(stage.betas), fused=False)
+
+
+def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """Linear warmup, then cosine decay to `min_ratio` (LLaVA's `cosine` with warmup_ratio 0.03).
+    The schedule is a pure function of the step, so resuming needs only the step."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Checkpoints and logs
+
+def rng_states() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, optimizer, step: int, epoch: int,
+                    batches_done: int, tokenizer_path: str) -> None:
+    """Weights via save_pretrained (the layout every tool reads) plus train_state.pt: the optimizer,
+    step, data position, RNG states and the trainable tensors as they are in memory (LoRA factors
+    unmerged: save_pretrained merges them, so exact resume needs them separately)."""
+    with atomic_directory(path) as directory:
+        model.save_pretrained(str(directory))
+        if tokenizer_path:
+            source = Path(tokenizer_path)
+            shutil.copy(source / "tokenizer.json" if source.is_dir() else source, directory / "tokenizer.json")
+        trainable = {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
+        torch.save({"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
+                    "batches_done": batches_done, "rng": rng_states(), "trainable": trainable},
+                   directory / "train_state.pt")
+
+
+def plot_loss_curve(steps: list[int], losses: list[float], path: Path, title: str) -> None:
+    """A small PNG of the training loss, drawn with pillow (no plotting dependency)."""
+    width, height, margin = 640, 360, 48
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([margin, margin // 2, width - margin // 2, height - margin], outline="black")
+    if len(losses) >= 2:
+        low, high = min(losses), max(losses)
+        span_x, span_y = max(1, steps[-1] - steps[0]), max(1e-12, high - low)
+        points = [(margin + (s - steps[0]) / span_x * (width - 1.5 * margin),
+                   height - margin - (l - low) / span_y * (height - 1.5 * margin)) for s, l in zip(steps, losses)]
+        draw.line(points, fill=(31, 119, 180), width=2)
+        draw.text((4, margin // 2), f"{high:.3f}", fill="black")
+        draw.text((4, height - margin - 10), f"{low:.3f}", fill="black")
+        draw.text((margin, height - margin + 6), f"step {steps[0]}", fill="black")
+        draw.text((width - 3 * margin, height - margin + 6), f"step {steps[-1]}", fill="black")
+    draw.text((margin, 4), title, fill="black")
+    image.save(path)
+
+
+def log_step(log_path: Path, progress: tqdm, stage_name: str, log_every: int, total_steps: int,
+             record: dict) -> None:
+    """One jsonl line per step (tests and plots read it), the tqdm bar, and a plain line every
+    `log_every` steps."""
+    with log_path.open("a") as log:
+        log.write(json.dumps(record) + "\n")
+    progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                         tok_s=f"{record['tokens_per_second']:.0f}")
+    progress.update(1)
+    if record["step"] % log_every == 0 or record["step"] == total_steps:
+        progress.write(f"[{stage_name}] step {record['step']}/{total_steps} loss {record['loss']:.4f} "
+                       f"lr {record['lr']:.2e} grad norm {record['grad_norm']:.3f} "
+                       f"{record['tokens_per_second']:.0f} tokens/s")
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. One stage
+
+def train_stage(stage: StageConfig, config: TrainConfig, runtime: Runtime, previous: Path | None,
+                stage_names: list[str], resume: bool) -> Path:
+    out_dir = Path(config.out_dir)
+    final_dir, checkpoint_dir = out_dir / stage.name, out_dir / "checkpoints" / stage.name
+    log_path = out_dir / "logs" / f"{stage.name}.jsonl"
+    tokenizer = data.load_tokenizer(config.tokenizer)
+    torch.manual_seed(config.seed)  # the same initial weights in every process
+
+    model = build_model(stage, config, previous, stage_names, tokenizer)
+    if stage.lora:
+        lora = dict(stage.lora)
+        apply_lora(model, lora.pop("targets"), **lora)
+    trainable = set_trainable(model, stage.trainable)
+    for module in model.modules():
+        if hasattr(module, "gradient_checkpointing"):
+            module.gradient_checkpointing = stage.gradient_checkpointing
+    model.to(runtime.device)
+
+    dataset = build_dataset(stage, config, model, tokenizer)
+    accumulation = stage.global_batch_size // (stage.micro_batch_size * runtime.world_size)
+    if accumulation * stage.micro_batch_size * runtime.world_size != stage.global_batch_size:
+        raise ValueError(f"stage {stage.name!r}: global_batch_size {stage.global_batch_size} is not a multiple of "
+                         f"micro_batch_size {stage.micro_batch_size} x {runtime.world_size} processes")
+    # One loader batch = one process's share of one optimizer step, so the samples of every step
+    # are the same for any number of processes (data.ModalityLengthGroupedSampler).
+    loader = data.make_dataloader(dataset, stage.micro_batch_size * accumulation,
+                                  data.require_token_id(tokenizer, "<pad>"), num_workers=config.num_workers,
+                                  seed=config.seed, world_size=runtime.world_size, rank=runtime.rank,
+                                  pin_memory=runtime.device.type == "cuda")
+    steps_per_epoch = len(loader.batch_sampler)
+    if steps_per_epoch == 0:
+        raise ValueError(f"stage {stage.name!r}: {stage.data} gives no batch ({len(dataset)} usable samples)")
+    total_steps = stage.max_steps or max(1, round(stage.epochs * steps_per_epoch))
+    warmup_steps = stage.warmup_steps or round(stage.warmup_ratio * total_steps)
+    optimizer = build_optimizer(model, stage)
+
+    step = epoch = batches_done = 0
+    resume_from = complete_directory(checkpoint_dir) if resume else None
+    if resume_from is not None:
+        state = torch.load(resume_from / "train_state.pt", map_location="cpu", weights_only=False)
+        model.load_state_dict(state["trainable"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
+        restore_rng_states(state["rng"])
+    if runtime.is_main:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= step] \
+            if resume_from is not None and log_path.exists() else []
+        log_path.write_text("".join(line + "\n" for line in kept))
+        num_trainable = sum(p.numel() for n, p in model.named_parameters() if n in set(trainable))
+        print(f"[{stage.name}] {type(model).__name__}, {num_trainable / 1e6:.2f}M trainable parameters, "
+              f"{len(dataset)} samples, {total_steps} steps of {stage.global_batch_size} "
+              f"({accumulation} x {stage.micro_batch_size} x {runtime.world_size} processes)"
+              + (f", resumed at step {step}" if resume_from is not None else ""))
+
+    train_model = model
+    if config.compile:
+        train_model = torch.compile(model)
+    if runtime.world_size > 1:
+        # Text-only batches leave the connector without gradients, hence find_unused_parameters.
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, find_unused_parameters=stage.objective == "mllm")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if runtime.device.type == "cuda" else nullcontext()
+    image_token_index = model.config.image_token_index if stage.objective == "mllm" else None
+    trainable_parameters = [p for p in model.parameters() if p.requires_grad]
+
+    train_model.train()
+    progress = tqdm(total=total_steps, initial=step, desc=stage.name, disable=not runtime.is_main, dynamic_ncols=True)
+    steps_this_run, started, stop = 0, time.time(), False
+    while not stop:
+        loader.batch_sampler.set_epoch(epoch)
+        loader.batch_sampler.skip_batches(batches_done)
+        for batch in loader:
+            dataset.problems.extend(batch["problems"])
+            factor = learning_rate_factor(step, total_steps, warmup_steps, stage.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * (factor if group["schedule"] == "cosine" else 1.0)
+            chunks = split_batch(batch, accumulation, image_token_index) if batch["input_ids"].shape[0] else []
+            step_started, loss_sum, tokens = time.time(), 0.0, 0
+            for index, chunk in enumerate(chunks):
+                # Gradients are all-reduced once per step, on the last micro-batch.
+                sync = index == len(chunks) - 1 or runtime.world_size == 1
+                with (nullcontext() if sync else train_model.no_sync()), autocast:
+                    loss = train_model(**model_inputs(chunk, stage.objective, runtime.device))[1]
+                    (loss / accumulation).backward()
+                loss_sum += loss.item()
+                tokens += int(chunk["attention_mask"].sum())
+            loss_value = mean_over_processes(loss_sum / max(1, len(chunks)), runtime)
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(
+                    f"[{stage.name}] loss is {loss_value} at step {step + 1}; stopping. The last good "
+                    f"checkpoint is {checkpoint_dir if checkpoint_dir.exists() else 'not written yet'}.")
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters, stage.grad_clip) \
+                if stage.grad_clip > 0 else torch.tensor(0.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step, batches_done, steps_this_run = step + 1, batches_done + 1, steps_this_run + 1
+            if runtime.is_main:
+                log_step(log_path, progress, stage.name, config.log_every, total_steps, {
+                    "step": step, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
+                    "grad_norm": float(grad_norm),
+                    "tokens_per_second": tokens * runtime.world_size / max(1e-9, time.time() - step_started)})
+            stop = step == total_steps or steps_this_run == config.stop_after_steps
+            if step % config.save_every == 0 or stop:
+                if runtime.is_main:
+                    save_checkpoint(checkpoint_dir, model, optimizer, step, epoch, batches_done, config.tokenizer)
+                barrier(runtime)
+            if stop:
+                break
+        if not stop:  # the epoch ran out
+            epoch, batches_done = epoch + 1, 0
+            if runtime.is_main and dataset.problems.total:
+                progress.write(f"[{stage.name}] epoch {epoch}: {dataset.problems.summary()}")
+    progress.close()
+
+    if runtime.is_main:
+        records = [json.loads(line) for line in log_path.read_text().splitlines()]
+        plot_loss_curve([r["step"] for r in records], [r["loss"] for r in records],
+                        out_dir / "logs" / f"{stage.name}_loss.png", f"{stage.name}: training loss")
+        print(f"[{stage.name}] {steps_this_run} steps in {time.time() - started:.0f}s; "
+              f"{dataset.problems.summary()}")
+    if step < total_steps:
+        raise SystemExit(f"[{stage.name}] stopped after {steps_this_run} steps as asked (stop_after_steps); "
+                         f"continue with --resume")
+    if runtime.is_main:
+        with atomic_directory(final_dir) as directory:
+            for item in complete_directory(checkpoint_dir).iterdir():
+                if item.name != "train_state.pt":
+                    shutil.copy(item, directory / item.name)
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    barrier(runtime)
+    return final_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. The recipe
+
+def evaluate(config: TrainConfig, model_dir: Path) -> dict:
+    """eval.run_eval over `eval_tasks` on the last stage's model. Each task may `report` metrics
+    under a name of its own (results.json's headline keys); with `eval_blind`, everything again
+    with every image replaced by zeros, under "blind", so the gain from vision is visible."""
+    import eval as evaluation
+    model = MLLM.from_pretrained(str(model_dir))
+    tokenizer = data.load_tokenizer(config.tokenizer)
+    results: dict = {}
+    for blind in ([False, True] if config.eval_blind else [False]):
+        reported, per_task = {}, {}
+        for task in config.eval_tasks:
+            task = dict(task)
+            report, name = task.pop("report", {}), task.pop("name", task["task"])
+            out = Path(config.out_dir) / "eval" / (("blind_" if blind else "") + name)
+            per_task[name] = evaluation.run_eval(model, tokenizer, out_dir=str(out), blind=blind, **task)
+            reported.update({key: per_task[name][metric] for key, metric in report.items()})
+        if blind:
+            results["blind"] = {**reported, "tasks": per_task}
+        else:
+            results.update(reported, tasks=per_task)
+    return results
+
+
+def main(argv: list[str]) -> None:
+    options = [a for a in argv if a.startswith("--") and "=" not in a]
+    unknown = set(options) - {"--resume", "--stage"}
+    if not argv or unknown:
+        raise SystemExit(__doc__ if not argv else f"unknown option(s) {sorted(unknown)}")
+    stage_only = argv[argv.index("--stage") + 1] if "--stage" in argv else None
+    positional = [a for i, a in enumerate(argv) if not a.startswith("--") and not (i and argv[i - 1] == "--stage")]
+    config, stages = load_config(positional[0], [a for a in argv if a.startswith("--") and "=" in a])
+    stage_names = [s.name for s in stages]
+    if stage_only is not None and stage_only not in stage_names:
+        raise SystemExit(f"--stage {stage_only}: no such stage (stages: {stage_names})")
+    runtime = setup_runtime(config)
+    started = time.time()
+    if config.world:
+        import shapes
+        if runtime.is_main:
+            shapes.build_world(**config.world)
+        barrier(runtime)
+
+    previous = None
+    for index, stage in enumerate(stages):
+        if stage_only is not None and stage.name != stage_only:
+            continue
+        previous = Path(config.out_dir) / stages[index - 1].name if index else None
+        if "--resume" in argv and stage_only is None and complete_directory(Path(config.out_dir) / stage.name):
+            if runtime.is_main:
+                print(f"[{stage.name}] already done, skipped (--resume)")
+            continue
+        train_stage(stage, config, runtime, previous, stage_names, resume="--resume" in argv)
+
+    if config.eval_tasks and stage_only is None and runtime.is_main:
+        results = evaluate(config, Path(config.out_dir) / stages[-1].name)
+        results["wall_seconds"] = time.time() - started
+        (Path(config.out_dir) / "results.json").write_text(json.dumps(results, indent=2))
+        print(json.dumps(results, indent=2))
+    if runtime.world_size > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
