@@ -125,7 +125,10 @@ TEMPLATE_STRINGS = (
     "helpful, detailed, and polite answers to the human's questions.",
     "USER: ASSISTANT: ###Human: ###Assistant: Human: Assistant: User: Bot:",
 )
-SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")  # ids 0-4; <s> = 1, </s> = 2 as LLaMA
+# ids 0-4. </s> is deliberately NOT id 2: a CLIP text config with eos_token_id 2 means "pool at the
+# highest token id" in transformers (the legacy rule kept for openai/clip-vit-*), which would pool
+# the tiny CLIP of stage 0a at a random word instead of at its EOS (vision.TextTransformer.eos_positions).
+SPECIAL_TOKENS = ("<unk>", "<s>", "<pad>", "</s>", "<image>")
 TOKENIZER_VOCAB_SIZE = 2048
 TOKENIZER_IMAGES = 1000
 

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 import data
 from adapters import apply_lora, set_trainable
-from model import MLLM, LanguageModel, TextConfig
+from model import MLLM, LanguageModel, MLLMConfig, TextConfig
 from vision import CLIPConfig, CLIPModel
 
 
@@ -147,6 +147,8 @@ def load_config(path: str, overrides: list[str]) -> tuple[TrainConfig, list[Stag
             if key not in stage_fields:
                 raise KeyError(f"--{stage_name}.{key}: unknown stage key {key!r}")
             cli_per_stage.setdefault(stage_name, {})[key] = parse_value(text)
+        elif key == "stages":
+            raise KeyError("--stages: stages are edited in the config file; override one with --stage_name.key=value")
         elif key in train_fields:
             values[key] = parse_value(text)
         elif key in stage_fields:
@@ -170,12 +172,46 @@ def load_config(path: str, overrides: list[str]) -> tuple[TrainConfig, list[Stag
     for stage in stages:
         for name, value in dataclasses.asdict(stage).items():
             check_type(f"{stage.name}.{name}", value, stage_fields[name])
-        if stage.objective not in ("mllm", "clip", "lm"):
-            raise ValueError(f"stage {stage.name!r}: objective must be mllm, clip or lm, not {stage.objective!r}")
-        if stage.global_batch_size % stage.micro_batch_size:
-            raise ValueError(f"stage {stage.name!r}: global_batch_size {stage.global_batch_size} is not a "
-                             f"multiple of micro_batch_size {stage.micro_batch_size}")
+        check_stage(stage)
+    check_choice("on_data_error", config.on_data_error, ("skip", "raise"))
+    model_fields = {f.name for f in dataclasses.fields(MLLMConfig)} - {"vision_config", "text_config"}
+    for key in config.model:
+        if key not in model_fields:
+            raise KeyError(f"model.{key}: not an MLLMConfig field ({sorted(model_fields)})")
+    check_choice("model.image_aspect_ratio", config.model.get("image_aspect_ratio", "pad"), ("pad", "square"))
+    for task in config.eval_tasks:
+        if "task" not in task:
+            raise KeyError(f"eval_tasks: {task} has no 'task'")
     return config, stages
+
+
+def check_choice(key: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"config key {key!r} must be one of {choices}, not {value!r}")
+
+
+def check_stage(stage: StageConfig) -> None:
+    """What the types alone do not catch, before any work starts."""
+    where = f"stage {stage.name!r}"
+    check_choice(f"{stage.name}.objective", stage.objective, ("mllm", "clip", "lm"))
+    check_choice(f"{stage.name}.template", stage.template, tuple(data.TEMPLATES))
+    if stage.micro_batch_size < 1 or stage.global_batch_size % stage.micro_batch_size:
+        raise ValueError(f"{where}: global_batch_size {stage.global_batch_size} is not a multiple of "
+                         f"micro_batch_size {stage.micro_batch_size}")
+    for group in stage.param_groups:
+        unknown = set(group) - {"pattern", "learning_rate", "schedule"}
+        if unknown or "pattern" not in group:
+            raise KeyError(f"{where}: param_groups entry {group} needs 'pattern' and may have 'learning_rate', "
+                           f"'schedule' (unknown: {sorted(unknown)})")
+        check_choice(f"{stage.name}.param_groups.schedule", group.get("schedule", "cosine"), ("cosine", "constant"))
+    unknown = set(stage.lora) - {"targets", "rank", "alpha", "dropout"}
+    if unknown or (stage.lora and "targets" not in stage.lora):
+        raise KeyError(f"{where}: lora needs 'targets' and may have 'rank', 'alpha', 'dropout' (unknown: {sorted(unknown)})")
+    for pattern in [*stage.trainable, *(g["pattern"] for g in stage.param_groups), *stage.lora.get("targets", [])]:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"{where}: bad regex {pattern!r}: {error}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,6 +245,15 @@ def setup_runtime(config: TrainConfig) -> Runtime:
 def barrier(runtime: Runtime) -> None:
     if runtime.world_size > 1:
         dist.barrier()
+
+
+def gather_from_processes(value, runtime: Runtime) -> list:
+    """`value` of every process, in rank order (each process has its own RNG stream to save)."""
+    if runtime.world_size == 1:
+        return [value]
+    values = [None] * runtime.world_size
+    dist.all_gather_object(values, value)
+    return values
 
 
 def mean_over_processes(value: float, runtime: Runtime) -> float:
@@ -262,6 +307,9 @@ def build_model(stage: StageConfig, config: TrainConfig, previous: Path | None, 
                     "bos_token_id": tokenizer.token_to_id(data.BOS_TOKEN),
                     "eos_token_id": tokenizer.token_to_id(data.EOS_TOKEN),
                     "pad_token_id": tokenizer.token_to_id("<pad>")}
+            if text["eos_token_id"] == 2:
+                raise ValueError(f"stage {stage.name!r}: the tokenizer's </s> is id 2, which a CLIP text config reads "
+                                 f"as 'pool at the highest token id' (transformers' legacy rule); give </s> another id")
             return CLIPModel(CLIPConfig.from_dict({**architecture, "text_config": text}))
         if stage.objective == "lm":
             return LanguageModel(TextConfig.from_dict({
@@ -293,7 +341,9 @@ def build_dataset(stage: StageConfig, config: TrainConfig, model: torch.nn.Modul
         return data.TextDataset(stage.data, tokenizer, stage.max_seq_len, on_error=config.on_data_error)
     if stage.objective == "clip":
         vision = model.config.vision_config
+        # CLIP sees the images as the LLaVA stages will (padded to square or center-cropped).
         return data.CaptionDataset(stage.data, stage.image_folder, tokenizer, vision.image_size,
+                                   pad_to_square=config.model.get("image_aspect_ratio", "pad") == "pad",
                                    max_text_len=model.config.text_config.max_position_embeddings,
                                    on_error=config.on_data_error)
     return data.InstructionDataset(stage.data, stage.image_folder, tokenizer, stage.template,
@@ -381,9 +431,9 @@ def restore_rng_states(states: dict) -> None:
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer, step: int, epoch: int,
-                    batches_done: int, tokenizer_path: str) -> None:
+                    batches_done: int, rng: list[dict], tokenizer_path: str) -> None:
     """Weights via save_pretrained (the layout every tool reads) plus train_state.pt: the optimizer,
-    step, data position, RNG states and the trainable tensors as they are in memory (LoRA factors
+    step, data position, every process's RNG states and the trainable tensors as they are in memory (LoRA factors
     unmerged: save_pretrained merges them, so exact resume needs them separately)."""
     with atomic_directory(path) as directory:
         model.save_pretrained(str(directory))
@@ -392,7 +442,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer, step: int, ep
             shutil.copy(source / "tokenizer.json" if source.is_dir() else source, directory / "tokenizer.json")
         trainable = {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
         torch.save({"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-                    "batches_done": batches_done, "rng": rng_states(), "trainable": trainable},
+                    "batches_done": batches_done, "rng": rng, "trainable": trainable},
                    directory / "train_state.pt")
 
 
@@ -451,33 +501,52 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: Runtime, previ
         if hasattr(module, "gradient_checkpointing"):
             module.gradient_checkpointing = stage.gradient_checkpointing
     model.to(runtime.device)
+    torch.manual_seed(config.seed + runtime.rank)  # from here on (dropout), each process its own stream
 
     dataset = build_dataset(stage, config, model, tokenizer)
     accumulation = stage.global_batch_size // (stage.micro_batch_size * runtime.world_size)
     if accumulation * stage.micro_batch_size * runtime.world_size != stage.global_batch_size:
         raise ValueError(f"stage {stage.name!r}: global_batch_size {stage.global_batch_size} is not a multiple of "
                          f"micro_batch_size {stage.micro_batch_size} x {runtime.world_size} processes")
+    if stage.objective == "clip" and accumulation * runtime.world_size > 1:
+        raise ValueError(f"stage {stage.name!r}: the contrastive loss takes its negatives from the whole batch, "
+                         f"so it needs global_batch_size == micro_batch_size and one process")
     # One loader batch = one process's share of one optimizer step, so the samples of every step
     # are the same for any number of processes (data.ModalityLengthGroupedSampler).
     loader = data.make_dataloader(dataset, stage.micro_batch_size * accumulation,
                                   data.require_token_id(tokenizer, "<pad>"), num_workers=config.num_workers,
                                   seed=config.seed, world_size=runtime.world_size, rank=runtime.rank,
                                   pin_memory=runtime.device.type == "cuda")
+    # Worker seeds from the loader's own generator, not the global RNG, so resuming does not shift it.
+    loader.generator = torch.Generator().manual_seed(config.seed + runtime.rank)
     steps_per_epoch = len(loader.batch_sampler)
     if steps_per_epoch == 0:
         raise ValueError(f"stage {stage.name!r}: {stage.data} gives no batch ({len(dataset)} usable samples)")
     total_steps = stage.max_steps or max(1, round(stage.epochs * steps_per_epoch))
-    warmup_steps = stage.warmup_steps or round(stage.warmup_ratio * total_steps)
+    warmup_steps = stage.warmup_steps or math.ceil(stage.warmup_ratio * total_steps)  # transformers' rounding
     optimizer = build_optimizer(model, stage)
 
     step = epoch = batches_done = 0
     resume_from = complete_directory(checkpoint_dir) if resume else None
     if resume_from is not None:
         state = torch.load(resume_from / "train_state.pt", map_location="cpu", weights_only=False)
-        model.load_state_dict(state["trainable"], strict=False)
+        missing, unexpected = model.load_state_dict(state["trainable"], strict=False)
+        if unexpected or set(trainable) & set(missing):
+            raise ValueError(f"{resume_from}: train_state.pt does not fit this stage's trainable parameters "
+                             f"(unexpected {unexpected[:5]}, missing {sorted(set(trainable) & set(missing))[:5]})")
+        # The saved moments and step counts; the hyperparameters stay this run's (an override on resume counts).
+        hyperparameters = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         optimizer.load_state_dict(state["optimizer"])
+        for group, fresh in zip(optimizer.param_groups, hyperparameters):
+            group.update(fresh)
         step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
-        restore_rng_states(state["rng"])
+        if len(state["rng"]) != runtime.world_size:
+            raise ValueError(f"{resume_from} was written by {len(state['rng'])} processes; resume with as many")
+        restore_rng_states(state["rng"][runtime.rank])
+    elif runtime.is_main:  # a fresh start: an older run's checkpoint must not pass for this one's
+        for leftover in (checkpoint_dir, *(checkpoint_dir.with_name(checkpoint_dir.name + suffix)
+                                           for suffix in (".old", ".tmp"))):
+            shutil.rmtree(leftover, ignore_errors=True)
     if runtime.is_main:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= step] \
@@ -501,8 +570,11 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: Runtime, previ
     trainable_parameters = [p for p in model.parameters() if p.requires_grad]
 
     train_model.train()
+    for module in model.modules():  # frozen parts (the vision tower) behave as at inference
+        if not any(p.requires_grad for p in module.parameters()):
+            module.eval()
     progress = tqdm(total=total_steps, initial=step, desc=stage.name, disable=not runtime.is_main, dynamic_ncols=True)
-    steps_this_run, started, stop = 0, time.time(), False
+    steps_this_run, started, stop = 0, time.time(), step >= total_steps
     while not stop:
         loader.batch_sampler.set_epoch(epoch)
         loader.batch_sampler.skip_batches(batches_done)
@@ -513,33 +585,37 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: Runtime, previ
                 group["lr"] = group["base_lr"] * (factor if group["schedule"] == "cosine" else 1.0)
             chunks = split_batch(batch, accumulation, image_token_index) if batch["input_ids"].shape[0] else []
             step_started, loss_sum, tokens = time.time(), 0.0, 0
+            if not chunks:  # every sample of this step was skipped: a zero gradient keeps DDP in step
+                sum(p.sum() for p in trainable_parameters).mul(0.0).backward()
             for index, chunk in enumerate(chunks):
                 # Gradients are all-reduced once per step, on the last micro-batch.
                 sync = index == len(chunks) - 1 or runtime.world_size == 1
-                with (nullcontext() if sync else train_model.no_sync()), autocast:
-                    loss = train_model(**model_inputs(chunk, stage.objective, runtime.device))[1]
-                    (loss / accumulation).backward()
+                with nullcontext() if sync else train_model.no_sync():
+                    with autocast:
+                        loss = train_model(**model_inputs(chunk, stage.objective, runtime.device))[1]
+                    (loss / len(chunks)).backward()  # a short last batch has fewer micro-batches
                 loss_sum += loss.item()
                 tokens += int(chunk["attention_mask"].sum())
             loss_value = mean_over_processes(loss_sum / max(1, len(chunks)), runtime)
-            if not math.isfinite(loss_value):
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters, stage.grad_clip or math.inf)
+            if not (math.isfinite(loss_value) and torch.isfinite(grad_norm)):
                 raise FloatingPointError(
-                    f"[{stage.name}] loss is {loss_value} at step {step + 1}; stopping. The last good "
-                    f"checkpoint is {checkpoint_dir if checkpoint_dir.exists() else 'not written yet'}.")
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters, stage.grad_clip) \
-                if stage.grad_clip > 0 else torch.tensor(0.0)
+                    f"[{stage.name}] loss {loss_value}, gradient norm {float(grad_norm)} at step {step + 1}; "
+                    f"stopping before the update. The last good checkpoint is "
+                    f"{checkpoint_dir if checkpoint_dir.exists() else 'not written yet'}.")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step, batches_done, steps_this_run = step + 1, batches_done + 1, steps_this_run + 1
             if runtime.is_main:
                 log_step(log_path, progress, stage.name, config.log_every, total_steps, {
-                    "step": step, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
+                    "step": step, "loss": loss_value, "lr": stage.learning_rate * factor,
                     "grad_norm": float(grad_norm),
                     "tokens_per_second": tokens * runtime.world_size / max(1e-9, time.time() - step_started)})
-            stop = step == total_steps or steps_this_run == config.stop_after_steps
+            stop = step >= total_steps or steps_this_run == config.stop_after_steps
             if step % config.save_every == 0 or stop:
+                rng = gather_from_processes(rng_states(), runtime)
                 if runtime.is_main:
-                    save_checkpoint(checkpoint_dir, model, optimizer, step, epoch, batches_done, config.tokenizer)
+                    save_checkpoint(checkpoint_dir, model, optimizer, step, epoch, batches_done, rng, config.tokenizer)
                 barrier(runtime)
             if stop:
                 break
@@ -599,6 +675,8 @@ def main(argv: list[str]) -> None:
     unknown = set(options) - {"--resume", "--stage"}
     if not argv or unknown:
         raise SystemExit(__doc__ if not argv else f"unknown option(s) {sorted(unknown)}")
+    if "--stage" in argv and argv.index("--stage") == len(argv) - 1:
+        raise SystemExit("--stage needs a stage name")
     stage_only = argv[argv.index("--stage") + 1] if "--stage" in argv else None
     positional = [a for i, a in enumerate(argv) if not a.startswith("--") and not (i and argv[i - 1] == "--stage")]
     config, stages = load_config(positional[0], [a for a in argv if a.startswith("--") and "=" in a])

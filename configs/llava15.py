@@ -7,6 +7,9 @@ Paths point at local copies of the public checkpoints and data (nothing is downl
                                            with "<image>" and "<pad>" added as special tokens)
   data/LLaVA-Pretrain                      blip_laion_cc_sbu_558k.json + images/
   data/llava_v1_5_mix665k.json + data/     the 665K mixture and its image folders (coco, gqa, ocr_vqa, textvqa, vg)
+Memory: train.py uses plain DistributedDataParallel, which keeps fp32 weights, gradients and AdamW
+moments on every GPU (~112 GB for a 7B stage 2); LLaVA used DeepSpeed ZeRO-3. On 80 GB cards use
+the LoRA variant, or add sharding (FSDP); the smaller stage 1 fits as is.
 """
 out_dir = "out/llava15"
 tokenizer = "checkpoints/vicuna-7b-v1.5"

@@ -26,26 +26,27 @@ eval_blind = True
 _vision = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
            image_size=64, patch_size=8)  # 64 patches: the 576 of ViT-L/14-336 in miniature
 
+# Stage lengths are set by the 20-minute CPU budget of the main job (README), not by epochs.
 stages = [
     dict(name="clip", objective="clip", init="scratch", data=_world + "/train/pretrain.json",
          architecture=dict(vision_config=_vision, projection_dim=128,
                            text_config=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3,
                                             num_attention_heads=4, max_position_embeddings=64)),
-         trainable=[r"."], learning_rate=1e-3, weight_decay=0.1, warmup_ratio=0.1,
-         global_batch_size=128, micro_batch_size=128, epochs=3),
+         trainable=[r"."], learning_rate=1.5e-3, weight_decay=0.1, warmup_ratio=0.05,
+         global_batch_size=128, micro_batch_size=128, max_steps=200),
     dict(name="lm", objective="lm", init="scratch", data=_world + "/train/text.jsonl", max_seq_len=256,
-         architecture=dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-                           num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-5),
-         trainable=[r"."], learning_rate=1e-3, weight_decay=0.1, warmup_ratio=0.05,
-         global_batch_size=32, micro_batch_size=32, epochs=2),
+         architecture=dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
+                           num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5),
+         trainable=[r"."], learning_rate=2e-3, weight_decay=0.1, warmup_ratio=0.05,
+         global_batch_size=32, micro_batch_size=32, max_steps=120),
     dict(name="pretrain", init="components", vision_path="clip", language_path="lm",
          data=_world + "/train/pretrain.json", template="plain", max_seq_len=256,
          trainable=[r"^multi_modal_projector\."], learning_rate=1e-3,  # LLaVA-1.5 stage 1
-         global_batch_size=32, micro_batch_size=32, epochs=1),
+         global_batch_size=32, micro_batch_size=32, max_steps=100),
     dict(name="finetune", init="previous", data=_world + "/train/instruct.json", template="vicuna_v1",
          max_seq_len=512, trainable=[r"^multi_modal_projector\.", r"^language_model\."],
-         learning_rate=5e-4,  # 2e-5 in LLaVA-1.5 for a 7B model; a tiny model from scratch wants more
-         global_batch_size=32, micro_batch_size=16, epochs=1),
+         learning_rate=1e-3,  # 2e-5 in LLaVA-1.5 for a 7B model; a tiny model from scratch wants more
+         global_batch_size=32, micro_batch_size=16, max_steps=350),
 ]
 
 # eval.py's defaults follow the shapes-world layout: annotations in <world>/eval/<task>/, images in <world>/images/.

@@ -67,6 +67,12 @@ def test_config_errors_name_the_key(tmp_path):
         train.load_config(str(config), ["--save_every=often"])
     with pytest.raises(KeyError, match="no stage named 'c'"):
         train.load_config(str(config), ["--c.learning_rate=1"])
+    for bad, message in ((["--model={'image_aspect_ratio': 'Pad'}"], "image_aspect_ratio"),
+                         (["--a.template=vicuna"], "a.template"), (["--stages=[]"], "--stages"),
+                         (["--a.param_groups=[{'lr': 1.0}]"], "param_groups"), (["--a.trainable=['(']"], "bad regex"),
+                         (["--on_data_error=ignore"], "on_data_error")):
+        with pytest.raises((KeyError, ValueError), match=message):
+            train.load_config(str(config), bad)
     # Precedence: file top-level < stage dict < --key=value < --stage.key=value.
     _, stages = train.load_config(str(config), [])
     assert [s.learning_rate for s in stages] == [1e-3, 5.0]
@@ -145,7 +151,7 @@ def test_two_processes_match_one(world, tiny_checkpoint, tmp_path):
         out_dir = tmp_path / f"world{processes}"
         config = write_config(tmp_path / f"d{processes}.py", world, tiny_checkpoint, out_dir, max_steps=3)
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_port", str(29500 + processes), str(ROOT / "train.py"), str(config)]
+                   "--standalone", str(ROOT / "train.py"), str(config)]
         result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         runs[processes] = losses(out_dir)
