@@ -18,6 +18,7 @@ import torch
 import data
 import shapes
 import train
+from adapters import set_trainable
 from model import MLLM, MLLMConfig, TextConfig
 from vision import VisionConfig
 
@@ -70,7 +71,7 @@ def main() -> None:
         text_config=TextConfig.from_dict({**text, "vocab_size": tokenizer.get_vocab_size()}),
         image_token_index=tokenizer.token_to_id("<image>"), pad_token_id=tokenizer.token_to_id("<pad>"),
         **config.model))
-    train.set_trainable(model, stage.trainable)
+    set_trainable(model, stage.trainable)
     dataset = train.build_dataset(stage, config, model, tokenizer)
     pad_token_id = tokenizer.token_to_id("<pad>")
 
