@@ -387,7 +387,8 @@ class MLLM(nn.Module):
         """H_v of Eq. 3.1: (num_images, num_image_tokens, text width). LLaVA-1.5 takes layer -2 of
         the ViT without its final LayerNorm and drops CLS (REFERENCE.md section 1)."""
         dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
-        hidden = self.vision_tower(pixel_values.to(dtype))[self.config.vision_feature_layer]
+        layer = self.config.vision_feature_layer % (self.config.vision_config.num_hidden_layers + 1)
+        hidden = self.vision_tower(pixel_values.to(dtype), num_layers=layer)[layer]
         if self.config.vision_feature_select_strategy == "default":
             hidden = hidden[:, 1:]
         return self.multi_modal_projector(hidden)

@@ -231,10 +231,12 @@ class VisionTransformer(nn.Module):
             for _ in range(config.num_hidden_layers))})
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, pixel_values: torch.Tensor, num_layers: int | None = None) -> list[torch.Tensor]:
         """pixel_values: (batch, channels, image_size, image_size). Returns the hidden states of
         every layer, num_hidden_layers + 1 tensors of shape (batch, 1 + num_patches, hidden_size):
-        [0] is the output of pre_layrnorm, [i] the output of block i, so [-2] is LLaVA-1.5's."""
+        [0] is the output of pre_layrnorm, [i] the output of block i, so [-2] is LLaVA-1.5's.
+        `num_layers` runs only the first blocks (num_layers + 1 states): LLaVA-1.5 reads layer -2,
+        so the last block would be computed for nothing."""
         height, width = pixel_values.shape[-2:]
         if height != self.config.image_size or width != self.config.image_size:
             raise ValueError(f"images are {height}x{width} but the vision tower expects "
@@ -242,7 +244,7 @@ class VisionTransformer(nn.Module):
                              f"(interpolate_position_embedding changes the resolution)")
         hidden = self.pre_layrnorm(self.embeddings(pixel_values))
         hidden_states = [hidden]
-        for block in self.encoder["layers"]:
+        for block in self.encoder["layers"][:num_layers]:
             hidden = block(hidden)
             hidden_states.append(hidden)
         return hidden_states

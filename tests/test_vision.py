@@ -60,6 +60,18 @@ def test_vision_hidden_states_match_transformers(tmp_path):
         ours(torch.randn(1, 3, 36, 36))
 
 
+def test_truncated_vision_tower_gives_the_same_states():
+    """num_layers stops early (LLaVA-1.5 reads layer -2): the states it returns are the full run's."""
+    torch.manual_seed(0)
+    tower = VisionTransformer(VisionConfig(**VISION)).eval()
+    pixel_values = torch.randn(2, 3, 30, 30)
+    with torch.no_grad():
+        full, truncated = tower(pixel_values), tower(pixel_values, num_layers=2)
+    assert len(truncated) == 3
+    for mine, theirs in zip(truncated, full):
+        torch.testing.assert_close(mine, theirs, atol=0, rtol=0)
+
+
 def test_vision_loads_prefixed_keys_and_ignores_position_ids(tmp_path):
     """Hub CLIP checkpoints keep the vision keys under `vision_model.` and may carry the
     weightless position_ids buffer of older transformers."""
