@@ -242,7 +242,7 @@ class LanguageModel(nn.Module):
         logits = self.lm_head(x[:, -1:] if last_logits_only else x)
         if labels is None:
             return logits
-        return logits, shifted_cross_entropy(logits, labels)
+        return logits, shifted_cross_entropy(x, labels, self.lm_head)
 
     def resize_token_embeddings(self, vocab_size: int) -> None:
         """Grow the vocabulary (new special tokens such as <image> / <pad>). New rows start at the
@@ -285,12 +285,16 @@ class LanguageModel(nn.Module):
         write_checkpoint(path, config, save_state(self, LLAMA_LAYOUT))
 
 
-def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over labels != IGNORE_INDEX (Eq. 3.3), in fp32. The labels
-    shift left (padded with IGNORE_INDEX) rather than the logits shifting right: slicing the
-    (batch, length, vocab) logits would copy the largest tensor of the step."""
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+def shifted_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+    """Mean next-token cross-entropy over labels != IGNORE_INDEX (Eq. 3.3), in fp32, from the final
+    hidden states (batch, length, width). The head runs again on the supervised positions only:
+    in LLaVA most positions (image tokens, the prompt) carry no loss, and the softmax and the
+    backward through the head over all of them cost more than this small second head. The labels
+    shift left (padded with IGNORE_INDEX) rather than the hidden states shifting right."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
+    supervised = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    logits = lm_head(hidden.flatten(0, 1)[supervised])
+    return F.cross_entropy(logits.float(), targets[supervised])
 
 
 # ----------------------------------------------------------------------------------------------
