@@ -406,6 +406,20 @@ def preprocess_image(image: Image.Image, image_size: int, pad_to_square: bool) -
     return ((pixels - mean) / std).contiguous()
 
 
+def box_in_view(box: Sequence[float], image_size: tuple[int, int], pad_to_square: bool) -> list[float]:
+    """A pixel box (x0, y0, x1, y1) of an image of `image_size` (width, height) as fractions of
+    the square `preprocess_image` shows the tower: the padded square (pasted centered with integer
+    offsets, as expand2square), or the center crop of the short side (clipped to it)."""
+    width, height = image_size
+    if pad_to_square:
+        side = max(width, height)
+        left, top = (side - width) // 2, (side - height) // 2
+        return [(box[0] + left) / side, (box[1] + top) / side, (box[2] + left) / side, (box[3] + top) / side]
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    return [min(max((value - offset) / side, 0.0), 1.0) for value, offset in zip(box, (left, top, left, top))]
+
+
 def format_box(box: Sequence[float], decimals: int = 3) -> str:
     """A normalized xyxy box as text, "[0.525,0.000,0.675,0.394]" (LION's REC format; the
     LLaVA-1.5 REC/REG data write boxes the same way, relative to the padded square). Values are
@@ -618,31 +632,48 @@ class CaptionDataset(_ImageRecordDataset):
 
     The caption is tokenized for the CLIP text tower: BOS + tokens + EOS, cut to `max_text_len`
     with the EOS kept, since CLIP pools the text at its EOS token. Items have no labels.
+
+    With `with_regions`, every record must also ground phrases in pixel boxes, GRIT-style
+    (Kosmos-2): `"regions": [{"phrase": "small red circle", "box": [x0, y0, x1, y1]}, ...]`.
+    Items then carry `region_boxes` (fractions of the square the tower sees, `box_in_view`) and
+    `region_phrases` (token ids, tokenized as the captions) for the region-phrase loss.
     """
 
     def __init__(self, json_path: str, image_folder: str, tokenizer: Tokenizer, image_size: int,
-                 pad_to_square: bool = False, max_text_len: int = 77, on_error: str = "skip"):
+                 pad_to_square: bool = False, max_text_len: int = 77, on_error: str = "skip",
+                 with_regions: bool = False):
         self.image_folder = image_folder
         self.image_size = image_size
         self.pad_to_square = pad_to_square
+        self.with_regions = with_regions
         self.problems = DataProblems(on_error)
         bos_id = require_token_id(tokenizer, BOS_TOKEN)
         eos_id = require_token_id(tokenizer, EOS_TOKEN)
 
+        def clip_text(encoding) -> list[int]:
+            return [bos_id] + encoding.ids[:max_text_len - 2] + [eos_id]
+
         self.sources = []
         self.image_paths: list[str] = []
         captions = []
-        for where, _, (image_path, caption) in self._validated_records(json_path):
+        self.region_boxes: list[list[list[float]]] = []
+        phrases: list[list[str]] = []
+        for where, _, (image_path, caption, regions) in self._validated_records(json_path):
             self.sources.append(where)
             self.image_paths.append(image_path)
             captions.append(caption)
-        encodings = tokenizer.encode_batch(captions, add_special_tokens=False)
-        self.token_ids = [[bos_id] + encoding.ids[:max_text_len - 2] + [eos_id]
-                          for encoding in encodings]
+            self.region_boxes.append([region["box"] for region in regions])
+            phrases.append([region["phrase"] for region in regions])
+        self.token_ids = [clip_text(encoding) for encoding in tokenizer.encode_batch(captions, add_special_tokens=False)]
+        flat_phrases = tokenizer.encode_batch([p for image_phrases in phrases for p in image_phrases],
+                                              add_special_tokens=False)
+        offsets = np.cumsum([0] + [len(image_phrases) for image_phrases in phrases])
+        self.region_phrases = [[tuple(clip_text(encoding)) for encoding in flat_phrases[begin:end]]
+                               for begin, end in zip(offsets[:-1], offsets[1:])]
         self.lengths = [len(ids) for ids in self.token_ids]
         self.has_image = [True] * len(self.token_ids)
 
-    def _validate(self, record: Any) -> tuple[str, str]:
+    def _validate(self, record: Any) -> tuple[str, str, list[dict]]:
         if not isinstance(record, dict) or not isinstance(record.get("image"), str):
             raise DataError("a caption record needs an 'image' path")
         answers = [turn.get("value") for turn in record.get("conversations") or []
@@ -652,15 +683,33 @@ class CaptionDataset(_ImageRecordDataset):
         path = os.path.join(self.image_folder, record["image"])
         if not os.path.isfile(path):
             raise DataError(f"image file not found: {path}", "missing_image")
-        return record["image"], answers[0].strip()
+        if not self.with_regions:
+            return record["image"], answers[0].strip(), []
+        regions = record.get("regions")
+        if not isinstance(regions, list) or not regions:
+            raise DataError("the region-phrase loss needs a non-empty 'regions' list", "malformed_record")
+        for index, region in enumerate(regions):
+            box = region.get("box") if isinstance(region, dict) else None
+            if not (isinstance(region, dict) and isinstance(region.get("phrase"), str) and region["phrase"].strip()
+                    and isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
+                    and box[0] < box[2] and box[1] < box[3]):
+                raise DataError(f"regions[{index}] needs a 'phrase' and a pixel 'box' [x0, y0, x1, y1] with "
+                                f"x0 < x1 and y0 < y1, got {region!r}", "malformed_record")
+        return record["image"], answers[0].strip(), regions
 
     def __len__(self) -> int:
         return len(self.token_ids)
 
     def _sample(self, index: int) -> dict[str, Any]:
-        return {"input_ids": torch.tensor(self.token_ids[index]),
-                "pixel_values": self._pixels(self.image_paths[index]),
-                "length": self.lengths[index], "has_image": True}
+        image = load_image(os.path.join(self.image_folder, self.image_paths[index]))
+        sample = {"input_ids": torch.tensor(self.token_ids[index]),
+                  "pixel_values": preprocess_image(image, self.image_size, self.pad_to_square),
+                  "length": self.lengths[index], "has_image": True}
+        if self.with_regions:
+            sample["region_boxes"] = torch.tensor([box_in_view(box, image.size, self.pad_to_square)
+                                                   for box in self.region_boxes[index]])
+            sample["region_phrases"] = self.region_phrases[index]
+        return sample
 
 
 class TextDataset(torch.utils.data.Dataset):
@@ -738,9 +787,33 @@ def collate(batch: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
         if has_labels:
             labels[row, :length] = sample["labels"]
     images = [sample["pixel_values"] for sample in samples if sample["pixel_values"] is not None]
-    return {"input_ids": input_ids, "labels": labels if has_labels else None,
-            "attention_mask": attention_mask,
-            "pixel_values": torch.stack(images) if images else None, "problems": problems}
+    batch = {"input_ids": input_ids, "labels": labels if has_labels else None,
+             "attention_mask": attention_mask,
+             "pixel_values": torch.stack(images) if images else None, "problems": problems}
+    if samples and "region_boxes" in samples[0]:
+        batch["regions"] = collate_regions(samples, pad_token_id)
+    return batch
+
+
+def collate_regions(samples: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """The grounded regions of a caption batch (every row has one image): boxes (R, 4),
+    image_index (R,) the row of each region, and the batch's DISTINCT phrases, phrase_ids /
+    phrase_mask (P, L), with phrase_index (R,) the phrase of each region. Identical phrases are
+    one text, so regions that share a phrase are each other's positives, not negatives (UniCL's
+    rule, REACT eq. 2.4 with gamma = 1)."""
+    phrase_of: dict[tuple[int, ...], int] = {}
+    phrase_index = [phrase_of.setdefault(phrase, len(phrase_of))
+                    for sample in samples for phrase in sample["region_phrases"]]
+    longest = max(len(phrase) for phrase in phrase_of)
+    phrase_ids = torch.full((len(phrase_of), longest), pad_token_id, dtype=torch.long)
+    phrase_mask = torch.zeros((len(phrase_of), longest), dtype=torch.long)
+    for row, phrase in enumerate(phrase_of):
+        phrase_ids[row, :len(phrase)] = torch.tensor(phrase)
+        phrase_mask[row, :len(phrase)] = 1
+    return {"boxes": torch.cat([sample["region_boxes"] for sample in samples]),
+            "image_index": torch.cat([torch.full((len(sample["region_phrases"]),), row)
+                                      for row, sample in enumerate(samples)]),
+            "phrase_ids": phrase_ids, "phrase_mask": phrase_mask, "phrase_index": torch.tensor(phrase_index)}
 
 
 class ModalityLengthGroupedSampler(torch.utils.data.Sampler[list[int]]):

@@ -39,7 +39,7 @@ from PIL import ImageDraw
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from data import (EOS_TOKEN, IGNORE_INDEX, IMAGE_PLACEHOLDER, TEMPLATES, load_image, load_tokenizer,
+from data import (EOS_TOKEN, IGNORE_INDEX, IMAGE_PLACEHOLDER, TEMPLATES, box_in_view, load_image, load_tokenizer,
                   preprocess_image, render_conversation)
 from model import MLLM
 
@@ -667,13 +667,11 @@ def _last_labeled_span(labels: list[int]) -> list[int]:
 
 def normalize_box(box: list[float], image_size: tuple[int, int], pad_to_square: bool) -> list[float]:
     """A pixel box as the model reads and writes boxes: normalized to the padded square when
-    images are padded (LLaVA-1.5 `pad`, pasted centered with integer offsets like
-    expand2square), else to the image's own width and height."""
-    width, height = image_size
+    images are padded (LLaVA-1.5 `pad`, the square the tower sees), else to the image's own width
+    and height."""
     if pad_to_square:
-        side = max(width, height)
-        left, top = (side - width) // 2, (side - height) // 2
-        return [(box[0] + left) / side, (box[1] + top) / side, (box[2] + left) / side, (box[3] + top) / side]
+        return box_in_view(box, image_size, True)
+    width, height = image_size
     return [box[0] / width, box[1] / height, box[2] / width, box[3] / height]
 
 

@@ -6,7 +6,9 @@ size with a known pixel box. From the same scenes every annotation file is writt
 format as the public dataset it stands in for, so one set of loaders and eval tasks serves both:
 
 - train/pretrain.json: LLaVA instruction JSON (papers/llava-dissertation.txt section 3.4, stage 1;
-  LLaVA-1.5's LCS-558K): stage-1 short captions, prompts from LLaVA's brief-caption list.
+  LLaVA-1.5's LCS-558K): stage-1 short captions, prompts from LLaVA's brief-caption list. Each
+  record also grounds its objects' phrases in pixel boxes ("regions", as GRIT's grounded captions)
+  for the tiny CLIP's region-phrase loss.
 - train/instruct.json: LLaVA instruction JSON, a miniature of LLaVA-1.5's 665K mixture (section 4.3,
   Table 4.1: response-format prompts): short-answer VQA with the response-format prompt,
   multi-turn conversations, detailed descriptions, captions, REC and REG (box text normalized to
@@ -926,8 +928,11 @@ def marker_arguments(marker: Path) -> dict | None:
 def train_annotations(scene: Scene) -> tuple[dict, list[dict], str]:
     """The stage-1 caption sample, the stage-2 samples and the LM document of one training image."""
     rng = annotation_rng(scene, "train")
+    # "regions" grounds the caption's phrases in pixel boxes, as Kosmos-2's GRIT pairs do; LLaVA's
+    # loaders ignore the field, and stage 0a's region-phrase contrastive loss reads it.
     caption = {"id": f"{scene.image_id:012d}", "image": scene.file_name,
-               "conversations": turns([(pick(rng, CAPTION_PROMPTS), pick(rng, caption_variants(scene)))])}
+               "conversations": turns([(pick(rng, CAPTION_PROMPTS), pick(rng, caption_variants(scene)))]),
+               "regions": [{"phrase": obj.name, "box": list(obj.box)} for obj in scene.objects]}
     return caption, instruct_samples(rng, scene), text_document(rng, scene)
 
 

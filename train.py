@@ -61,6 +61,8 @@ class StageConfig:
     language_path: str = ""  # a LlamaForCausalLM checkpoint, or the name of an earlier stage
     architecture: dict = field(default_factory=dict)  # config.json-style dims for init="scratch"
     data: str = ""  # LLaVA instruction JSON / jsonl (mllm, clip) or {"text"} jsonl (lm)
+    # clip: add the region-phrase loss on the records' grounded "regions" (vision.CLIPModel.forward)
+    region_loss: bool = False
     image_folder: str = ""
     template: str = "vicuna_v1"
     max_seq_len: int = 2048
@@ -195,6 +197,8 @@ def check_stage(stage: StageConfig) -> None:
     where = f"stage {stage.name!r}"
     check_choice(f"{stage.name}.objective", stage.objective, ("mllm", "clip", "lm"))
     check_choice(f"{stage.name}.template", stage.template, tuple(data.TEMPLATES))
+    if stage.region_loss and stage.objective != "clip":
+        raise ValueError(f"{where}: region_loss is a loss of the clip objective, not of {stage.objective!r}")
     if stage.micro_batch_size < 1 or stage.global_batch_size % stage.micro_batch_size:
         raise ValueError(f"{where}: global_batch_size {stage.global_batch_size} is not a multiple of "
                          f"micro_batch_size {stage.micro_batch_size}")
@@ -345,7 +349,7 @@ def build_dataset(stage: StageConfig, config: TrainConfig, model: torch.nn.Modul
         return data.CaptionDataset(stage.data, stage.image_folder, tokenizer, vision.image_size,
                                    pad_to_square=config.model.get("image_aspect_ratio", "pad") == "pad",
                                    max_text_len=model.config.text_config.max_position_embeddings,
-                                   on_error=config.on_data_error)
+                                   on_error=config.on_data_error, with_regions=stage.region_loss)
     return data.InstructionDataset(stage.data, stage.image_folder, tokenizer, stage.template,
                                    model.config.image_token_index, model.num_image_tokens,
                                    model.config.vision_config.image_size, model.config.image_aspect_ratio == "pad",
@@ -355,15 +359,24 @@ def build_dataset(stage: StageConfig, config: TrainConfig, model: torch.nn.Modul
 def model_inputs(batch: dict, objective: str, device: torch.device) -> dict:
     """The arguments of the stage's model.forward; every model returns (output, loss)."""
     names = {"mllm": ("input_ids", "pixel_values", "attention_mask", "labels"),
-             "clip": ("pixel_values", "input_ids", "attention_mask"),
+             "clip": ("pixel_values", "input_ids", "attention_mask", "regions"),
              "lm": ("input_ids", "attention_mask", "labels")}[objective]
-    return {name: batch[name].to(device, non_blocking=True) if batch[name] is not None else None for name in names}
+
+    def to_device(value):
+        if isinstance(value, dict):
+            return {key: to_device(item) for key, item in value.items()}
+        return value.to(device, non_blocking=True) if value is not None else None
+
+    return {name: to_device(batch.get(name)) for name in names}
 
 
 def split_batch(batch: dict, num_chunks: int, image_token_index: int | None) -> list[dict]:
     """Cut one process's step batch into its gradient-accumulation micro-batches (rows in order,
     trailing padding trimmed). Which images belong to which rows: for MLLM batches, the rows that
-    hold image tokens; for CLIP batches, every row."""
+    hold image tokens; for CLIP batches, every row. One chunk is the batch itself (a CLIP batch,
+    whose regions point at its rows, is never cut)."""
+    if num_chunks == 1:
+        return [batch]
     rows = batch["input_ids"].shape[0]
     if image_token_index is None:
         has_image = torch.full((rows,), batch["pixel_values"] is not None)

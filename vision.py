@@ -395,12 +395,20 @@ class CLIPConfig(JsonConfig):
                 "vision_config": self.vision_config.to_dict(), "text_config": self.text_config.to_dict()}
 
 
-def clip_loss(logits_per_image: torch.Tensor) -> torch.Tensor:
-    """CLIP's symmetric cross-entropy (Radford et al. 2021, Figure 3): the i-th image matches the
-    i-th text; average of the image->text and text->image losses. REACT's eq. 2.4-2.6 reduce to
-    it when every image has exactly one positive text."""
-    targets = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
-    return (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_image.t(), targets)) / 2
+def contrastive_loss(logits: torch.Tensor, positives: torch.Tensor | None = None) -> torch.Tensor:
+    """The bidirectional contrastive loss of REACT (llava-dissertation eq. 2.4-2.6) over a
+    (queries, keys) logit matrix: each query's -log softmax over the keys, averaged over its
+    positive keys (eq. 2.5), and each key's over the queries, averaged over its positive queries
+    (eq. 2.6). `positives` (queries, keys) marks the pairs; None means the i-th query matches the
+    i-th key only, CLIP's loss (Radford et al. 2021, Figure 3), to which eq. 2.4 reduces. The two
+    directions are averaged, as CLIP does, where eq. 2.4 adds them."""
+    if positives is None:
+        targets = torch.arange(logits.shape[0], device=logits.device)
+        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+    positives = positives.float()
+    query_to_key = -(logits.log_softmax(1) * positives).sum(1) / positives.sum(1)
+    key_to_query = -(logits.log_softmax(0) * positives).sum(0) / positives.sum(0)
+    return (query_to_key.mean() + key_to_query.mean()) / 2
 
 
 class CLIPModel(nn.Module):
@@ -441,14 +449,51 @@ class CLIPModel(nn.Module):
         """(batch, projection_dim) text embeddings, not normalized (transformers' get_text_features)."""
         return self.text_projection(self.text_model(input_ids, attention_mask)[1])
 
+    def encode_regions(self, last_hidden_state: torch.Tensor, boxes: torch.Tensor,
+                       image_index: torch.Tensor) -> torch.Tensor:
+        """(regions, projection_dim) region embeddings, not normalized: RegionCLIP's region
+        features (Zhong et al. 2022; the REACT pipeline of llava-dissertation Table 2.4) on a ViT.
+        Each region pools the last layer's patch tokens of image `image_index` whose centers lie in
+        its box (fractions of the image, xyxy), plus the patch under the box center, so a box
+        smaller than a patch still has one; then, like the class token, post_layernorm and
+        visual_projection."""
+        grid = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        centers = (torch.arange(grid, device=boxes.device) + 0.5) / grid
+
+        def cells_inside(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:  # (regions, grid) bool
+            center_cell = ((low + high) / 2 * grid).long().clamp(0, grid - 1)
+            return (centers >= low[:, None]) & (centers < high[:, None]) | F.one_hot(center_cell, grid).bool()
+
+        inside = cells_inside(boxes[:, 1], boxes[:, 3])[:, :, None] & cells_inside(boxes[:, 0], boxes[:, 2])[:, None, :]
+        weights = inside.flatten(1).to(last_hidden_state.dtype)
+        weights = weights / weights.sum(1, keepdim=True)
+        pooled = torch.bmm(weights[:, None, :], last_hidden_state[image_index, 1:])[:, 0]
+        return self.visual_projection(self.vision_model.post_layernorm(pooled))
+
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None,
-                return_loss: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns (logits_per_image (images, texts), contrastive loss or None)."""
-        image_embeds = F.normalize(self.encode_image(pixel_values), dim=-1)
+                attention_mask: torch.Tensor | None = None, return_loss: bool = True,
+                regions: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns (logits_per_image (images, texts), contrastive loss or None).
+
+        `regions` (data.collate_regions: boxes, image_index, and the batch's distinct phrases)
+        adds the region-phrase loss: every region against every distinct phrase of the batch,
+        positives the regions' own phrases (REACT eq. 2.4-2.6 with gamma = 1, i.e. UniCL). Image
+        captions can be told apart by colors and counts alone, so CLIP's loss never needs an
+        object's shape; "small red circle" against "small red star" does (README, shapes world)."""
+        last_hidden_state = self.vision_model(pixel_values)[-1]
+        image_embeds = F.normalize(self.visual_projection(self.vision_model.pool(last_hidden_state)), dim=-1)
         text_embeds = F.normalize(self.encode_text(input_ids, attention_mask), dim=-1)
         logits_per_image = self.logit_scale.exp() * image_embeds @ text_embeds.t()
-        return logits_per_image, clip_loss(logits_per_image) if return_loss else None
+        if not return_loss:
+            return logits_per_image, None
+        loss = contrastive_loss(logits_per_image)
+        if regions is not None:
+            region_embeds = F.normalize(self.encode_regions(last_hidden_state, regions["boxes"],
+                                                            regions["image_index"]), dim=-1)
+            phrase_embeds = F.normalize(self.encode_text(regions["phrase_ids"], regions["phrase_mask"]), dim=-1)
+            region_logits = self.logit_scale.exp() * region_embeds @ phrase_embeds.t()
+            loss = loss + contrastive_loss(region_logits, F.one_hot(regions["phrase_index"], len(phrase_embeds)))
+        return logits_per_image, loss
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write config.json and model.safetensors as transformers' CLIPModel.save_pretrained does."""

@@ -32,8 +32,12 @@ stages = [
          architecture=dict(vision_config=_vision, projection_dim=128,
                            text_config=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3,
                                             num_attention_heads=4, max_position_embeddings=64)),
-         trainable=[r"."], learning_rate=1.5e-3, weight_decay=0.1, warmup_ratio=0.05,
-         global_batch_size=128, micro_batch_size=128, max_steps=200),
+         # Captions never need an object's shape; "small red circle" vs "small red star" does. Shape
+         # read by a linear probe (probe_vision.py): 0.49 without this loss, 0.73 with it at 300 steps
+         # and lr 3e-3, 0.99 at 1000 steps (README, the main job).
+         region_loss=True,
+         trainable=[r"."], learning_rate=3e-3, weight_decay=0.1, warmup_ratio=0.05,
+         global_batch_size=128, micro_batch_size=128, max_steps=300),
     dict(name="lm", objective="lm", init="scratch", data=_world + "/train/text.jsonl", max_seq_len=256,
          architecture=dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
                            num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5),
@@ -46,7 +50,7 @@ stages = [
     dict(name="finetune", init="previous", data=_world + "/train/instruct.json", template="vicuna_v1",
          max_seq_len=512, trainable=[r"^multi_modal_projector\.", r"^language_model\."],
          learning_rate=1e-3,  # 2e-5 in LLaVA-1.5 for a 7B model; a tiny model from scratch wants more
-         global_batch_size=32, micro_batch_size=16, max_steps=350),
+         global_batch_size=32, micro_batch_size=16, max_steps=700),
 ]
 
 # eval.py's defaults follow the shapes-world layout: annotations in <world>/eval/<task>/, images in <world>/images/.

@@ -380,6 +380,35 @@ def test_caption_and_text_datasets(tmp_path, tokenizer):
     assert torch.equal(texts[0]["labels"], texts[0]["input_ids"]) and texts[0]["pixel_values"] is None
 
 
+def test_caption_regions_are_mapped_to_the_view_and_phrases_deduplicated(tmp_path, tokenizer):
+    regions = {"0.png": [{"phrase": "red circle", "box": [0, 0, 20, 15]}, {"phrase": "blue square", "box": [20, 15, 40, 30]}],
+               "1.png": [{"phrase": "red circle", "box": [5, 4, 25, 44]}]}
+    records = [{"id": name, "image": name, "conversations": qa("<image>\nDescribe.", "shapes"), "regions": boxes}
+               for name, boxes in regions.items()]
+    records.append({"id": "unboxed", "image": "2.png", "conversations": qa("<image>\nDescribe.", "shapes"),
+                    "regions": [{"phrase": "red circle", "box": [10, 10, 5, 20]}]})
+    path, folder = write_world(tmp_path, records)
+    captions = data.CaptionDataset(path, folder, tokenizer, image_size=16, pad_to_square=True, with_regions=True)
+    assert len(captions) == 2 and captions.problems.counts == {"malformed_record": 1}
+    assert "id 'unboxed'" in captions.problems.summary() and "regions[0]" in captions.problems.summary()
+    # 0.png is 40 x 30: padded to 40 x 40 with 5 rows above; 1.png is 30 x 44: 7 columns to the left.
+    torch.testing.assert_close(captions[0]["region_boxes"], torch.tensor([[0, 5 / 40, 0.5, 20 / 40],
+                                                                           [0.5, 20 / 40, 1.0, 35 / 40]]))
+    torch.testing.assert_close(captions[1]["region_boxes"], torch.tensor([[12 / 44, 4 / 44, 32 / 44, 1.0]]))
+    assert data.box_in_view([0, 0, 20, 15], (40, 30), pad_to_square=False) == [0.0, 0.0, 15 / 30, 0.5]
+
+    batch = data.collate([captions[0], captions[1]], pad_token_id=3)
+    regions = batch["regions"]
+    assert regions["image_index"].tolist() == [0, 0, 1] and regions["phrase_index"].tolist() == [0, 1, 0]
+    red = tokenizer.encode("red circle", add_special_tokens=False).ids
+    bos, eos = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
+    assert regions["phrase_ids"][0, :regions["phrase_mask"][0].sum()].tolist() == [bos, *red, eos]
+    assert regions["phrase_ids"].shape[0] == 2 and regions["boxes"].shape == (3, 4)
+    path, folder = write_world(tmp_path, [{"id": "a", "image": "0.png", "conversations": qa("<image>", "x")}])
+    with pytest.raises(data.DataError, match="record 0 .*'regions' list"):
+        data.CaptionDataset(path, folder, tokenizer, image_size=16, with_regions=True, on_error="raise")
+
+
 # --------------------------------------------------------------------------------------------
 # Collate and sampler
 # --------------------------------------------------------------------------------------------

@@ -271,6 +271,15 @@ def test_training_files_load_with_data_loaders(world):
     captions = data.CaptionDataset(str(world / "train" / "pretrain.json"), str(world / "images"), tokenizer,
                                    image_size=32, max_text_len=64, on_error="raise")
     assert len(captions) == NUM_TRAIN and max(captions.lengths) < 64, "captions must fit the tiny CLIP text tower"
+    grounded = data.CaptionDataset(str(world / "train" / "pretrain.json"), str(world / "images"), tokenizer,
+                                   image_size=32, pad_to_square=True, max_text_len=64, on_error="raise",
+                                   with_regions=True)
+    objects = scene_objects(world)
+    for index, record in enumerate(read_json(world / "train" / "pretrain.json")):
+        expected = objects[int(record["id"])]
+        assert sorted((r["phrase"], tuple(r["box"])) for r in record["regions"]) == \
+            sorted((" ".join((o["size"], o["color"], o["shape"])), tuple(o["box"])) for o in expected)
+        assert tokenizer.decode(list(grounded[index]["region_phrases"][0])) == record["regions"][0]["phrase"]
     text = data.TextDataset(str(world / "train" / "text.jsonl"), tokenizer, max_seq_len=256, on_error="raise")
     assert len(text) >= NUM_TRAIN
 

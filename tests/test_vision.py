@@ -5,7 +5,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from connectors import build_connector
-from vision import (CheckpointError, CLIPConfig, CLIPModel, CLIPTextConfig, VisionConfig, VisionTransformer,
+from vision import (CheckpointError, CLIPConfig, CLIPModel, CLIPTextConfig, VisionConfig, VisionTransformer, contrastive_loss,
                     clip_state_to_ours, load_safetensors, our_state_to_clip, write_config_json)
 
 VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
@@ -191,3 +191,55 @@ def test_connectors(projector_type, parameter_names):
 def test_unknown_connector_is_refused():
     with pytest.raises(ValueError, match="unknown projector_type 'mlp3x'"):
         build_connector("mlp3x", 32, 48)
+
+
+def test_contrastive_loss_follows_react_eq_2_5_and_2_6():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 4)
+    phrase_of_region = [0, 1, 1, 2, 3]  # regions 1 and 2 share a phrase: both are its positives
+    positives = torch.nn.functional.one_hot(torch.tensor(phrase_of_region), 4)
+    log_rows, log_columns = logits.log_softmax(1), logits.log_softmax(0)
+    query_to_key = [-sum(log_rows[i, k] for k in range(4) if positives[i, k]) / positives[i].sum() for i in range(5)]
+    key_to_query = [-sum(log_columns[k, j] for k in range(5) if positives[k, j]) / positives[:, j].sum()
+                     for j in range(4)]
+    expected = (sum(query_to_key) / 5 + sum(key_to_query) / 4) / 2
+    torch.testing.assert_close(contrastive_loss(logits, positives), expected)
+    square = torch.randn(4, 4)
+    torch.testing.assert_close(contrastive_loss(square, torch.eye(4)), contrastive_loss(square))
+    assert not torch.allclose(contrastive_loss(logits, positives), contrastive_loss(logits[:4]))
+
+
+def test_region_embeddings_pool_the_patches_under_each_box():
+    model = CLIPModel(CLIPConfig(vision_config=VisionConfig(**VISION), text_config=CLIPTextConfig(**TEXT),
+                                 projection_dim=16))
+    randomize(model)
+    hidden = torch.randn(2, 1 + 25, 32)  # image_size 30, patch 6: a 5 x 5 grid
+    patches = hidden[:, 1:].unflatten(1, (5, 5))
+    boxes = torch.tensor([[0.2, 0.4, 0.4, 0.6],     # exactly cell (row 2, column 1)
+                          [0.0, 0.0, 0.4, 0.4],     # cells rows 0-1 x columns 0-1
+                          [0.61, 0.81, 0.7, 0.9]])  # smaller than a patch, no cell center inside: its center cell
+    regions = model.encode_regions(hidden, boxes, torch.tensor([1, 0, 1]))
+
+    def project(feature: torch.Tensor) -> torch.Tensor:
+        return model.visual_projection(model.vision_model.post_layernorm(feature))
+
+    torch.testing.assert_close(regions[0], project(patches[1, 2, 1]))
+    torch.testing.assert_close(regions[1], project(patches[0, :2, :2].mean((0, 1))))
+    torch.testing.assert_close(regions[2], project(patches[1, 4, 3]))
+
+
+def test_region_loss_is_added_only_when_regions_are_given():
+    model = CLIPModel(CLIPConfig(vision_config=VisionConfig(**VISION), text_config=CLIPTextConfig(**TEXT),
+                                 projection_dim=16))
+    input_ids, attention_mask = text_batch(98)
+    pixel_values = torch.randn(3, 3, 30, 30)
+    regions = {"boxes": torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.1, 0.1, 0.3, 0.9]]),
+               "image_index": torch.tensor([0, 0, 2]), "phrase_ids": input_ids[1:], "phrase_mask": attention_mask[1:],
+               "phrase_index": torch.tensor([0, 1, 0])}
+    logits, image_loss = model(pixel_values, input_ids, attention_mask)
+    _, total_loss = model(pixel_values, input_ids, attention_mask, regions=regions)
+    region_logits = model.logit_scale.exp() * torch.nn.functional.normalize(
+        model.encode_regions(model.vision_model(pixel_values)[-1], regions["boxes"], regions["image_index"]), dim=-1) \
+        @ torch.nn.functional.normalize(model.encode_text(input_ids[1:], attention_mask[1:]), dim=-1).t()
+    expected = contrastive_loss(region_logits, torch.tensor([[1, 0], [0, 1], [1, 0]]))
+    torch.testing.assert_close(total_loss - image_loss, expected, atol=1e-5, rtol=1e-5)
