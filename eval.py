@@ -283,7 +283,7 @@ class Sample:
     target: Any
     choices: list[str] = dataclasses.field(default_factory=list)
     image_size: tuple[int, int] | None = None    # (width, height): REC boxes are normalized with it
-    group: str = ""                              # the POPE split a sample comes from
+    group: str = ""                              # the POPE split, or the VQA question type
 
 
 def _require_file(path: Path, what: str) -> Path:
@@ -376,15 +376,17 @@ def load_vqa(annotation_dir: Path, split: str, image_dir: Path, image_template: 
     annotations_path = _first_existing(annotation_dir, ["annotations.json", f"v2_mscoco_{split}2014_annotations.json",
                                                         f"mscoco_{split}2014_annotations.json"], "VQA annotations file")
     questions = _read_json(questions_path, "VQA questions file")["questions"]
-    answers = {annotation["question_id"]: [answer["answer"] for answer in annotation["answers"]]
-               for annotation in _read_json(annotations_path, "VQA annotations file")["annotations"]}
+    annotations = {annotation["question_id"]: annotation
+                   for annotation in _read_json(annotations_path, "VQA annotations file")["annotations"]}
     samples = []
     for question in questions:
-        if question["question_id"] not in answers:
+        if question["question_id"] not in annotations:
             raise KeyError(f"{annotations_path}: no answers for question_id {question['question_id']}")
+        annotation = annotations[question["question_id"]]
         image_name = image_template.format(image_id=question["image_id"], split=split)
         samples.append(Sample(sample_id=str(question["question_id"]), image=image_dir / image_name,
-                              text=question["question"], target=answers[question["question_id"]]))
+                              text=question["question"], target=[answer["answer"] for answer in annotation["answers"]],
+                              group=annotation.get("question_type", "")))
     return samples
 
 
@@ -706,6 +708,11 @@ def score_task(kind: str, samples: list[Sample], predictions: list[str], pad_to_
         for record, sample, score in zip(records, samples, scores):
             record.update(answers=sample.target, accuracy=score)
         metrics["accuracy"] = sum(scores) / len(scores)
+        # Per question type, as the official VQA evaluation's perQuestionType (VQAv2 annotations
+        # carry "question_type"): which skills the image adds over the blind run.
+        for question_type in sorted({sample.group for sample in samples} - {""}):
+            typed = [score for sample, score in zip(samples, scores) if sample.group == question_type]
+            metrics[f"accuracy[{question_type}]"] = sum(typed) / len(typed)
     elif kind == "caption":
         for record, sample in zip(records, samples):
             record["references"] = sample.target

@@ -175,9 +175,9 @@ def world(tmp_path_factory) -> Path:
     answers = ["red"] * 8 + ["orange"] * 2
     (vqa / "questions.json").write_text(json.dumps({"questions": questions}))
     (vqa / "annotations.json").write_text(json.dumps({"annotations": [
-        {"question_id": q["question_id"], "image_id": q["image_id"],
+        {"question_id": q["question_id"], "image_id": q["image_id"], "question_type": question_type,
          "answers": [{"answer": a, "answer_id": i + 1, "answer_confidence": "yes"} for i, a in enumerate(answers)]}
-        for q in questions]}))
+        for q, question_type in zip(questions, ("what color is the", "how many", "what color is the"))]}))
 
     captions = root / "eval" / "captions"
     captions.mkdir()
@@ -317,6 +317,16 @@ def test_run_eval_end_to_end(tiny_model, world, tmp_path, task, split):
     scores = [value for name, value in metrics.items() if name not in ("samples", "unparsable", "samples_per_second")]
     assert scores and all(0.0 <= value <= (10.0 if task == "captions" else 1.0) for value in scores)
     assert all(isinstance(record["prediction"], str) for record in records)
+
+
+
+def test_vqa_accuracy_per_question_type(world):
+    samples = load_task("vqa", world, "val", image_template=VQA_TEMPLATE)
+    assert [s.group for s in samples] == ["what color is the", "how many", "what color is the"]
+    _, metrics = evaluation.score_task("vqa", samples, ["red", "red", "orange"], pad_to_square=True)
+    assert metrics["accuracy"] == pytest.approx((1.0 + 1.0 + 0.6) / 3)
+    assert metrics["accuracy[what color is the]"] == pytest.approx(0.8)
+    assert metrics["accuracy[how many]"] == pytest.approx(1.0)
 
 
 def test_batch_size_does_not_change_answers_or_their_order(tiny_model, world, tmp_path):
