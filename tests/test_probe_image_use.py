@@ -9,8 +9,8 @@ import torch
 import data
 import probe_image_use
 import shapes
-from model import MLLM, MLLMConfig, TextConfig
-from vision import VisionConfig
+from conftest import tiny_mllm_config
+from model import MLLM
 
 
 @pytest.fixture(scope="module")
@@ -21,12 +21,7 @@ def world(tmp_path_factory) -> Path:
 def tiny_model_and_dataset(world: Path, json_path: Path) -> tuple[MLLM, data.InstructionDataset]:
     tokenizer = data.load_tokenizer(str(world / "tokenizer.json"))
     torch.manual_seed(0)
-    config = MLLMConfig(
-        vision_config=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=2, image_size=32, patch_size=8),
-        text_config=TextConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128,
-                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-        image_token_index=tokenizer.token_to_id("<image>"), pad_token_id=tokenizer.token_to_id("<pad>"))
+    config = tiny_mllm_config(tokenizer)
     model = MLLM(config)
     dataset = data.InstructionDataset(str(json_path), str(world / "images"), tokenizer, "vicuna_v1",
                                       config.image_token_index, model.num_image_tokens, 32, True, 512)

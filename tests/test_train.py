@@ -11,8 +11,8 @@ import torch
 import data
 import shapes
 import train
-from model import MLLM, MLLMConfig, TextConfig
-from vision import VisionConfig
+from conftest import tiny_mllm_config
+from model import MLLM
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,12 +27,7 @@ def tiny_checkpoint(world, tmp_path_factory) -> Path:
     """A tiny random LLaVA-1.5 in the llava-hf layout, the starting point of the stages below."""
     tokenizer = data.load_tokenizer(str(world / "tokenizer.json"))
     torch.manual_seed(0)
-    config = MLLMConfig(
-        vision_config=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=2, image_size=32, patch_size=8),
-        text_config=TextConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128,
-                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-        image_token_index=tokenizer.token_to_id("<image>"), pad_token_id=tokenizer.token_to_id("<pad>"))
+    config = tiny_mllm_config(tokenizer)
     path = tmp_path_factory.mktemp("tiny") / "llava"
     MLLM(config).save_pretrained(str(path))
     return path
