@@ -34,14 +34,13 @@ from pathlib import Path
 from typing import Any, Hashable, Iterator
 
 import torch
-import torch.nn.functional as F
 from PIL import ImageDraw
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from data import (EOS_TOKEN, IGNORE_INDEX, IMAGE_PLACEHOLDER, TEMPLATES, box_in_view, load_image, load_tokenizer,
                   preprocess_image, render_conversation)
-from model import MLLM
+from model import MLLM, row_log_likelihoods
 
 # ---------------------------------------------------------------------------------------------
 # VQA accuracy
@@ -640,13 +639,7 @@ class Evaluator:
         pixel_values = self.pixel_values(samples)[torch.tensor(owners)]
         logits = self.model(input_ids.to(self.device), pixel_values=pixel_values,
                             attention_mask=attention_mask.to(self.device))
-        # Position t predicts token t + 1; only the candidates' positions go through the softmax,
-        # which keeps memory at (#candidate tokens, vocab) instead of (rows, length, vocab).
-        targets = labels[:, 1:].to(self.device)
-        scored = targets != IGNORE_INDEX
-        token_log_probs = F.log_softmax(logits[:, :-1][scored].float(), dim=-1).gather(-1, targets[scored][:, None])[:, 0]
-        row_of_token = torch.arange(len(rows), device=self.device)[:, None].expand_as(targets)[scored]
-        totals = torch.zeros(len(rows), device=self.device).index_add_(0, row_of_token, token_log_probs)
+        totals, _ = row_log_likelihoods(logits, labels.to(self.device))
         per_sample: list[list[float]] = [[] for _ in samples]
         for owner, total in zip(owners, totals.tolist()):
             per_sample[owner].append(total)

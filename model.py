@@ -297,6 +297,18 @@ def shifted_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, lm_head: n
     return F.cross_entropy(logits.float(), targets[supervised])
 
 
+def row_log_likelihoods(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the summed log-probability of its supervised next tokens (labels != IGNORE_INDEX)
+    and how many there are, from logits (batch, length, vocab). Only the supervised positions go
+    through the softmax, so memory stays (#supervised tokens, vocab), not (rows, length, vocab)."""
+    targets = labels[:, 1:]
+    scored = targets != IGNORE_INDEX
+    token_log_probs = F.log_softmax(logits[:, :-1][scored].float(), dim=-1).gather(-1, targets[scored][:, None])[:, 0]
+    row_of_token = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)[scored]
+    totals = torch.zeros(labels.shape[0], device=labels.device).index_add_(0, row_of_token, token_log_probs)
+    return totals, scored.sum(1)
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. KV cache
 

@@ -16,10 +16,9 @@ import argparse
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
 
 import data
-from model import MLLM
+from model import MLLM, row_log_likelihoods
 
 IMAGE_CONDITIONS = ("own image", "another sample's image", "zeros")
 
@@ -43,16 +42,14 @@ def image_use(model: MLLM, dataset: data.InstructionDataset, num_samples: int,
         rows = indices[start:start + batch_size]
         batch = data.collate([dataset[i] for i in rows], model.config.pad_token_id)
         pixels = batch["pixel_values"]
-        targets = F.pad(batch["labels"][:, 1:], (0, 1), value=data.IGNORE_INDEX)
-        supervised = targets != data.IGNORE_INDEX
         kinds = [sample_kind(dataset.records[i].get("id", "")) for i in rows]
-        for row, kind in enumerate(kinds):
-            counts[kind] += int(supervised[row].sum())
         for condition, images in zip(IMAGE_CONDITIONS, (pixels, pixels.roll(1, 0), torch.zeros_like(pixels))):
             logits = model(batch["input_ids"], images, batch["attention_mask"])
-            losses = F.cross_entropy(logits.float().transpose(1, 2), targets.clamp(min=0), reduction="none")
-            for row, kind in enumerate(kinds):
-                sums[kind][condition] += float(losses[row][supervised[row]].sum())
+            log_likelihoods, num_tokens = row_log_likelihoods(logits, batch["labels"])
+            for kind, log_likelihood in zip(kinds, log_likelihoods.tolist()):
+                sums[kind][condition] -= log_likelihood
+        for kind, count in zip(kinds, num_tokens.tolist()):
+            counts[kind] += count
     return {kind: {c: total / max(1, counts[kind]) for c, total in sums[kind].items()} for kind in sorted(sums)}
 
 
