@@ -871,6 +871,15 @@ def tags_entry(scene: Scene) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Tokenizer
 # ---------------------------------------------------------------------------------------------
+def chat_layout(conversations: list[dict]) -> str:
+    """A conversation laid out as the vicuna_v1 template renders it ("USER: q ASSISTANT: a"), for
+    the tokenizer to learn from. BPE merges only what it sees: trained on the bare turns, it split
+    "ASSISTANT" into 9 characters in every turn and " yes" (an answer after "ASSISTANT:") into
+    " " + "yes", because the role names appeared once and the answers without their space."""
+    return " ".join(f"{'USER' if turn['from'] == 'human' else 'ASSISTANT'}: {turn['value']}"
+                    for turn in conversations)
+
+
 def train_tokenizer(texts: list[str]) -> Tokenizer:
     """Byte-level BPE (GPT-2's pre-tokenizer and decoder, so decode(encode(text)) == text) with
     every digit its own token (LLaMA's digit splitting: box coordinates and counts stay
@@ -1033,7 +1042,7 @@ def build_world(out_dir: str | Path = DEFAULT_WORLD_DIR, seed: int = 0,
     # learning from it alone keeps the tokenizer fast and identical for all larger worlds.
     tokenizer_texts = list(TEMPLATE_STRINGS)
     for caption, samples, document in per_image[:TOKENIZER_IMAGES]:
-        tokenizer_texts += [turn["value"] for sample in [caption] + samples for turn in sample["conversations"]]
+        tokenizer_texts += [chat_layout(sample["conversations"]) for sample in [caption] + samples]
         tokenizer_texts.append(document)
     tokenizer_texts += documents[len(train_scenes):]  # the text-only samples
     tokenizer = train_tokenizer(tokenizer_texts)

@@ -422,3 +422,7 @@ def test_tokenizer_special_tokens_digits_and_round_trip(world):
     assert tokenizer.decode(ids) == "the box [0.200,0.500,0.400,0.700]"
     system = shapes.TEMPLATE_STRINGS[0]
     assert len(tokenizer.encode(system, add_special_tokens=False).ids) < len(system.split()) * 1.5
+    # What the vicuna_v1 template adds to every turn, and the answers after it, as few tokens.
+    for text, tokens in ((" USER:", 2), ("</s>USER:", 3), (" ASSISTANT:", 2), (" ASSISTANT: yes</s>", 4),
+                         (" ASSISTANT: circle</s>", 4)):
+        assert len(tokenizer.encode(text, add_special_tokens=False).ids) == tokens, text
