@@ -3,7 +3,7 @@
 LoRA (Hu et al. 2021, eq. 3): a frozen linear map W gets a trainable low-rank update,
 h = W x + (alpha / r) * B A x, with A (r x in) initialized like a Linear (Kaiming uniform) and
 B (out x r) zero, so training starts from exactly the base model. LLaVA-1.5's LoRA recipe (the
-official scripts/v1_5/finetune_lora.sh; REFERENCE.md section 1, "stage 2 LoRA"; the dissertation
+official scripts/v1_5/finetune_lora.sh; the dissertation
 itself does not describe it): rank 128, alpha 256, dropout 0.05, on all linear layers of the LLM
 (LLAVA15_LORA_TARGETS), projector trained fully, lr 2e-4.
 

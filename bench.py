@@ -1,24 +1,56 @@
-"""Benchmark of issue 2: our MLLM against transformers' LlavaForConditionalGeneration on the CPU.
+"""Benchmarks, one subcommand each; every one prints a markdown table of throughputs.
 
-Same weights, same inputs, one run: tokens/s of a training step (forward + backward, loss on the
-text) and of greedy generation of 128 new tokens with the KV cache (batch 1 and --batch), after
-a 576-token image (LLaVA-1.5's 336 px / 14 px grid) and a short prompt. A mid-size config (8 layers of width 512, a
-narrow vision tower) keeps it to minutes. Runs alternate between the two models and the median is
-reported, so background load hits both alike. transformers is needed here (a dev dependency).
+    python bench.py model [--threads N] [--repeats R]     # ours vs transformers' LLaVA, on the CPU
+    python bench.py model --threads 1 --clock cpu          # robust when other jobs share the cores
+    python bench.py data                                   # configs/shapes_llava15.py, stage finetune
+    python bench.py data --num-workers 0 1 2 --steps 8
+    python bench.py eval [--samples 64] [--new-tokens 8,32] [--width 128] [--threads 1] [--device cpu]
 
-    python bench.py [--threads N] [--repeats R]
+model: a training step and greedy generation of our MLLM against transformers'
+LlavaForConditionalGeneration, same weights, same inputs. data: the input pipeline against the
+training step (the loader must never be the bottleneck). eval: batched eval generation against
+one sample at a time (the floor is a 3x speedup). `python bench.py SUBCOMMAND --help` says more.
+Only `model` needs transformers (a dev dependency); it is imported there alone.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import torch
-import transformers
+from PIL import Image
+from tokenizers import Tokenizer
 
-from model import MLLM
+import data
+import shapes
+import train
+from adapters import set_trainable
+from eval import run_eval
+from model import MLLM, MLLMConfig, TextConfig
+from probe import add_command
+from vision import VisionConfig
+
+if TYPE_CHECKING:
+    import transformers
+
+
+def print_table(caption: str, header: list[str], rows: list[list[str]]) -> None:
+    """The caption, then a markdown table: every subcommand's result is pasted into the README."""
+    print(caption + "\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+# model: ours against transformers' LlavaForConditionalGeneration
 
 NEW_TOKENS = 128
 
@@ -29,6 +61,10 @@ def special_tokens(vocab_size: int) -> tuple[int, int]:
 
 
 def build_reference(vocab_size: int) -> transformers.LlavaForConditionalGeneration:
+    """A random LLaVA-1.5 of mid size in transformers: 8 LLaMA layers of width 512 and a narrow CLIP
+    tower at 336 px, so that the benchmark takes minutes and not hours."""
+    import transformers
+
     image_token, pad_token = special_tokens(vocab_size)
     vision = transformers.CLIPVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
                                            num_attention_heads=4, image_size=336, patch_size=14)
@@ -41,23 +77,24 @@ def build_reference(vocab_size: int) -> transformers.LlavaForConditionalGenerati
     return transformers.LlavaForConditionalGeneration(config)
 
 
-def seconds(function, clock) -> float:
+def seconds(function: Callable[[], None], clock: Callable[[], float]) -> float:
     start = clock()
     function()
     return clock() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=4, help="training batch size, and the second generation batch")
-    parser.add_argument("--vocab-size", type=int, default=32064,
-                        help="llava-1.5-hf's 32064 by default; a decode step then reads the 66 MB head")
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                        help="cpu = this process's CPU time: robust when other jobs share the cores; "
-                             "use it with --threads 1 (idle OpenMP threads spin and would count)")
-    args = parser.parse_args()
+def bench_model(args: argparse.Namespace) -> None:
+    """Our MLLM against transformers' LlavaForConditionalGeneration on the CPU.
+
+    Same weights, same inputs, one run: tokens/s of a training step (forward + backward, loss on
+    the text) and of greedy generation of 128 new tokens with the KV cache (batch 1 and --batch),
+    after a 576-token image (LLaVA-1.5's 336 px / 14 px grid) and a short prompt. A mid-size
+    config (8 layers of width 512, a narrow vision tower) keeps it to minutes. Runs alternate
+    between the two models and the median is reported, so background load hits both alike.
+    transformers is needed here (a dev dependency).
+    """
+    import transformers
+
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     torch.set_num_threads(args.threads)
 
@@ -106,17 +143,198 @@ def main() -> None:
         for _ in range(args.repeats):
             for model, key in ((ours, "ours"), (reference, "transformers")):
                 timings[key].append(seconds(lambda: function(model, model is reference), clock))
-        results[name] = {key: tokens / statistics.median(values) for key, values in timings.items()}
+        results[name] = [tokens / statistics.median(timings[key]) for key in ("ours", "transformers")]
 
-    print(f"CPU, {args.threads} threads, {args.clock} clock, torch {torch.__version__}, transformers {transformers.__version__}; "
-          f"LLM 8 layers x 512, vocabulary {args.vocab_size}, vision 6 layers x 256 at 336 px ({num_image_tokens} image tokens); "
-          f"training batch {args.batch} x {input_ids.shape[1]} tokens; generation prompts "
-          f"{num_image_tokens + 16} tokens (the prefill counts in the time); median of {args.repeats}\n")
-    print("| measurement | nanoMLLM tokens/s | transformers tokens/s | ratio |")
-    print("|---|---|---|---|")
-    for name, speeds in results.items():
-        print(f"| {name} | {speeds['ours']:.1f} | {speeds['transformers']:.1f} | "
-              f"{speeds['ours'] / speeds['transformers']:.2f}x |")
+    print_table(
+        f"CPU, {args.threads} threads, {args.clock} clock, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}; LLM 8 layers x 512, vocabulary {args.vocab_size}, vision 6 layers x 256 at "
+        f"336 px ({num_image_tokens} image tokens); training batch {args.batch} x {input_ids.shape[1]} tokens; "
+        f"generation prompts {num_image_tokens + 16} tokens (the prefill counts in the time); median of {args.repeats}",
+        ["measurement", "nanoMLLM tokens/s", "transformers tokens/s", "ratio"],
+        [[name, f"{mine:.1f}", f"{theirs:.1f}", f"{mine / theirs:.2f}x"]
+         for name, (mine, theirs) in results.items()])
+
+
+# data: the input pipeline against the training step
+
+def loader_rate(dataset: torch.utils.data.Dataset, batch_size: int, pad_token_id: int, num_workers: int,
+                num_batches: int) -> float:
+    """Samples/s over `num_batches` batches, after one batch that starts the workers."""
+    loader = data.make_dataloader(dataset, batch_size, pad_token_id, num_workers=num_workers)
+    iterator = iter(loader)
+    next(iterator)
+    start, count = time.perf_counter(), 0
+    for _, batch in zip(range(num_batches), iterator):
+        count += batch["input_ids"].shape[0]
+    return count / (time.perf_counter() - start)
+
+
+def step_rate(model: MLLM, batches: list[dict], learning_rate: float) -> float:
+    """Samples/s of full training steps (after one warm-up step)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
+    model.train()
+    start, count = 0.0, 0
+    for index, batch in enumerate(batches):
+        if index == 1:
+            start, count = time.perf_counter(), 0
+        loss = model(**train.model_inputs(batch, "mllm", torch.device("cpu")))[1]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        count += batch["input_ids"].shape[0]
+    return count / (time.perf_counter() - start)
+
+
+def bench_data(args: argparse.Namespace) -> None:
+    """The input pipeline against the training step, on the shapes world.
+
+    The loader must be at least 3x faster than the step, so it is never the bottleneck. Loader:
+    samples/s of the DataLoader alone (PNG decode + pad-to-square + CLIP preprocessing + template
+    rendering/tokenization + collate) over the stage's instruction data, for each worker count.
+    Step: samples/s of forward + backward + AdamW on the same stage's model and batches (batches
+    collected first, so loading is not counted), on the same machine in the same run.
+    """
+    config, stages = train.load_config(args.config, [])
+    shapes.build_world(**config.world)
+    stage = next(s for s in stages if s.name == args.stage)
+    tokenizer = data.load_tokenizer(config.tokenizer)
+    # The stage's model with the recipe's dims (random weights: speed does not depend on them).
+    vision = next(s for s in stages if s.objective == "clip").architecture["vision_config"]
+    text = next(s for s in stages if s.objective == "lm").architecture
+    model = MLLM(MLLMConfig(
+        vision_config=VisionConfig(**vision),
+        text_config=TextConfig.from_dict({**text, "vocab_size": tokenizer.get_vocab_size()}),
+        image_token_index=tokenizer.token_to_id("<image>"), pad_token_id=tokenizer.token_to_id("<pad>"),
+        **config.model))
+    set_trainable(model, stage.trainable)
+    dataset = train.build_dataset(stage, config, model, tokenizer)
+    pad_token_id = tokenizer.token_to_id("<pad>")
+
+    batches = [batch for _, batch in zip(range(args.steps + 1),
+                                         data.make_dataloader(dataset, stage.micro_batch_size, pad_token_id))]
+    step = step_rate(model, batches, stage.learning_rate)
+    rows = [["training step (forward + backward + AdamW)", f"{step:,.1f}", "1.0"]]
+    for num_workers in args.num_workers:
+        rate = loader_rate(dataset, stage.micro_batch_size, pad_token_id, num_workers, args.loader_batches)
+        rows.append([f"DataLoader, {num_workers} workers", f"{rate:,.0f}", f"{rate / step:,.0f}"])
+    print_table(f"{args.config} stage {stage.name}: {len(dataset)} samples, {model.num_image_tokens} image tokens, "
+                f"batch {stage.micro_batch_size}, {os.cpu_count()} CPUs, torch {torch.get_num_threads()} threads",
+                ["what", "samples/s", "x training step"], rows)
+
+
+# eval: batched generation against one sample at a time
+
+def write_vqa_files(root: Path, num_questions: int) -> None:
+    """Eight images and `num_questions` VQAv2-style questions (10 answers each) about them."""
+    (root / "images").mkdir()
+    for image_id in range(8):
+        image = Image.new("RGB", (64 + 8 * image_id, 64), (30 * image_id, 120, 200))
+        image.save(root / "images" / f"{image_id:012d}.png")
+    questions = [{"question_id": index, "image_id": index % 8,
+                  "question": ["What color is the circle?", "How many shapes are there in the picture?",
+                               "Is there a small red star to the left of the square?"][index % 3]}
+                 for index in range(num_questions)]
+    annotations = [{"question_id": index, "answers": [{"answer": "red"}] * 10} for index in range(num_questions)]
+    (root / "eval" / "vqa").mkdir(parents=True)
+    (root / "eval" / "vqa" / "questions.json").write_text(json.dumps({"questions": questions}))
+    (root / "eval" / "vqa" / "annotations.json").write_text(json.dumps({"annotations": annotations}))
+
+
+def build_eval_model(device: str, width: int) -> tuple[MLLM, Tokenizer]:
+    """A random LLaVA-1.5 at the scale of a CPU recipe (a 2-layer ViT at 56 px = 16 image tokens, a
+    4-layer LLaMA of width `width`), with a tokenizer fit to the VQA prompts it will read."""
+    tokenizer = shapes.train_tokenizer(["A chat between a curious user and an artificial intelligence assistant.",
+                                        "USER: What color is the circle? "
+                                        "Answer the question using a single word or phrase.",
+                                        "ASSISTANT: red. How many shapes are there in the picture? 3"] * 20)
+    ids = {token: tokenizer.token_to_id(token) for token in shapes.SPECIAL_TOKENS}
+    text = TextConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=width, intermediate_size=width * 8 // 3,
+                      num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=512,
+                      bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"])
+    vision = VisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                          image_size=56, patch_size=14)
+    config = MLLMConfig(vision_config=vision, text_config=text, image_token_index=ids["<image>"],
+                        pad_token_id=ids["<pad>"])
+    torch.manual_seed(0)
+    return MLLM(config).to(device).eval(), tokenizer
+
+
+def bench_eval(args: argparse.Namespace) -> None:
+    """Eval throughput with batched generation against one sample at a time.
+
+    Samples/s of generation in batches of --batch-size (left-padded, KV cache) and of batch 1, same
+    model, same data, same number of new tokens; the floor is a 3x speedup and the command exits 1
+    below it.
+
+    The model is a small random LLaVA-1.5 (a 2-layer ViT at 56 px = 16 image tokens, a 4-layer
+    LLaMA of width --width, 128 by default, the scale of a CPU recipe); the data are VQA files in
+    the public format on a handful of synthetic images. Every answer is forced to the measured
+    number of new tokens (min = max new tokens) so both runs do the same work whatever the random
+    model says.
+    """
+    torch.set_num_threads(args.threads)
+    model, tokenizer = build_eval_model(args.device, args.width)
+    options = {"image_template": "{image_id:012d}.png", "progress": False, "print_results": False}
+    rows = []
+    with tempfile.TemporaryDirectory() as directory:
+        write_vqa_files(Path(directory), args.samples)
+        # One small warm-up run so the first measurement does not pay for lazy initialization.
+        run_eval(model, tokenizer, "vqa", directory, limit=2, **options)
+        for new_tokens in [int(value) for value in args.new_tokens.split(",")]:
+            rates = []
+            for batch_size in (1, args.batch_size):
+                metrics = run_eval(model, tokenizer, "vqa", directory, limit=args.samples, batch_size=batch_size,
+                                   max_new_tokens=new_tokens, min_new_tokens=new_tokens, **options)
+                rates.append(metrics["samples_per_second"])
+            rows.append((new_tokens, *rates, rates[1] / rates[0]))
+    print_table(f"eval throughput, {args.samples} VQA samples (prompt ~110 tokens with 16 image tokens), LLM width "
+                f"{args.width}, device {args.device}, {torch.get_num_threads()} thread(s)",
+                ["new tokens", "batch 1 samples/s", f"batch {args.batch_size} samples/s", "speedup"],
+                [[str(new_tokens), f"{single:.2f}", f"{batched:.2f}", f"{speedup:.2f}x"]
+                 for new_tokens, single, batched, speedup in rows])
+    slow = [row for row in rows if row[3] < args.floor]
+    if slow:
+        print(f"\nFAIL: below the {args.floor}x floor for "
+              + ", ".join(f"{row[0]} new tokens ({row[3]:.2f}x)" for row in slow))
+        sys.exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line (sys.argv when argv is None; the tests pass a list) and run the subcommand."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    model = add_command(commands, "model", bench_model)
+    model.add_argument("--threads", type=int, default=torch.get_num_threads())
+    model.add_argument("--repeats", type=int, default=3)
+    model.add_argument("--batch", type=int, default=4, help="training batch size, and the second generation batch")
+    model.add_argument("--vocab-size", type=int, default=32064,
+                       help="llava-1.5-hf's 32064 by default; a decode step then reads the 66 MB head")
+    model.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                       help="cpu = this process's CPU time: robust when other jobs share the cores; "
+                            "use it with --threads 1 (idle OpenMP threads spin and would count)")
+
+    loader = add_command(commands, "data", bench_data)
+    loader.add_argument("--config", default="configs/shapes_llava15.py")
+    loader.add_argument("--stage", default="finetune")
+    loader.add_argument("--num-workers", type=int, nargs="+", default=[0, 2])
+    loader.add_argument("--loader-batches", type=int, default=40)
+    loader.add_argument("--steps", type=int, default=6)
+
+    evaluation = add_command(commands, "eval", bench_eval)
+    evaluation.add_argument("--samples", type=int, default=64)
+    evaluation.add_argument("--new-tokens", default="8,32",
+                            help="answer lengths to measure, comma-separated (short VQA answers, REC box text)")
+    evaluation.add_argument("--batch-size", type=int, default=16)
+    evaluation.add_argument("--width", type=int, default=128, help="LLM width")
+    evaluation.add_argument("--threads", type=int, default=1,
+                            help="CPU threads; 1 gives stable numbers on a shared CPU, and more threads only "
+                                 "help the batched run, whose matrices are bigger")
+    evaluation.add_argument("--device", default="cpu")
+    evaluation.add_argument("--floor", type=float, default=3.0, help="least batched / single speedup")
+
+    args = parser.parse_args(argv)
+    args.run(args)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,7 @@
-"""Data pipeline of nanoMLLM: conversation templates, the LLaVA instruction JSON, CLIP image
-preprocessing, padding collate and modality/length-grouped batching.
+"""Data pipeline of nanoMLLM: the LLaVA instruction JSON, CLIP image preprocessing, padding
+collate and modality/length-grouped batching. Conversations become token ids in conversation.py.
 
-What it implements, and where it comes from (papers/llava-dissertation.txt and the LLaVA code):
-- Conversation templates (section 3.4, Table 3.2; LLaVA `llava/conversation.py` and the
-  `preprocess_*` functions of `llava/train/train.py`):
-    plain      stage-1 feature alignment: "<image>" + caption + "\\n" (`preprocess_plain`);
-    vicuna_v0  the original LLaVA: Vicuna-v0 system message, "###" as <STOP> (Table 3.2);
-    vicuna_v1  LLaVA-1.5 (section 4.3): "USER: ... ASSISTANT: ...</s>" (`preprocess_v1`).
-  Only the assistant answers and the stop string that ends them are supervised ("the model is
-  trained to predict the assistant answers and where to stop", Table 3.2); everything else is
-  IGNORE_INDEX.
-- Masking by character offsets. LLaVA tokenizes each round again to count its tokens and
-  prints "tokenization mismatch" when a sub-word merge crosses a round boundary (the whole
-  sample then silently loses its loss). Here the full text is rendered once together with the
-  character spans that must be supervised, tokenized once, and a token is supervised when its
-  characters overlap a supervised span, so labels can never drift from the text.
+What it implements, and where it comes from (the dissertation and the LLaVA code):
 - The LLaVA instruction JSON (section 3.3; LLaVA-1.5's 665K mixture, section 4.3) with text-only
   samples, multi-turn conversations and "<image>" expanded to `num_image_tokens` ids.
 - Image preprocessing of CLIP (section 3.4: ViT-L/14) and LLaVA-1.5's `image_aspect_ratio=pad`
@@ -33,19 +20,17 @@ import json
 import math
 import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
-IGNORE_INDEX = -100  # skipped by torch.nn.functional.cross_entropy (its default ignore_index)
-IMAGE_PLACEHOLDER = "<image>"
-BOS_TOKEN = "<s>"
-EOS_TOKEN = "</s>"
+from conversation import (BOS_TOKEN, EOS_TOKEN, IMAGE_PLACEHOLDER, DataError, format_conversation, get_template,
+                          render_conversation, require_token_id)
+from layers import IGNORE_INDEX
 
 # OpenAI CLIP's normalization (transformers OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -55,17 +40,8 @@ CLIP_BACKGROUND = tuple(int(channel_mean * 255) for channel_mean in CLIP_MEAN)
 
 
 # --------------------------------------------------------------------------------------------
-# Errors and the problem log
+# The problem log
 # --------------------------------------------------------------------------------------------
-
-class DataError(ValueError):
-    """A problem with one input file or record; `kind` names the category counted when skipped
-    ("malformed_record", "missing_image", "corrupt_image")."""
-
-    def __init__(self, message: str, kind: str = "malformed_record"):
-        super().__init__(message)
-        self.kind = kind
-
 
 class DataProblems:
     """Counts the samples a dataset skipped and keeps a few messages per kind.
@@ -125,232 +101,6 @@ def load_tokenizer(path: str) -> Tokenizer:
     return Tokenizer.from_file(file)
 
 
-def require_token_id(tokenizer: Tokenizer, token: str) -> int:
-    """The id of a token the pipeline needs (<s>, </s>, <pad>, <image>), or a clear error."""
-    token_id = tokenizer.token_to_id(token)
-    if token_id is None:
-        raise ValueError(f"the tokenizer has no token {token!r}; add it as a special token")
-    return token_id
-
-
-# --------------------------------------------------------------------------------------------
-# Conversation templates
-# --------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Template:
-    """How a conversation becomes one string (LLaVA `llava/conversation.py`, `train.py`).
-
-    A user turn is `turn_prefix + user_role + ": " + message + user_end` and an assistant turn
-    `turn_prefix + assistant_role + ": " + answer + assistant_end`; the conversation is
-    `system + system_end + turns + conversation_end`. `stop` is the string the model must emit
-    to end an answer: it starts right after the answer and is supervised with it. Eval stops
-    generation on it.
-    """
-
-    name: str
-    system: str
-    system_end: str
-    user_role: str
-    assistant_role: str
-    turn_prefix: str
-    user_end: str
-    assistant_end: str
-    conversation_end: str
-    stop: str
-    image_only_user_turn: bool = False  # plain: the user turn is replaced by its image alone
-
-
-TEMPLATES: dict[str, Template] = {
-    # LLaVA-1.5 (`conv_vicuna_v1`, SeparatorStyle.TWO: sep " ", sep2 "</s>"):
-    # "<system> USER: <image>\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT: A2</s>"
-    "vicuna_v1": Template(
-        name="vicuna_v1",
-        system="A chat between a curious user and an artificial intelligence assistant. "
-               "The assistant gives helpful, detailed, and polite answers to the user's questions.",
-        system_end=" ", user_role="USER", assistant_role="ASSISTANT", turn_prefix="",
-        user_end=" ", assistant_end=EOS_TOKEN, conversation_end="", stop=EOS_TOKEN),
-    # Original LLaVA as trained by `preprocess` + `_add_speaker_and_signal` (not the SINGLE style
-    # of conversation.py, which has no "\n\n" and no spaces around "###"):
-    # "<system>\n\n### Human: <image>\nQ\n### Assistant: A\n### Human: Q2\n### Assistant: A2\n### "
-    # Supervised: " A\n###", the answer and <STOP> = "###" (Table 3.2). LLaVA's `_mask_targets`
-    # masks only human sentences, so it also supervises each "### Assistant:" header; we do not,
-    # since the prompt always ends with that header at inference.
-    "vicuna_v0": Template(
-        name="vicuna_v0",
-        system="A chat between a curious human and an artificial intelligence assistant. "
-               "The assistant gives helpful, detailed, and polite answers to the human's questions.",
-        system_end="\n\n", user_role="Human", assistant_role="Assistant", turn_prefix="### ",
-        user_end="\n", assistant_end="\n", conversation_end="### ", stop="\n###"),
-    # Stage-1 alignment (`preprocess_plain`): "<image>" + caption + "\n"; the question is dropped,
-    # BOS and image are masked, the caption and "\n" supervised, no EOS.
-    "plain": Template(
-        name="plain", system="", system_end="", user_role="", assistant_role="", turn_prefix="",
-        user_end="", assistant_end="\n", conversation_end="", stop="\n",
-        image_only_user_turn=True),
-}
-
-
-def get_template(name: str) -> Template:
-    if name not in TEMPLATES:
-        raise ValueError(f"unknown template {name!r}; known: {sorted(TEMPLATES)}")
-    return TEMPLATES[name]
-
-
-def _message(turn: Any, index: int) -> tuple[str, str]:
-    """(speaker, text) of one conversation turn, or a DataError naming the turn."""
-    if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-        raise DataError(f"turn {index} needs the keys 'from' and 'value', got {turn!r:.80}")
-    speaker, text = turn["from"], turn["value"]
-    if speaker not in ("human", "gpt"):
-        raise DataError(f"turn {index} has 'from' {speaker!r}; expected 'human' or 'gpt'")
-    if not isinstance(text, str):
-        raise DataError(f"turn {index} has a non-string 'value' {text!r:.80}")
-    return speaker, text
-
-
-def format_conversation(conversations: list[dict], template: str | Template,
-                        for_generation: bool = False) -> tuple[str, list[tuple[int, int]]]:
-    """Renders LLaVA `conversations` to one string and returns it with the supervised
-    character spans [start, end).
-
-    Turns must alternate human, gpt, human, ...; a leading gpt turn is dropped as LLaVA's
-    `preprocess_v1` does. A turn holding "<image>" is rewritten as "<image>\\n" + the rest
-    (LLaVA `preprocess_multimodal`), the LLaVA-1.5 layout. With `for_generation` the
-    conversation must end with a human turn, and the text ends with the assistant role
-    ("ASSISTANT:"); the answer of training, " A</s>", starts with the space this leaves out.
-    """
-    template = get_template(template) if isinstance(template, str) else template
-    turns = [_message(turn, index) for index, turn in enumerate(conversations)]
-    if turns and turns[0][0] == "gpt":
-        turns = turns[1:]
-    for index, (speaker, _) in enumerate(turns):
-        if speaker != ("human" if index % 2 == 0 else "gpt"):
-            raise DataError(f"turn {index} is from {speaker!r}; turns must alternate human, gpt")
-    if for_generation:
-        if not turns or turns[-1][0] != "human":
-            raise DataError("for_generation needs a conversation that ends with a human turn")
-    elif len(turns) < 2:
-        raise DataError("the conversation has no gpt answer")
-    if template.image_only_user_turn and len(turns) > (1 if for_generation else 2):
-        raise DataError(f"template {template.name!r} takes one human and one gpt turn, "
-                        f"got {len(turns)} turns")
-
-    pieces = [template.system + template.system_end]
-    spans: list[tuple[int, int]] = []
-    length = len(pieces[0])
-    for speaker, text in turns:
-        if IMAGE_PLACEHOLDER in text:
-            text = IMAGE_PLACEHOLDER + "\n" + text.replace(IMAGE_PLACEHOLDER, "").strip()
-        if speaker == "human":
-            if template.image_only_user_turn:
-                if IMAGE_PLACEHOLDER not in text:
-                    raise DataError(f"template {template.name!r} needs an image in the human turn")
-                piece = IMAGE_PLACEHOLDER
-            else:
-                piece = template.turn_prefix + template.user_role + ": " + text + template.user_end
-        else:
-            header = template.turn_prefix + template.assistant_role + ":" if template.assistant_role else ""
-            # The space between "ASSISTANT:" and the answer belongs to the answer: the
-            # generation prompt ends at the colon, so the model must produce " A...".
-            answer = (" " + text) if header else text
-            piece = header + answer + template.assistant_end
-            start = length + len(header)
-            spans.append((start, start + len(answer)))
-        pieces.append(piece)
-        length += len(piece)
-    if for_generation:
-        if template.assistant_role:
-            pieces.append(template.turn_prefix + template.assistant_role + ":")
-    else:
-        pieces.append(template.conversation_end)
-    text = "".join(pieces)
-    # Extend each answer span over the stop string that follows it ("</s>", "\n###", "\n").
-    spans = [(start, end + len(template.stop)) for start, end in spans]
-    assert all(text.startswith(template.stop, end - len(template.stop)) for _, end in spans)
-    return text, spans
-
-
-def _tokenize_with_labels(text: str, spans: list[tuple[int, int]], tokenizer: Tokenizer,
-                          image_token_index: int, num_image_tokens: int
-                          ) -> tuple[list[int], list[int], list[tuple[int, int]]]:
-    """Tokenizes `text` once and labels every token from the character spans.
-
-    Returns (input_ids, labels, offsets) with BOS first and each "<image>" expanded to
-    `num_image_tokens` copies of `image_token_index`; `offsets` gives each output token's
-    characters (BOS gets (0, 0)). BOS is added here, not by the tokenizer's post-processor
-    (`add_special_tokens=False`): tokenizer.json files differ on whether they add one, and a
-    missing or doubled BOS silently hurts a pretrained LLM.
-    """
-    bos_id = require_token_id(tokenizer, BOS_TOKEN)
-    placeholder_id = require_token_id(tokenizer, IMAGE_PLACEHOLDER)
-    encoding = tokenizer.encode(text, add_special_tokens=False)
-    if encoding.ids.count(placeholder_id) != text.count(IMAGE_PLACEHOLDER):
-        raise ValueError(f"the tokenizer splits {IMAGE_PLACEHOLDER!r}; it must be a special token")
-    supervised_chars = np.zeros(len(text) + 1, dtype=np.int64)
-    for start, end in spans:
-        supervised_chars[start:end] = 1
-    # supervised_before[i] = supervised characters in text[:i], so a range test is O(1).
-    supervised_before = np.concatenate([[0], np.cumsum(supervised_chars)]).tolist()
-    input_ids, labels, offsets = [bos_id], [IGNORE_INDEX], [(0, 0)]
-    for token_id, (start, end) in zip(encoding.ids, encoding.offsets):
-        if token_id == placeholder_id:
-            input_ids += [image_token_index] * num_image_tokens
-            labels += [IGNORE_INDEX] * num_image_tokens
-            offsets += [(start, end)] * num_image_tokens
-            continue
-        # A token is supervised when any of its characters is: a merge across a span border
-        # (": A" as one token) must still be predicted, since it carries answer characters.
-        # Zero-width tokens (some pre-tokenizers emit them) take the flag of their position.
-        is_supervised = supervised_before[max(end, start + 1)] > supervised_before[start]
-        input_ids.append(token_id)
-        labels.append(token_id if is_supervised else IGNORE_INDEX)
-        offsets.append((start, end))
-    return input_ids, labels, offsets
-
-
-def render_conversation(conversations: list[dict], template: str | Template, tokenizer: Tokenizer,
-                        image_token_index: int, num_image_tokens: int,
-                        for_generation: bool = False) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of a LLaVA conversation, BOS first, each "<image>" expanded to
-    `num_image_tokens` copies of `image_token_index`, labels IGNORE_INDEX except on the
-    assistant answers and their stop string. See `format_conversation` for `for_generation`."""
-    text, spans = format_conversation(conversations, template, for_generation)
-    input_ids, labels, _ = _tokenize_with_labels(text, spans, tokenizer, image_token_index,
-                                                 num_image_tokens)
-    return input_ids, labels
-
-
-def show_supervision(conversations: list[dict], template: str | Template, tokenizer: Tokenizer,
-                     num_image_tokens: int = 1) -> str:
-    """The rendered sample for a human: supervised tokens inside [brackets], the BOS as <s>, and
-    an image as "<image>xN". The text is cut from the rendered string at the token offsets,
-    so the brackets sit exactly where the loss starts and stops."""
-    text, spans = format_conversation(conversations, template)
-    image_marker = -1  # any id outside the vocabulary tells image tokens apart here
-    input_ids, labels, offsets = _tokenize_with_labels(text, spans, tokenizer, image_marker,
-                                                       num_image_tokens)
-    pieces, cursor, inside, position = [BOS_TOKEN], 0, False, 1
-    while position < len(input_ids):
-        start, end = offsets[position]
-        if start > cursor:  # characters no token covers (spaces a pre-tokenizer drops)
-            pieces.append(text[cursor:start])
-            cursor = start
-        supervised = labels[position] != IGNORE_INDEX
-        if supervised != inside:
-            pieces.append("[" if supervised else "]")
-            inside = supervised
-        if input_ids[position] == image_marker:
-            pieces.append(f"{IMAGE_PLACEHOLDER}x{num_image_tokens}")
-            position += num_image_tokens
-        else:
-            pieces.append(text[cursor:end])
-            position += 1
-        cursor = max(cursor, end)
-    if inside:
-        pieces.append("]")
-    return "".join(pieces) + text[cursor:]
-
 
 # --------------------------------------------------------------------------------------------
 # Images
@@ -375,10 +125,32 @@ def expand2square(image: Image.Image, background_color: tuple[int, int, int]) ->
     width, height = image.size
     if width == height:
         return image
-    side = max(width, height)
+    side, left, top = padded_square(width, height)
     square = Image.new(image.mode, (side, side), background_color)
-    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    square.paste(image, (left, top))
     return square
+
+
+def padded_square(width: int, height: int) -> tuple[int, int, int]:
+    """(side, left, top) of the square `expand2square` pads a width x height image to, and where
+    the image sits in it. The image and every box on it are placed with these same integer
+    offsets, so a box drawn on the padded image lands on its object."""
+    side = max(width, height)
+    return side, (side - width) // 2, (side - height) // 2
+
+
+def padded_square_box(box: Sequence[float], width: int, height: int) -> list[float]:
+    """A pixel box (x0, y0, x1, y1) of a width x height image as [0, 1] fractions of its padded
+    square: the box text LLaVA-1.5's REC / REG data write, and what the tower sees with `pad`."""
+    side, left, top = padded_square(width, height)
+    return [(box[0] + left) / side, (box[1] + top) / side, (box[2] + left) / side, (box[3] + top) / side]
+
+
+def box_from_padded_square(box: Sequence[float], width: int, height: int) -> list[float]:
+    """Inverse of `padded_square_box`: [0, 1] fractions of the padded square back to pixels of
+    the width x height image (a predicted box may fall partly on the padding)."""
+    side, left, top = padded_square(width, height)
+    return [box[0] * side - left, box[1] * side - top, box[2] * side - left, box[3] * side - top]
 
 
 def preprocess_image(image: Image.Image, image_size: int, pad_to_square: bool) -> torch.Tensor:
@@ -408,16 +180,19 @@ def preprocess_image(image: Image.Image, image_size: int, pad_to_square: bool) -
 
 def box_in_view(box: Sequence[float], image_size: tuple[int, int], pad_to_square: bool) -> list[float]:
     """A pixel box (x0, y0, x1, y1) of an image of `image_size` (width, height) as fractions of
-    the square `preprocess_image` shows the tower: the padded square (pasted centered with integer
-    offsets, as expand2square), or the center crop of the short side (clipped to it)."""
+    the square `preprocess_image` shows the tower: the padded square (`padded_square_box`), or the
+    center crop of the short side (clipped to it)."""
     width, height = image_size
     if pad_to_square:
-        side = max(width, height)
-        left, top = (side - width) // 2, (side - height) // 2
-        return [(box[0] + left) / side, (box[1] + top) / side, (box[2] + left) / side, (box[3] + top) / side]
+        return padded_square_box(box, width, height)
     side = min(width, height)
     left, top = (width - side) / 2, (height - side) / 2
     return [min(max((value - offset) / side, 0.0), 1.0) for value, offset in zip(box, (left, top, left, top))]
+
+
+# LLaVA-1.5's REC instruction (its RefCOCO data): the referring expression follows it directly.
+# One string for the training turns the shapes world writes and the question eval asks.
+REC_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: "
 
 
 def format_box(box: Sequence[float], decimals: int = 3) -> str:
@@ -430,32 +205,51 @@ def format_box(box: Sequence[float], decimals: int = 3) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Reading LLaVA JSON / jsonl files
+# Reading JSON / jsonl files
 # --------------------------------------------------------------------------------------------
+
+def read_json(path: str | os.PathLike[str], what: str = "data file") -> Any:
+    """The content of a JSON file. A file that does not parse is a DataError naming the file and
+    the line, always fatal since nothing in it can be read; `what` names a missing file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    with open(path, encoding="utf-8") as file:
+        try:
+            return json.load(file)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from error
+
+
+def read_json_lines(path: str | os.PathLike[str], on_invalid: Callable[[int, json.JSONDecodeError], None],
+                    what: str = "data file") -> Iterator[tuple[int, Any]]:
+    """(line number, record) for each non-blank line of a jsonl file, counted from 1 as editors
+    count, so a message can point at the line. A line that is not JSON goes to `on_invalid` with
+    its number: the caller decides whether it stops the file (raise) or is skipped (return)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    with open(path, encoding="utf-8") as file:
+        for line_number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                on_invalid(line_number, error)
+                continue
+            yield line_number, record
+
 
 def read_records(path: str, problems: DataProblems) -> list[tuple[str, Any]]:
     """(where, record) pairs from a JSON list or a jsonl file; `where` names the record for
     messages: "file.json record 12" or "file.jsonl line 13". A jsonl line that is not valid
-    JSON is reported to `problems`; a .json file that does not parse is always fatal, since
-    nothing in it can be read."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file not found: {path}")
-    with open(path, encoding="utf-8") as file:
-        if path.endswith(".jsonl"):
-            records = []
-            for line_number, line in enumerate(file, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path} line {line_number}"
-                try:
-                    records.append((where, json.loads(line)))
-                except json.JSONDecodeError as error:
-                    problems.report("malformed_record", f"{where}: invalid JSON: {error}")
-            return records
-        try:
-            data = json.load(file)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from error
+    JSON is reported to `problems`, so one bad line costs one sample; a .json file that does not
+    parse is always fatal."""
+    if path.endswith(".jsonl"):
+        def report(line_number: int, error: json.JSONDecodeError) -> None:
+            problems.report("malformed_record", f"{path} line {line_number}: invalid JSON: {error}")
+        return [(f"{path} line {line_number}", record)
+                for line_number, record in read_json_lines(path, report)]
+    data = read_json(path)
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     return [(f"{path} record {index}", record) for index, record in enumerate(data)]
@@ -763,6 +557,25 @@ class TextDataset(torch.utils.data.Dataset):
 # Batching
 # --------------------------------------------------------------------------------------------
 
+def pad_sequences(rows: Sequence[Sequence[int] | torch.Tensor], pad_value: int,
+                  side: Literal["left", "right"] = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, attention_mask), both LongTensor (len(rows), longest row): each row padded with
+    `pad_value` and the mask 1 on the row's own entries. Right padding for training and
+    likelihood scoring: every row starts at position 0 and padding never shifts positions. Left
+    padding for batched generation: every prompt ends at the last column, so the first new token
+    of every row is predicted from the same position."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    longest = max((len(row) for row in rows), default=0)
+    values = torch.full((len(rows), longest), pad_value, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for index, row in enumerate(rows):
+        start = longest - len(row) if side == "left" else 0
+        values[index, start:start + len(row)] = torch.as_tensor(row)
+        attention_mask[index, start:start + len(row)] = 1
+    return values, attention_mask
+
+
 def collate(batch: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
     """Pads a list of samples into a training batch (RIGHT padding: the causal LM sees its
     tokens first and padding never shifts positions).
@@ -775,19 +588,11 @@ def collate(batch: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
     """
     problems = [sample["problem"] for sample in batch if "problem" in sample]
     samples = [sample for sample in batch if "problem" not in sample]
-    max_length = max((len(sample["input_ids"]) for sample in samples), default=0)
-    input_ids = torch.full((len(samples), max_length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(samples), max_length), dtype=torch.long)
+    input_ids, attention_mask = pad_sequences([sample["input_ids"] for sample in samples], pad_token_id)
     has_labels = any("labels" in sample for sample in samples)
-    labels = torch.full((len(samples), max_length), IGNORE_INDEX, dtype=torch.long)
-    for row, sample in enumerate(samples):
-        length = len(sample["input_ids"])
-        input_ids[row, :length] = sample["input_ids"]
-        attention_mask[row, :length] = 1
-        if has_labels:
-            labels[row, :length] = sample["labels"]
+    labels = pad_sequences([sample["labels"] for sample in samples], IGNORE_INDEX)[0] if has_labels else None
     images = [sample["pixel_values"] for sample in samples if sample["pixel_values"] is not None]
-    batch = {"input_ids": input_ids, "labels": labels if has_labels else None,
+    batch = {"input_ids": input_ids, "labels": labels,
              "attention_mask": attention_mask,
              "pixel_values": torch.stack(images) if images else None, "problems": problems}
     if samples and "region_boxes" in samples[0]:
@@ -804,12 +609,7 @@ def collate_regions(samples: list[dict[str, Any]], pad_token_id: int) -> dict[st
     phrase_of: dict[tuple[int, ...], int] = {}
     phrase_index = [phrase_of.setdefault(phrase, len(phrase_of))
                     for sample in samples for phrase in sample["region_phrases"]]
-    longest = max(len(phrase) for phrase in phrase_of)
-    phrase_ids = torch.full((len(phrase_of), longest), pad_token_id, dtype=torch.long)
-    phrase_mask = torch.zeros((len(phrase_of), longest), dtype=torch.long)
-    for row, phrase in enumerate(phrase_of):
-        phrase_ids[row, :len(phrase)] = torch.tensor(phrase)
-        phrase_mask[row, :len(phrase)] = 1
+    phrase_ids, phrase_mask = pad_sequences(list(phrase_of), pad_token_id)
     return {"boxes": torch.cat([sample["region_boxes"] for sample in samples]),
             "image_index": torch.cat([torch.full((len(sample["region_phrases"]),), row)
                                       for row, sample in enumerate(samples)]),

@@ -1,22 +1,12 @@
-"""Evaluation: the benchmark tasks on their public file formats, their metrics, and the eval loop.
+"""Evaluation: the benchmark tasks on their public file formats, prompts, and the eval loop.
 
-Read top to bottom: metrics, task loaders, prompts, the loop (`run_eval`), the command line.
-
-Metrics and the conventions they follow (REFERENCE.md section 7):
-- `vqa_accuracy`: the VQA accuracy of the official VQA evaluation code as run on EvalAI
-  (Cloud-CV/VQA-Challenge `vqaEval.py`; the same tables LLaVA's `m4c_evaluator.py` copies):
-  answers normalized (punctuation rules, periods outside numbers, number words to digits,
-  articles dropped, contractions table), then for each of the 10 human answers
-  min(1, #matches among the other 9 / 3), averaged.
-- `cider_d`: CIDEr-D exactly as pycocoevalcap's `Cider` (cider_scorer.py) computes it.
-- `parse_box`, `box_iou`: REC box text "[x0,y0,x1,y1]" normalized to [0, 1] (Shikra / LION /
-  LLaVA-1.5 REC data); a prediction is correct when IoU >= 0.5 (lmms-eval), unparsable = wrong.
-- `pope_metrics`: POPE (Li et al. 2023) accuracy / precision / recall / F1 / yes-ratio with the
-  yes/no extraction of LLaVA's `llava/eval/eval_pope.py`.
+Read top to bottom: task loaders, prompts per model family, the model side (batched generation,
+likelihood ranking), scoring with metrics.py's official rules, the loop (`run_eval`), the
+command line.
 
 Tasks and their files (refer toolkit pickles + COCO instances for RefCOCO/+/g, VQAv2 questions +
 annotations, Karpathy caption JSON, POPE jsonl, multiple-choice jsonl); the shapes world writes
-the same formats (SPEC.md). Multiple choice is scored two ways: by generating the option's letter
+the same formats. Multiple choice is scored two ways: by generating the option's letter
 (LLaVA-1.5, ScienceQA) and by ranking the candidates by the model's likelihood (LION on VSR /
 IconQA / VisDial, after LAVIS's `predict_class`).
 """
@@ -25,251 +15,27 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import pickle
 import re
 import time
-from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Hashable, Iterator
+from typing import Any, Iterator
 
 import torch
 from PIL import ImageDraw
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from data import (EOS_TOKEN, IGNORE_INDEX, IMAGE_PLACEHOLDER, TEMPLATES, box_in_view, load_image, load_tokenizer,
-                  preprocess_image, render_conversation)
+from conversation import EOS_TOKEN, IMAGE_PLACEHOLDER, TEMPLATES, render_conversation
+from data import (REC_PROMPT, box_from_padded_square, load_image, load_tokenizer, pad_sequences, padded_square_box,
+                  preprocess_image, read_json, read_json_lines)
+from layers import IGNORE_INDEX
+from metrics import (box_iou, caption_tokens, cider_d, parse_box, parse_choice, pope_answer, pope_metrics,
+                     vqa_accuracy)
 from model import MLLM, row_log_likelihoods
 
 # ---------------------------------------------------------------------------------------------
-# VQA accuracy
-# ---------------------------------------------------------------------------------------------
-
-# Tables of the official VQA evaluation (EvalAI version, ASCII apostrophes), kept verbatim:
-# their oddities ("somebody'd" -> "somebodyd") are part of how published numbers were computed.
-VQA_CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
-    "couldnt": "couldn't", "couldn'tve": "couldn't've", "couldnt've": "couldn't've",
-    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't",
-    "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
-    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
-    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
-    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've",
-    "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
-    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
-    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
-    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
-    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
-    "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
-    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
-    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
-    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
-    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
-    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
-    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
-    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
-    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
-    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
-    "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've",
-    "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're",
-    "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
-    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
-    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've",
-    "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't",
-    "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
-    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
-    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
-    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll",
-    "youre": "you're", "youve": "you've",
-}
-VQA_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
-                    "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-VQA_ARTICLES = {"a", "an", "the"}
-VQA_PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">",
-                   "<", "@", "`", ",", "?", "!"]
-COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
-# The official pattern is "(?!<=\d)(\.)(?!\d)": its first group is a mistyped look-behind that
-# never matches anything, so the rule in force is "drop a period not followed by a digit".
-PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")
-
-
-def normalize_vqa_answer(answer: str) -> str:
-    """The official VQA answer normalization: whitespace, punctuation, then digits/articles/
-    contractions word by word ("Two dogs." -> "2 dogs", "a dog" -> "dog", "dont" -> "don't")."""
-    text = answer.replace("\n", " ").replace("\t", " ").strip()
-    stripped = text
-    for mark in VQA_PUNCTUATION:
-        # A mark touching a space ("yes , it") or any "1,000"-style number in the answer: the mark
-        # is deleted; a mark inside a word ("black-and-white") becomes a space.
-        if mark + " " in text or " " + mark in text or COMMA_BETWEEN_DIGITS.search(text):
-            stripped = stripped.replace(mark, "")
-        else:
-            stripped = stripped.replace(mark, " ")
-    stripped = PERIOD_NOT_BEFORE_DIGIT.sub("", stripped)
-    words = [VQA_NUMBER_WORDS.get(word, word) for word in stripped.lower().split()]
-    words = [VQA_CONTRACTIONS.get(word, word) for word in words if word not in VQA_ARTICLES]
-    return " ".join(words)
-
-
-def vqa_accuracy(prediction: str, answers: list[str]) -> float:
-    """VQA accuracy of one prediction against the human answers (10 in VQAv2): for each answer
-    i, min(1, #answers j != i equal to the prediction / 3), averaged over i. Both sides are
-    normalized (the official code normalizes the ground truth only when annotators disagree,
-    because VQAv2's stored answers are already normalized; normalizing always is the same there
-    and fair on files whose answers are not)."""
-    if not answers:
-        raise ValueError("vqa_accuracy needs at least one ground-truth answer")
-    predicted = normalize_vqa_answer(prediction)
-    normalized = [normalize_vqa_answer(answer) for answer in answers]
-    matches = sum(answer == predicted for answer in normalized)
-    per_answer = []
-    for answer in normalized:
-        matches_among_others = matches - (answer == predicted)
-        per_answer.append(min(1.0, matches_among_others / 3))
-    return sum(per_answer) / len(per_answer)
-
-
-# ---------------------------------------------------------------------------------------------
-# CIDEr-D
-# ---------------------------------------------------------------------------------------------
-
-def _ngram_counts(sentence: str, max_n: int) -> Counter:
-    """Counts of the 1..max_n-grams of a whitespace-tokenized sentence (pycocoevalcap `precook`)."""
-    words = sentence.split()
-    return Counter(tuple(words[i:i + n]) for n in range(1, max_n + 1)
-                   for i in range(len(words) - n + 1))
-
-
-def cider_d(predictions: dict[Hashable, str], references: dict[Hashable, list[str]],
-            max_n: int = 4, sigma: float = 6.0) -> float:
-    """CIDEr-D (Vedantam et al. 2015) as pycocoevalcap's `Cider().compute_score` computes it, on
-    already tokenized text (tokens separated by spaces).
-
-    Per image: tf-idf vectors of the 1..4-grams with idf = log(#images) - log(max(1, df)), df =
-    the number of images whose references contain the n-gram; for each reference and each n,
-    sum(min(h, r) * r) / (|h| |r|) (the "clipping" that makes it CIDEr-D) times the Gaussian length
-    penalty exp(-(len_h - len_r)^2 / (2 sigma^2)), where a length is a count of bigrams (as in the
-    pycocoevalcap code); mean over n, over the references, times 10. Result: mean over images."""
-    if set(predictions) != set(references):
-        missing = set(references) ^ set(predictions)
-        raise ValueError(f"cider_d: predictions and references differ in keys, e.g. {next(iter(missing))!r}")
-    keys = list(references)
-    reference_counts = {key: [_ngram_counts(reference, max_n) for reference in references[key]] for key in keys}
-    document_frequency: Counter = Counter()
-    for key in keys:
-        document_frequency.update({ngram for counts in reference_counts[key] for ngram in counts})
-    log_num_images = math.log(float(len(keys)))
-
-    def tfidf(counts: Counter) -> tuple[list[dict], list[float], int]:
-        vectors: list[dict] = [defaultdict(float) for _ in range(max_n)]
-        squared_norms = [0.0] * max_n
-        bigram_count = 0
-        for ngram, term_frequency in counts.items():
-            order = len(ngram) - 1
-            weight = float(term_frequency) * (log_num_images - math.log(max(1.0, document_frequency[ngram])))
-            vectors[order][ngram] = weight
-            squared_norms[order] += weight ** 2
-            if order == 1:
-                bigram_count += term_frequency
-        return vectors, [math.sqrt(value) for value in squared_norms], bigram_count
-
-    def similarity(hypothesis: tuple, reference: tuple) -> list[float]:
-        (hyp_vectors, hyp_norms, hyp_length), (ref_vectors, ref_norms, ref_length) = hypothesis, reference
-        penalty = math.e ** (-(float(hyp_length - ref_length) ** 2) / (2 * sigma ** 2))
-        scores = []
-        for order in range(max_n):
-            score = 0.0
-            for ngram, weight in hyp_vectors[order].items():
-                reference_weight = ref_vectors[order].get(ngram, 0.0)
-                score += min(weight, reference_weight) * reference_weight
-            if hyp_norms[order] != 0 and ref_norms[order] != 0:
-                score /= hyp_norms[order] * ref_norms[order]
-            scores.append(score * penalty)
-        return scores
-
-    image_scores = []
-    for key in keys:
-        hypothesis = tfidf(_ngram_counts(predictions[key], max_n))
-        per_order = [0.0] * max_n
-        for counts in reference_counts[key]:
-            for order, value in enumerate(similarity(hypothesis, tfidf(counts))):
-                per_order[order] += value
-        image_scores.append(sum(per_order) / max_n / len(reference_counts[key]) * 10.0)
-    return sum(image_scores) / len(image_scores)
-
-
-def caption_tokens(text: str) -> str:
-    """Lowercased words separated by spaces, punctuation dropped: what pycocoevalcap's Java
-    PTBTokenizer yields for plain captions, without needing Java."""
-    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
-
-
-# ---------------------------------------------------------------------------------------------
-# Boxes (REC) and POPE
-# ---------------------------------------------------------------------------------------------
-
-_NUMBER = r"\s*(-?(?:\d+(?:\.\d*)?|\.\d+))\s*"
-BOX_PATTERN = re.compile(r"\[" + ",".join([_NUMBER] * 4) + r"\]")
-
-
-def parse_box(text: str) -> list[float] | None:
-    """The first "[x0,y0,x1,y1]" in `text` (spaces and any number of decimals allowed), or None."""
-    match = BOX_PATTERN.search(text)
-    return [float(value) for value in match.groups()] if match else None
-
-
-def box_iou(a: list[float], b: list[float]) -> float:
-    """Intersection over union of two (x0, y0, x1, y1) boxes; a degenerate box has IoU 0."""
-    width = min(a[2], b[2]) - max(a[0], b[0])
-    height = min(a[3], b[3]) - max(a[1], b[1])
-    intersection = max(0.0, width) * max(0.0, height)
-    union = max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1]) + max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1]) - intersection
-    return intersection / union if union > 0 else 0.0
-
-
-def pope_answer(text: str) -> str:
-    """LLaVA's POPE extraction (eval_pope.py): keep the first sentence, drop commas, split on
-    spaces; "no" if a word is "No", "no" or "not", else "yes" (case and word list as LLaVA's)."""
-    first_sentence = text.split(".")[0].replace(",", "")
-    return "no" if {"No", "no", "not"} & set(first_sentence.split(" ")) else "yes"
-
-
-def pope_metrics(predictions: list[str], labels: list[str]) -> dict[str, float]:
-    """POPE metrics with "yes" as the positive class: accuracy, precision, recall, F1 and the
-    share of "yes" answers. Predictions are raw model texts (passed through `pope_answer`); labels
-    are "yes" / "no". An empty denominator gives 0 instead of LLaVA's ZeroDivisionError."""
-    if len(predictions) != len(labels) or not labels:
-        raise ValueError(f"pope_metrics: {len(predictions)} predictions for {len(labels)} labels")
-    said_yes = [pope_answer(text) == "yes" for text in predictions]
-    is_yes = [label == "yes" for label in labels]
-    true_positive = sum(p and t for p, t in zip(said_yes, is_yes))
-    false_positive = sum(p and not t for p, t in zip(said_yes, is_yes))
-    false_negative = sum(t and not p for p, t in zip(said_yes, is_yes))
-    correct = sum(p == t for p, t in zip(said_yes, is_yes))
-    precision = true_positive / (true_positive + false_positive) if true_positive + false_positive else 0.0
-    recall = true_positive / (true_positive + false_negative) if true_positive + false_negative else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"accuracy": correct / len(labels), "precision": precision, "recall": recall, "f1": f1,
-            "yes_ratio": sum(said_yes) / len(labels)}
-
-
-def parse_choice(text: str, choices: list[str]) -> int | None:
-    """The option a multiple-choice answer names: a leading letter ("B", "B.", "(B)", "B) cat"),
-    else the text of an option itself; None if neither (scored wrong, as LLaVA's ScienceQA eval
-    counts a failed parse)."""
-    answer = text.strip()
-    match = re.match(r"^\(?([A-Z])\)?(?:[.:)\s]|$)", answer)
-    if match and ord(match.group(1)) - ord("A") < len(choices):
-        return ord(match.group(1)) - ord("A")
-    lowered = [choice.strip().lower() for choice in choices]
-    stripped = answer.rstrip(".").lower()
-    return lowered.index(stripped) if stripped in lowered else None
-
-
-# ---------------------------------------------------------------------------------------------
 # Task loaders: one list of Samples per task and split, read from the public file formats
-# ---------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class Sample:
@@ -285,12 +51,6 @@ class Sample:
     group: str = ""                              # the POPE split, or the VQA question type
 
 
-def _require_file(path: Path, what: str) -> Path:
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    return path
-
-
 def _first_existing(directory: Path, names: list[str], what: str) -> Path:
     """The first of `names` that exists in `directory`; the error lists every name tried."""
     for name in names:
@@ -301,29 +61,18 @@ def _first_existing(directory: Path, names: list[str], what: str) -> Path:
 
 def read_jsonl(path: Path, required_keys: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
     """(line number, record) for each non-blank line; a malformed line or a missing key is an
-    error naming the file and the line."""
-    with open(_require_file(path, "annotation file"), encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {line_number}: malformed JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}, line {line_number}: expected a JSON object")
-            missing = [key for key in required_keys if key not in record]
-            if missing:
-                raise ValueError(f"{path}, line {line_number}: missing key(s) {', '.join(missing)}")
-            yield line_number, record
+    error naming the file and the line: a benchmark with a broken question must not be scored
+    on the questions that happened to parse."""
+    def malformed(line_number: int, error: json.JSONDecodeError) -> None:
+        raise ValueError(f"{path}, line {line_number}: malformed JSON ({error.msg})") from None
 
-
-def _read_json(path: Path, what: str) -> Any:
-    with open(_require_file(path, what), encoding="utf-8") as file:
-        try:
-            return json.load(file)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: malformed JSON at line {error.lineno} ({error.msg})") from None
+    for line_number, record in read_json_lines(path, malformed, "annotation file"):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, line {line_number}: expected a JSON object")
+        missing = [key for key in required_keys if key not in record]
+        if missing:
+            raise ValueError(f"{path}, line {line_number}: missing key(s) {', '.join(missing)}")
+        yield line_number, record
 
 
 def load_refer(annotation_dir: Path, dataset: str, split: str, image_dir: Path) -> list[Sample]:
@@ -344,7 +93,7 @@ def load_refer(annotation_dir: Path, dataset: str, split: str, image_dir: Path) 
                 for line_number, record in read_jsonl(jsonl_path, ("image", "expression", "bbox", "width", "height"))]
     with open(pickle_path, "rb") as file:
         refs = pickle.load(file)
-    instances = _read_json(annotation_dir / "instances.json", "COCO instances file")
+    instances = read_json(annotation_dir / "instances.json", "COCO instances file")
     boxes = {annotation["id"]: annotation["bbox"] for annotation in instances["annotations"]}
     images = {image["id"]: image for image in instances["images"]}
     samples = []
@@ -374,9 +123,9 @@ def load_vqa(annotation_dir: Path, split: str, image_dir: Path, image_template: 
                                                       f"OpenEnded_mscoco_{split}2014_questions.json"], "VQA questions file")
     annotations_path = _first_existing(annotation_dir, ["annotations.json", f"v2_mscoco_{split}2014_annotations.json",
                                                         f"mscoco_{split}2014_annotations.json"], "VQA annotations file")
-    questions = _read_json(questions_path, "VQA questions file")["questions"]
+    questions = read_json(questions_path, "VQA questions file")["questions"]
     annotations = {annotation["question_id"]: annotation
-                   for annotation in _read_json(annotations_path, "VQA annotations file")["annotations"]}
+                   for annotation in read_json(annotations_path, "VQA annotations file")["annotations"]}
     samples = []
     for question in questions:
         if question["question_id"] not in annotations:
@@ -395,7 +144,7 @@ def load_captions(annotation_dir: Path, split: str, image_dir: Path) -> list[Sam
     split, its sentences the references."""
     path = _first_existing(annotation_dir, ["captions.json", "dataset_coco.json"], "caption file")
     samples = []
-    for image in _read_json(path, "caption file")["images"]:
+    for image in read_json(path, "caption file")["images"]:
         if image["split"] != split:
             continue
         image_path = image_dir / image.get("filepath", "") / image["filename"]
@@ -452,7 +201,7 @@ COCO_IMAGE_TEMPLATE = "COCO_{split}2014_{image_id:012d}.jpg"
 
 def load_task(task: str, data_dir: str | Path, split: str, annotation_dir: str | Path | None = None,
               image_dir: str | Path | None = None, image_template: str = COCO_IMAGE_TEMPLATE) -> list[Sample]:
-    """The samples of a task. Defaults follow the shapes-world layout (SPEC.md): annotations in
+    """The samples of a task. Defaults follow the shapes-world layout (shapes.py): annotations in
     DATA/eval/<folder>/, images in DATA/images/; both can point elsewhere for the public data."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
@@ -472,7 +221,6 @@ def load_task(task: str, data_dir: str | Path, split: str, annotation_dir: str |
 
 # ---------------------------------------------------------------------------------------------
 # Prompts per model family
-# ---------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class PromptStyle:
@@ -490,19 +238,19 @@ class PromptStyle:
     lowercase: bool = False
 
 
-REC_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: {expression}"
+REFERRING_PROMPT = REC_PROMPT + "{expression}"  # the REC turns of LLaVA-1.5's (and the shapes world's) data
 PROMPT_STYLES = {
-    # LLaVA-1.5 response-format prompts (REFERENCE.md section 1; caption prompt as lmms-eval).
+    # LLaVA-1.5 response-format prompts (Steerable Visual Intelligence, section 4.3, Table 4.1; caption prompt as lmms-eval).
     "llava15": PromptStyle(
         template="vicuna_v1", turn="{}",
         short_answer="{question}\nAnswer the question using a single word or phrase.",
         multiple_choice="{question}\n{options}\nAnswer with the option's letter from the given choices directly.",
-        referring=REC_PROMPT, caption="Provide a one-sentence caption for the provided image.",
+        referring=REFERRING_PROMPT, caption="Provide a one-sentence caption for the provided image.",
         describe="Describe the image in detail."),
     # LLaVA (v1): the same chat, no response-format suffixes (the ablation of Table 4.2).
     "llava": PromptStyle(
         template="vicuna_v1", turn="{}", short_answer="{question}", multiple_choice="{question}\n{options}",
-        referring=REC_PROMPT, caption="Describe the image concisely.", describe="Describe the image in detail."),
+        referring=REFERRING_PROMPT, caption="Describe the image concisely.", describe="Describe the image in detail."),
     # InstructBLIP / LION evaluation instructions (LION appendix B.2; REC: first Shikra template of Table 9).
     "instructblip": PromptStyle(
         template=None, turn="{}", short_answer="Question: {question} Short answer:",
@@ -512,7 +260,7 @@ PROMPT_STYLES = {
     # Lynx: "User: {question}\nBot:", lowercased text, its training prompts (Lynx appendix tables).
     "lynx": PromptStyle(
         template=None, turn="User: {}\nBot:", short_answer="{question} Give a short answer.",
-        multiple_choice="{question}\n{options}\nAnswer with the option's letter.", referring=REC_PROMPT,
+        multiple_choice="{question}\n{options}\nAnswer with the option's letter.", referring=REFERRING_PROMPT,
         caption="Describe the image briefly.", describe="Describe the image in detail.", lowercase=True),
 }
 
@@ -533,7 +281,6 @@ def user_message(kind: str, sample: Sample, style: PromptStyle) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # The model side: prompts to token ids, batches, generation, likelihood ranking
-# ---------------------------------------------------------------------------------------------
 
 class Evaluator:
     """A model, its tokenizer and a prompt style, turned into batched answers to Samples."""
@@ -593,14 +340,7 @@ class Evaluator:
                  **decoding) -> list[str]:
         """Answers to the last question of each dialogue, generated as one left-padded batch."""
         prompts = [self.encode_dialogue(dialogue, None)[0] for dialogue in dialogues]
-        longest = max(len(prompt) for prompt in prompts)
-        input_ids = torch.full((len(prompts), longest), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), longest), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            # Left padding: every prompt ends at the last column, so the first generated token of
-            # every row is predicted from the same (last) position.
-            input_ids[row, longest - len(prompt):] = torch.tensor(prompt)
-            attention_mask[row, longest - len(prompt):] = 1
+        input_ids, attention_mask = pad_sequences(prompts, self.pad_token_id, side="left")
         if self.stop_strings:
             decoding["stop_token_sequences"] = [self._encode(stop) for stop in self.stop_strings]
         generated = self.model.generate(input_ids.to(self.device), pixel_values=self.pixel_values(samples),
@@ -628,14 +368,8 @@ class Evaluator:
             for choice in sample.choices:
                 rows.append(self.encode_dialogue(dialogue, choice.lower() if self.style.lowercase else choice))
                 owners.append(index)
-        longest = max(len(ids) for ids, _ in rows)
-        input_ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for row, (ids, row_labels) in enumerate(rows):
-            input_ids[row, :len(ids)] = torch.tensor(ids)
-            labels[row, :len(ids)] = torch.tensor(row_labels)
-            attention_mask[row, :len(ids)] = 1
+        input_ids, attention_mask = pad_sequences([ids for ids, _ in rows], self.pad_token_id)
+        labels, _ = pad_sequences([row_labels for _, row_labels in rows], IGNORE_INDEX)
         pixel_values = self.pixel_values(samples)[torch.tensor(owners)]
         logits = self.model(input_ids.to(self.device), pixel_values=pixel_values,
                             attention_mask=attention_mask.to(self.device))
@@ -658,15 +392,14 @@ def _last_labeled_span(labels: list[int]) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------
 # Scoring
-# ---------------------------------------------------------------------------------------------
 
 def normalize_box(box: list[float], image_size: tuple[int, int], pad_to_square: bool) -> list[float]:
     """A pixel box as the model reads and writes boxes: normalized to the padded square when
     images are padded (LLaVA-1.5 `pad`, the square the tower sees), else to the image's own width
     and height."""
-    if pad_to_square:
-        return box_in_view(box, image_size, True)
     width, height = image_size
+    if pad_to_square:
+        return padded_square_box(box, width, height)
     return [box[0] / width, box[1] / height, box[2] / width, box[3] / height]
 
 
@@ -674,9 +407,7 @@ def denormalize_box(box: list[float], image_size: tuple[int, int], pad_to_square
     """Inverse of `normalize_box`: back to pixels of the original image."""
     width, height = image_size
     if pad_to_square:
-        side = max(width, height)
-        left, top = (side - width) // 2, (side - height) // 2
-        return [box[0] * side - left, box[1] * side - top, box[2] * side - left, box[3] * side - top]
+        return box_from_padded_square(box, width, height)
     return [box[0] * width, box[1] * height, box[2] * width, box[3] * height]
 
 
@@ -754,11 +485,34 @@ def visualize_rec(records: list[dict], samples: list[Sample], pad_to_square: boo
 
 # ---------------------------------------------------------------------------------------------
 # The loop
-# ---------------------------------------------------------------------------------------------
 
 # Enough new tokens for each kind of answer (a box is ~30 tokens with digit-split BPE); the
 # generation stops at end of sequence long before on a trained model.
 DEFAULT_MAX_NEW_TOKENS = {"rec": 48, "vqa": 16, "caption": 40, "pope": 8, "choice": 8, "rank": 8}
+
+
+def prompt_style_name(model: MLLM, prompt_style: str | None) -> str:
+    return prompt_style or getattr(model.config, "prompt_style", None) or "llava15"
+
+
+def build_evaluator(model: MLLM, tokenizer: Tokenizer, prompt_style: str | None = None, template: str | None = None,
+                    blind: bool = False, stop_strings: list[str] | None = None) -> Evaluator:
+    """An Evaluator in the model's prompt style: `prompt_style` (a key of PROMPT_STYLES) or
+    `model.config.prompt_style`, else "llava15"; the chat template `template` or
+    `model.config.template`, else the style's. A template whose answers end in a stop string
+    other than EOS ("###" of vicuna_v0) adds it to `stop_strings`."""
+    style_name = prompt_style_name(model, prompt_style)
+    if style_name not in PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style {style_name!r}; choose from {', '.join(PROMPT_STYLES)}")
+    style = PROMPT_STYLES[style_name]
+    template = template or getattr(model.config, "template", None)
+    if template is not None and style.template is not None:
+        # The chat the model was trained with wins over the style's default (LLaVA v1: vicuna_v0).
+        style = dataclasses.replace(style, template=template)
+    if style.template is not None and TEMPLATES[style.template].stop != EOS_TOKEN:
+        # "###" of vicuna_v0 ends an answer the way EOS does for vicuna_v1.
+        stop_strings = [*(stop_strings or []), TEMPLATES[style.template].stop]
+    return Evaluator(model, tokenizer, style, blind, stop_strings)
 
 
 def answer_samples(evaluator: Evaluator, kind: str, samples: list[Sample], batch_size: int,
@@ -828,19 +582,8 @@ def run_eval(model: MLLM, tokenizer: Tokenizer, task: str, data_dir: str | Path,
         raise FileNotFoundError(f"image not found: {missing}{hint}")
     if visualize and kind != "rec":
         raise ValueError("visualize draws boxes: only the REC tasks (refcoco, refcoco+, refcocog) have them")
-    style_name = prompt_style or getattr(model.config, "prompt_style", None) or "llava15"
-    if style_name not in PROMPT_STYLES:
-        raise ValueError(f"unknown prompt style {style_name!r}; choose from {', '.join(PROMPT_STYLES)}")
-    style = PROMPT_STYLES[style_name]
-    template = template or getattr(model.config, "template", None)
-    if template is not None and style.template is not None:
-        # The chat the model was trained with wins over the style's default (LLaVA v1: vicuna_v0).
-        style = dataclasses.replace(style, template=template)
-    if style.template is not None and TEMPLATES[style.template].stop != EOS_TOKEN:
-        # "###" of vicuna_v0 ends an answer the way EOS does for vicuna_v1.
-        stop_strings = [*(stop_strings or []), TEMPLATES[style.template].stop]
     decoding = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS[kind], **decoding}
-    evaluator = Evaluator(model, tokenizer, style, blind, stop_strings)
+    evaluator = build_evaluator(model, tokenizer, prompt_style, template, blind, stop_strings)
 
     was_training = model.training
     model.eval()
@@ -863,8 +606,8 @@ def run_eval(model: MLLM, tokenizer: Tokenizer, task: str, data_dir: str | Path,
         with open(out / f"{task}_{split}.predictions.jsonl", "w", encoding="utf-8") as file:
             for record in records:
                 file.write(json.dumps(record) + "\n")
-        summary = {"task": task, "split": split, "prompt_style": style_name, "describe_first": describe_first,
-                   "blind": blind, "decoding": decoding, "metrics": metrics}
+        summary = {"task": task, "split": split, "prompt_style": prompt_style_name(model, prompt_style),
+                   "describe_first": describe_first, "blind": blind, "decoding": decoding, "metrics": metrics}
         (out / f"{task}_{split}.metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
         if visualize:
             visualize_rec(records[:visualize], samples[:visualize], evaluator.pad_to_square, out / f"{task}_{split}_boxes")
@@ -884,7 +627,31 @@ def format_table(task: str, split: str, metrics: dict[str, float]) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Command line
-# ---------------------------------------------------------------------------------------------
+
+DECODING_OPTIONS = ("max_new_tokens", "min_new_tokens", "num_beams", "length_penalty", "no_repeat_ngram_size",
+                    "do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+
+
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    """The decoding options of model.generate as flags (eval.py and sample.py share them)."""
+    decoding = parser.add_argument_group("decoding (passed to model.generate)")
+    decoding.add_argument("--max-new-tokens", type=int)
+    decoding.add_argument("--min-new-tokens", type=int)
+    decoding.add_argument("--num-beams", type=int)
+    decoding.add_argument("--length-penalty", type=float)
+    decoding.add_argument("--no-repeat-ngram-size", type=int)
+    decoding.add_argument("--do-sample", action="store_true", default=None)
+    decoding.add_argument("--temperature", type=float)
+    decoding.add_argument("--top-k", type=int)
+    decoding.add_argument("--top-p", type=float)
+    decoding.add_argument("--repetition-penalty", type=float)
+    decoding.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
+def decoding_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The decoding flags that were given, as model.generate's keyword arguments."""
+    return {name: getattr(args, name) for name in DECODING_OPTIONS if getattr(args, name) is not None}
+
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description="Evaluate a checkpoint on a benchmark task.")
@@ -908,27 +675,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--visualize", type=int, default=0, metavar="N", help="REC: draw N samples' boxes to PNGs")
     parser.add_argument("--blind", action="store_true", help="replace every image by zeros (the no-vision baseline)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    decoding = parser.add_argument_group("decoding (passed to model.generate)")
-    decoding.add_argument("--max-new-tokens", type=int)
-    decoding.add_argument("--min-new-tokens", type=int)
-    decoding.add_argument("--num-beams", type=int)
-    decoding.add_argument("--length-penalty", type=float)
-    decoding.add_argument("--no-repeat-ngram-size", type=int)
-    decoding.add_argument("--do-sample", action="store_true", default=None)
-    decoding.add_argument("--temperature", type=float)
-    decoding.add_argument("--top-k", type=int)
-    decoding.add_argument("--top-p", type=float)
-    decoding.add_argument("--repetition-penalty", type=float)
-    decoding.add_argument("--stop", action="append", help="stop string (repeatable)")
+    add_decoding_arguments(parser)
     args = parser.parse_args(argv)
 
     model = MLLM.from_pretrained(args.ckpt).to(args.device)
     checkpoint_tokenizer = Path(args.ckpt) / "tokenizer.json"
     tokenizer = load_tokenizer(str(args.tokenizer or (checkpoint_tokenizer if checkpoint_tokenizer.is_file()
                                                       else Path(args.data) / "tokenizer.json")))
-    options = {name: getattr(args, name) for name in ("max_new_tokens", "min_new_tokens", "num_beams", "length_penalty",
-                                                      "no_repeat_ngram_size", "do_sample", "temperature", "top_k",
-                                                      "top_p", "repetition_penalty") if getattr(args, name) is not None}
+    options = decoding_options(args)
     return run_eval(model, tokenizer, args.task, args.data, args.split, batch_size=args.batch_size, limit=args.limit,
                     out_dir=args.out, prompt_style=args.prompt_style, template=args.template,
                     annotation_dir=args.annotation_dir, image_dir=args.image_dir, image_template=args.image_template,

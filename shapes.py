@@ -1,11 +1,11 @@
 """The shapes world: a synthetic, seed-deterministic stand-in for the public datasets, small
-enough that the miniature LLaVA-1.5 recipe learns to see on a laptop CPU in minutes (issue 4).
+enough that the miniature LLaVA-1.5 recipe learns to see on a laptop CPU in minutes.
 
 Images are pale backgrounds (plain, striped or speckled) with 1-6 shapes, each a shape x color x
 size with a known pixel box. From the same scenes every annotation file is written in the SAME
 format as the public dataset it stands in for, so one set of loaders and eval tasks serves both:
 
-- train/pretrain.json: LLaVA instruction JSON (papers/llava-dissertation.txt section 3.4, stage 1;
+- train/pretrain.json: LLaVA instruction JSON (Steerable Visual Intelligence, the LLaVA dissertation, section 3.4, stage 1;
   LLaVA-1.5's LCS-558K): stage-1 short captions, prompts from LLaVA's brief-caption list. Each
   record also grounds its objects' phrases in pixel boxes ("regions", as GRIT's grounded captions)
   for the tiny CLIP's region-phrase loss.
@@ -13,7 +13,7 @@ format as the public dataset it stands in for, so one set of loaders and eval ta
   Table 4.1: response-format prompts): short-answer VQA with the response-format prompt,
   multi-turn conversations, detailed descriptions, captions, REC and REG (box text normalized to
   the padded square, as LLaVA-1.5's RefCOCO / VG data), multiple choice with the letter prompt,
-  and text-only samples (ShareGPT's role). Exact strings: REFERENCE.md section 1.
+  and text-only samples (ShareGPT's role). Exact strings: LLaVA-1.5's (dissertation section 4.3, Table 4.1).
 - train/instruct_no_format_prompts.json: the same mixture without the response-format prompts,
   for the original-LLaVA ablation (configs/shapes_llava.py).
 - train/text.jsonl: {"text": ...} documents for pretraining the tiny LLaMA as a language model.
@@ -24,15 +24,15 @@ format as the public dataset it stands in for, so one set of loaders and eval ta
 - eval/pope: POPE (Li et al. 2023) "Is there a {object} in the image?" with random, popular and
   adversarial negatives; eval/mc: multiple choice jsonl (ScienceQA-IMG / MMBench style).
 - tags.json: per-image tags and object boxes, the ground-truth stand-ins for LION's RAM tags and
-  Lyrics' visual refiner (REFERENCE.md sections 3 and 5).
+  Lyrics' visual refiner (LION section 3.3; Lyrics section 3.1).
 - tokenizer.json: a byte-level BPE trained with `tokenizers` on the world's text, digits split.
 
 Every image lives in images/{image_id:012d}.png (train ids 1..N, eval ids after them); every
 "image" / "file_name" field in the annotations is that file name, relative to images/. Box text is
 normalized xyxy relative to LLaVA-1.5's padded square, 3 decimals: "[0.525,0.000,0.675,0.394]".
 world.json, written last, records the generation arguments: a build with the same arguments (and
-the same shapes.py) returns at once, any other regenerates. Same seed, same bytes (given the same
-numpy / pillow / tokenizers versions).
+the same shapes.py and data.py box helpers, `generator_sha256`) returns at once, any other
+regenerates. Same seed, same bytes (given the same numpy / pillow / tokenizers versions).
 
     python shapes.py --out data/shapes --seed 0          # the default world (cached)
     python shapes.py --out /tmp/shapes_small --small     # the CI smoke world
@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import inspect
 import json
 import multiprocessing
 import os
@@ -57,8 +58,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from data import REC_PROMPT, format_box, padded_square, padded_square_box
+
 DEFAULT_WORLD_DIR = Path("data/shapes")
-# Sized so the whole miniature recipe fits a 2-core CPU in about 20 minutes (issue 4).
+# Sized so the whole miniature recipe fits a 2-core CPU in about 20 minutes.
 DEFAULT_SIZES = {"num_train_images": 6000, "num_eval_images": 300}
 SMALL_WORLD = {"num_train_images": 40, "num_eval_images": 12}  # the CI smoke world
 DEFAULT_IMAGE_SIZE = 96
@@ -102,7 +105,6 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
 # ---------------------------------------------------------------------------------------------
 SHORT_ANSWER_PROMPT = "\nAnswer the question using a single word or phrase."
 MULTIPLE_CHOICE_PROMPT = "\nAnswer with the option's letter from the given choices directly."
-REC_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: "
 REG_PROMPT = "Please provide a short description for this region: "
 # LLaVA's brief-caption instructions (LCS-558K); the last one is lmms-eval's COCO caption prompt,
 # so the stage-2 model has seen the request the caption benchmark makes.
@@ -119,7 +121,7 @@ DETAIL_PROMPTS = (
     "Offer a thorough analysis of the image.", "Walk through the important details of the image.",
     "Describe the image in detail.",  # eval.py's prompt for Lynx's describe-first step
 )
-# The templates' fixed text (REFERENCE.md section 1), so the tokenizer learns them as few tokens.
+# The templates' fixed text (vicuna_v1 and LLaVA-1.5's response-format prompts), so the tokenizer learns them as few tokens.
 TEMPLATE_STRINGS = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
     "helpful, detailed, and polite answers to the user's questions.",
@@ -332,21 +334,6 @@ def region_phrase(obj: ShapeObject, scene: Scene) -> str:
     if row == "middle":
         return "in the center" if column == "center" else f"on the {column}"
     return f"at the {row}" if column == "center" else f"at the {row} {column}"
-
-
-def padded_square_box(box: tuple[int, int, int, int], width: int, height: int) -> list[float]:
-    """Pixel box -> [0, 1] xyxy in the square LLaVA-1.5 pads the image to: side max(w, h), image
-    pasted at ((side - w) // 2, (side - h) // 2) as llava's expand2square does."""
-    side = max(width, height)
-    offset_x, offset_y = (side - width) // 2, (side - height) // 2
-    x0, y0, x1, y1 = box
-    return [(x0 + offset_x) / side, (y0 + offset_y) / side, (x1 + offset_x) / side, (y1 + offset_y) / side]
-
-
-def box_text(box_normalized: list[float]) -> str:
-    """"[0.525,0.000,0.675,0.394]": LION / Shikra box text; identical to data.format_box (a test
-    checks it), repeated here so generating the world does not import torch."""
-    return "[" + ",".join(f"{min(1.0, max(0.0, v)):.3f}" for v in box_normalized) + "]"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -631,7 +618,7 @@ def grounding_pairs(rng: np.random.Generator, scene: Scene) -> list[tuple[str, s
     objects = rng.permutation(len(scene.objects)).tolist()[:int(rng.integers(2, 5))]
     for index in objects:
         obj = scene.objects[index]
-        box = box_text(padded_square_box(obj.box, scene.width, scene.height))
+        box = format_box(padded_square_box(obj.box, scene.width, scene.height))
         if rng.random() < 0.65:
             expression = pick_expression(rng, referring_expressions(scene)[index])
             pairs.append((REC_PROMPT + expression.text, box))
@@ -919,10 +906,25 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
 
+# What the world's text takes from data.py; their source is hashed with this file's.
+DATA_HELPERS = (padded_square, padded_square_box, format_box)
+
+
+def generator_sha256() -> str:
+    """A hash of the code that decides the world's bytes: this file, the data.py helpers it writes
+    boxes with and the REC prompt. An edit of any of them regenerates a cached world; an edit
+    elsewhere in data.py does not."""
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    for helper in DATA_HELPERS:
+        digest.update(inspect.getsource(helper).encode("utf-8"))
+    digest.update(REC_PROMPT.encode("utf-8"))
+    return digest.hexdigest()
+
+
 def generator_arguments(seed: int, num_train_images: int, num_eval_images: int, image_size: int) -> dict:
-    """What the marker file records; the source hash makes an edit of this file regenerate."""
+    """What the marker file records; the source hash makes an edit of the generator regenerate."""
     return {"seed": seed, "num_train_images": num_train_images, "num_eval_images": num_eval_images,
-            "image_size": image_size, "generator_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}
+            "image_size": image_size, "generator_sha256": generator_sha256()}
 
 
 def marker_arguments(marker: Path) -> dict | None:
@@ -977,7 +979,7 @@ def build_world(out_dir: str | Path = DEFAULT_WORLD_DIR, seed: int = 0,
                 num_train_images: int = DEFAULT_SIZES["num_train_images"],
                 num_eval_images: int = DEFAULT_SIZES["num_eval_images"], image_size: int = DEFAULT_IMAGE_SIZE,
                 workers: int | None = None) -> Path:
-    """Write the shapes world into out_dir (layout in the module docstring and SPEC.md) and return
+    """Write the shapes world into out_dir (layout in the module docstring) and return
     out_dir. Cached: if out_dir/world.json records the same arguments, nothing is done; otherwise
     the world's entries (WORLD_ENTRIES, nothing else) are removed and regenerated.
 

@@ -7,7 +7,7 @@
     torchrun --nproc_per_node 8 train.py configs/llava15.py
 
 A recipe is a list of stages (LLaVA: stage 1 "feature alignment" then stage 2 "instruction
-tuning", llava-dissertation.txt section 3.4; LLaVA-1.5 section 4.3). A stage says where its model
+tuning", dissertation section 3.4; LLaVA-1.5 section 4.3). A stage says where its model
 starts, which parameters train (regexes; everything else frozen), its optimizer and schedule
 (AdamW, linear warmup then cosine decay to a floor, no weight decay on norms and biases), its
 global batch (micro-batches x gradient accumulation x processes), how long, and its data. Stage
@@ -39,6 +39,7 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+import conversation
 import data
 from adapters import apply_lora, set_trainable
 from model import MLLM, LanguageModel, MLLMConfig, TextConfig
@@ -50,7 +51,7 @@ from vision import CLIPConfig, CLIPModel
 
 @dataclass
 class StageConfig:
-    """One stage of a recipe. Defaults are LLaVA-1.5's stage 2 (REFERENCE.md section 1)."""
+    """One stage of a recipe. Defaults are LLaVA-1.5's stage 2 (the official scripts/v1_5/finetune.sh)."""
     name: str = ""
     objective: str = "mllm"  # "mllm" (LLaVA stages), "clip" (contrastive pretraining), "lm" (text pretraining)
     # Where the model starts: "previous" (the last stage's output), "components" (vision_path +
@@ -196,7 +197,7 @@ def check_stage(stage: StageConfig) -> None:
     """What the types alone do not catch, before any work starts."""
     where = f"stage {stage.name!r}"
     check_choice(f"{stage.name}.objective", stage.objective, ("mllm", "clip", "lm"))
-    check_choice(f"{stage.name}.template", stage.template, tuple(data.TEMPLATES))
+    check_choice(f"{stage.name}.template", stage.template, tuple(conversation.TEMPLATES))
     if stage.region_loss and stage.objective != "clip":
         raise ValueError(f"{where}: region_loss is a loss of the clip objective, not of {stage.objective!r}")
     if stage.micro_batch_size < 1 or stage.global_batch_size % stage.micro_batch_size:
@@ -308,8 +309,8 @@ def build_model(stage: StageConfig, config: TrainConfig, previous: Path | None, 
         architecture = {"vocab_size": tokenizer.get_vocab_size(), **stage.architecture}
         if stage.objective == "clip":
             text = {"vocab_size": tokenizer.get_vocab_size(), **architecture.get("text_config", {}),
-                    "bos_token_id": tokenizer.token_to_id(data.BOS_TOKEN),
-                    "eos_token_id": tokenizer.token_to_id(data.EOS_TOKEN),
+                    "bos_token_id": tokenizer.token_to_id(conversation.BOS_TOKEN),
+                    "eos_token_id": tokenizer.token_to_id(conversation.EOS_TOKEN),
                     "pad_token_id": tokenizer.token_to_id("<pad>")}
             if text["eos_token_id"] == 2:
                 raise ValueError(f"stage {stage.name!r}: the tokenizer's </s> is id 2, which a CLIP text config reads "
@@ -317,14 +318,14 @@ def build_model(stage: StageConfig, config: TrainConfig, previous: Path | None, 
             return CLIPModel(CLIPConfig.from_dict({**architecture, "text_config": text}))
         if stage.objective == "lm":
             return LanguageModel(TextConfig.from_dict({
-                **architecture, "bos_token_id": tokenizer.token_to_id(data.BOS_TOKEN),
-                "eos_token_id": tokenizer.token_to_id(data.EOS_TOKEN), "pad_token_id": tokenizer.token_to_id("<pad>")}))
+                **architecture, "bos_token_id": tokenizer.token_to_id(conversation.BOS_TOKEN),
+                "eos_token_id": tokenizer.token_to_id(conversation.EOS_TOKEN), "pad_token_id": tokenizer.token_to_id("<pad>")}))
         raise ValueError(f"stage {stage.name!r}: init='scratch' is for the clip and lm objectives")
     if stage.init == "components":
         if stage.objective != "mllm":
             raise ValueError(f"stage {stage.name!r}: init='components' builds an MLLM")
         overrides = dict(config.model)
-        for key, token in (("image_token_index", data.IMAGE_PLACEHOLDER), ("pad_token_id", "<pad>")):
+        for key, token in (("image_token_index", conversation.IMAGE_PLACEHOLDER), ("pad_token_id", "<pad>")):
             if key not in overrides and tokenizer.token_to_id(token) is not None:
                 overrides[key] = tokenizer.token_to_id(token)
         paths = [resolve_path(path, out_dir, stage_names) for path in (stage.vision_path, stage.language_path)]
@@ -527,7 +528,7 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: Runtime, previ
     # One loader batch = one process's share of one optimizer step, so the samples of every step
     # are the same for any number of processes (data.ModalityLengthGroupedSampler).
     loader = data.make_dataloader(dataset, stage.micro_batch_size * accumulation,
-                                  data.require_token_id(tokenizer, "<pad>"), num_workers=config.num_workers,
+                                  conversation.require_token_id(tokenizer, "<pad>"), num_workers=config.num_workers,
                                   seed=config.seed, world_size=runtime.world_size, rank=runtime.rank,
                                   pin_memory=runtime.device.type == "cuda")
     # Worker seeds from the loader's own generator, not the global RNG, so resuming does not shift it.

@@ -1,4 +1,4 @@
-"""The original LLaVA 7B (llava-dissertation.txt chapter 3; REFERENCE.md section 1): a linear
+"""The original LLaVA 7B (Steerable Visual Intelligence, chapter 3; the official scripts): a linear
 projection, 224 px CLIP ViT-L/14, the Vicuna-v0 "###" template (Table 3.2) in both stages.
   stage 1: CC3M-595K, projector only, lr 2e-3, batch 128, 1 epoch (section 3.4)
   stage 2: LLaVA-Instruct-158K, projector + LLM, lr 2e-5, batch 32, 3 epochs

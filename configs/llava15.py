@@ -1,5 +1,5 @@
-"""LLaVA-1.5 7B (llava-dissertation.txt section 4.3; hyperparameters of the official
-scripts/v1_5/pretrain.sh and finetune.sh, REFERENCE.md section 1), on 8 GPUs:
+"""LLaVA-1.5 7B (Steerable Visual Intelligence, section 4.3; hyperparameters of the official
+scripts/v1_5/pretrain.sh and finetune.sh), on 8 GPUs:
     torchrun --nproc_per_node 8 train.py configs/llava15.py
 Paths point at local copies of the public checkpoints and data (nothing is downloaded here):
   checkpoints/clip-vit-large-patch14-336   openai/clip-vit-large-patch14-336 (CLIPModel safetensors)

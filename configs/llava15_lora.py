@@ -1,5 +1,4 @@
-"""LLaVA-1.5 7B with LoRA in stage 2 (official scripts/v1_5/finetune_lora.sh; REFERENCE.md
-section 1): LoRA r 128, alpha 256 on every linear layer of the LLM at lr 2e-4, the projector
+"""LLaVA-1.5 7B with LoRA in stage 2 (official scripts/v1_5/finetune_lora.sh): LoRA r 128, alpha 256 on every linear layer of the LLM at lr 2e-4, the projector
 fully trained at 2e-5 (--mm_projector_lr). Stage 1 is LLaVA-1.5's, unchanged."""
 from adapters import LLAVA15_LORA_TARGETS as _LORA_TARGETS  # every linear layer of the LLM
 

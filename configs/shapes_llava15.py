@@ -33,7 +33,7 @@ stages = [
                            text_config=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3,
                                             num_attention_heads=4, max_position_embeddings=64)),
          # Captions never need an object's shape; "small red circle" vs "small red star" does. Shape
-         # read by a linear probe (probe_vision.py): 0.49 without this loss, 0.73 with it at 300 steps
+         # read by a linear probe (probe.py vision): 0.49 without this loss, 0.73 with it at 300 steps
          # and lr 3e-3, 0.99 at 1000 steps (README, the main job).
          region_loss=True,
          trainable=[r"."], learning_rate=3e-3, weight_decay=0.1, warmup_ratio=0.05,

@@ -1,8 +1,16 @@
-"""Shared test helpers: the tiny LLaVA-1.5 that the training and probe tests start from."""
+"""Shared test helpers: tiny transformers references for the parity tests, and the tiny
+LLaVA-1.5 that the training and probe tests start from. Test modules import from here, never
+from each other."""
+import os
+
+import safetensors.torch
+import torch
+import transformers
 from tokenizers import Tokenizer
 
 from model import MLLMConfig, TextConfig
 from vision import VisionConfig
+
 
 
 def tiny_mllm_config(tokenizer: Tokenizer) -> MLLMConfig:
@@ -13,3 +21,69 @@ def tiny_mllm_config(tokenizer: Tokenizer) -> MLLMConfig:
         text_config=TextConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128,
                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
         image_token_index=tokenizer.token_to_id("<image>"), pad_token_id=tokenizer.token_to_id("<pad>"))
+
+
+# Tiny transformers references. They have grouped-query attention, an untied head, rope_theta
+# != 10000 and an RMSNorm eps that is neither LLaMA-1's nor LLaMA-2's default, so a wrong
+# convention anywhere shows.
+
+IMAGE_TOKEN = 120
+PAD_TOKEN = 121
+NUM_IMAGE_TOKENS = 4  # (28 / 14) ** 2 patches, CLS dropped
+
+
+def tiny_llama_config(**overrides) -> transformers.LlamaConfig:
+    values = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, rope_theta=5000.0, rms_norm_eps=3e-5, tie_word_embeddings=False,
+                  max_position_embeddings=256, pad_token_id=PAD_TOKEN)
+    return transformers.LlamaConfig(**{**values, **overrides})
+
+
+def tiny_clip_vision_config() -> transformers.CLIPVisionConfig:
+    return transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                         num_attention_heads=4, image_size=28, patch_size=14)
+
+
+def tiny_hf_llava(seed: int = 0) -> transformers.LlavaForConditionalGeneration:
+    torch.manual_seed(seed)
+    config = transformers.LlavaConfig(vision_config=tiny_clip_vision_config(), text_config=tiny_llama_config(),
+                                      image_token_index=IMAGE_TOKEN, vision_feature_layer=-2, pad_token_id=PAD_TOKEN)
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # transformers initializes norms to ones: make them matter
+        for name, parameter in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                parameter.uniform_(0.5, 1.5)
+    return model
+
+
+def text_with_images(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of 3: sample 0 has one image, sample 1 none, sample 2 two images; 2 + 1 images."""
+    generator = torch.Generator().manual_seed(seed)
+    image = [IMAGE_TOKEN] * NUM_IMAGE_TOKENS
+    rows = [[1, 5, *image, 7, 9, 11, 13], [1, 17, 19, 23, 29, 31, 37, 41, 43, 47],
+            [1, *image, 3, *image]]
+    width = max(map(len, rows))
+    input_ids = torch.tensor([row + [PAD_TOKEN] * (width - len(row)) for row in rows])
+    pixel_values = torch.randn(3, 3, 28, 28, generator=generator)
+    return input_ids, pixel_values
+
+
+def hf_logits(model, input_ids, pixel_values=None, attention_mask=None) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask).logits
+
+
+def our_logits(model, input_ids, pixel_values=None, attention_mask=None) -> torch.Tensor:
+    """Logits of an MLLM (with images) or a LanguageModel (pixel_values None)."""
+    with torch.no_grad():
+        if pixel_values is None:
+            return model(input_ids, attention_mask=attention_mask)
+        return model(input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
+
+
+def rewrite_checkpoint(directory: str, rename) -> None:
+    """Rename (or drop, when rename returns None) the keys of directory/model.safetensors."""
+    path = os.path.join(directory, "model.safetensors")
+    state = safetensors.torch.load_file(path)
+    state = {rename(key): value for key, value in state.items() if rename(key) is not None}
+    safetensors.torch.save_file(state, path, metadata={"format": "pt"})

@@ -8,8 +8,8 @@ import torch
 
 from adapters import (LLAVA15_LORA_TARGETS, LoRALinear, apply_lora, merge_lora, set_trainable,
                       unmerge_lora)
+from conftest import text_with_images, tiny_hf_llava
 from model import MLLM
-from test_model import text_with_images, tiny_hf_llava
 
 
 @pytest.fixture()

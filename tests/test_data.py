@@ -1,4 +1,4 @@
-"""Tests of data.py: templates and their loss masks, the LLaVA JSON datasets, CLIP preprocessing
+"""Tests of conversation.py and data.py: templates and their loss masks, the LLaVA JSON datasets, CLIP preprocessing
 against transformers, collate and the modality/length-grouped sampler. All inputs are built in
 tmp_path; the tokenizer is a tiny BPE trained here with `tokenizers`."""
 
@@ -11,6 +11,7 @@ from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import data
+from conversation import TEMPLATES, DataError, format_conversation, render_conversation, show_supervision
 
 IMAGE_TOKEN_INDEX = 1000  # outside the tiny vocabulary, as llava-hf's 32000 can be
 NUM_IMAGE_TOKENS = 4
@@ -37,7 +38,7 @@ def build_tokenizer(pre_tokenizer: str = "byte_level") -> Tokenizer:
         tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
         tokenizer.decoder = decoders.Metaspace()
         alphabet = list("\n#")
-    corpus = [template.system for template in data.TEMPLATES.values()]
+    corpus = [template.system for template in TEMPLATES.values()]
     corpus += ["USER: ASSISTANT: ### Human: ### Assistant:", "a caption of shapes."]
     corpus += [turn["value"] for turn in MULTI_TURN]
     trainer = trainers.BpeTrainer(vocab_size=300, show_progress=False, initial_alphabet=alphabet,
@@ -70,7 +71,7 @@ def supervised_text(input_ids: list[int], labels: list[int], tokenizer: Tokenize
 # Templates and masks
 # --------------------------------------------------------------------------------------------
 
-V1_SYSTEM, V0_SYSTEM = data.TEMPLATES["vicuna_v1"].system, data.TEMPLATES["vicuna_v0"].system
+V1_SYSTEM, V0_SYSTEM = TEMPLATES["vicuna_v1"].system, TEMPLATES["vicuna_v0"].system
 
 
 @pytest.mark.parametrize("template,expected_shown,expected_supervised", [
@@ -86,16 +87,16 @@ V1_SYSTEM, V0_SYSTEM = data.TEMPLATES["vicuna_v1"].system, data.TEMPLATES["vicun
      " The circle is red.\n###| There are 3 squares.\n###"),
 ])
 def test_multi_turn_mask(tokenizer, template, expected_shown, expected_supervised):
-    shown = data.show_supervision(MULTI_TURN, template, tokenizer, NUM_IMAGE_TOKENS)
+    shown = show_supervision(MULTI_TURN, template, tokenizer, NUM_IMAGE_TOKENS)
     print("\n" + shown)
     assert shown == expected_shown
-    input_ids, labels = data.render_conversation(MULTI_TURN, template, tokenizer,
+    input_ids, labels = render_conversation(MULTI_TURN, template, tokenizer,
                                                  IMAGE_TOKEN_INDEX, NUM_IMAGE_TOKENS)
     assert supervised_text(input_ids, labels, tokenizer) == expected_supervised
 
 
 def test_image_placeholder_is_expanded_and_bos_first(tokenizer):
-    input_ids, labels = data.render_conversation(MULTI_TURN, "vicuna_v1", tokenizer,
+    input_ids, labels = render_conversation(MULTI_TURN, "vicuna_v1", tokenizer,
                                                  IMAGE_TOKEN_INDEX, NUM_IMAGE_TOKENS)
     assert input_ids[0] == tokenizer.token_to_id("<s>") and labels[0] == data.IGNORE_INDEX
     assert input_ids.count(tokenizer.token_to_id("<s>")) == 1
@@ -108,18 +109,18 @@ def test_image_placeholder_is_expanded_and_bos_first(tokenizer):
 def test_plain_mask_supervises_caption_and_newline_only(tokenizer):
     caption = [{"from": "human", "value": "Describe the image briefly.\n<image>"},
                {"from": "gpt", "value": "a caption of shapes."}]
-    shown = data.show_supervision(caption, "plain", tokenizer, NUM_IMAGE_TOKENS)
+    shown = show_supervision(caption, "plain", tokenizer, NUM_IMAGE_TOKENS)
     print("\n" + shown)
     assert shown == "<s><image>x4[a caption of shapes.\n]"
-    input_ids, labels = data.render_conversation(caption, "plain", tokenizer, IMAGE_TOKEN_INDEX,
+    input_ids, labels = render_conversation(caption, "plain", tokenizer, IMAGE_TOKEN_INDEX,
                                                  NUM_IMAGE_TOKENS)
     assert input_ids[:1 + NUM_IMAGE_TOKENS] == [tokenizer.token_to_id("<s>")] + \
         [IMAGE_TOKEN_INDEX] * NUM_IMAGE_TOKENS
     assert labels[:1 + NUM_IMAGE_TOKENS] == [data.IGNORE_INDEX] * (1 + NUM_IMAGE_TOKENS)
     assert all(label != data.IGNORE_INDEX for label in labels[1 + NUM_IMAGE_TOKENS:])
     assert tokenizer.token_to_id("</s>") not in input_ids  # LLaVA's plain template has no EOS
-    with pytest.raises(data.DataError, match="one human and one gpt"):
-        data.render_conversation(MULTI_TURN, "plain", tokenizer, IMAGE_TOKEN_INDEX, 1)
+    with pytest.raises(DataError, match="one human and one gpt"):
+        render_conversation(MULTI_TURN, "plain", tokenizer, IMAGE_TOKEN_INDEX, 1)
 
 
 @pytest.mark.parametrize("template", ["vicuna_v1", "vicuna_v0", "plain"])
@@ -128,8 +129,8 @@ def test_supervised_tokens_cover_exactly_the_answer_spans(template, pre_tokenize
     """Whatever the pre-tokenizer merges, the supervised tokens are the answers + stop."""
     tokenizer = build_tokenizer(pre_tokenizer)
     conversation = MULTI_TURN[:2] if template == "plain" else MULTI_TURN
-    text, spans = data.format_conversation(conversation, template)
-    input_ids, labels = data.render_conversation(conversation, template, tokenizer,
+    text, spans = format_conversation(conversation, template)
+    input_ids, labels = render_conversation(conversation, template, tokenizer,
                                                  IMAGE_TOKEN_INDEX, NUM_IMAGE_TOKENS)
     # Line the tokenizer's own tokens up with the rendered labels (BOS and image expansion out).
     placeholder_id = tokenizer.token_to_id("<image>")
@@ -144,35 +145,47 @@ def test_supervised_tokens_cover_exactly_the_answer_spans(template, pre_tokenize
 
 def test_generation_prompt_ends_with_assistant_role(tokenizer):
     question = MULTI_TURN[:1]
-    text, spans = data.format_conversation(question, "vicuna_v1", for_generation=True)
+    text, spans = format_conversation(question, "vicuna_v1", for_generation=True)
     assert text.endswith("USER: <image>\nWhat color is the circle? ASSISTANT:") and spans == []
-    text_v0, _ = data.format_conversation(question, "vicuna_v0", for_generation=True)
+    text_v0, _ = format_conversation(question, "vicuna_v0", for_generation=True)
     assert text_v0.endswith("### Human: <image>\nWhat color is the circle?\n### Assistant:")
-    input_ids, labels = data.render_conversation(question, "vicuna_v1", tokenizer,
+    input_ids, labels = render_conversation(question, "vicuna_v1", tokenizer,
                                                  IMAGE_TOKEN_INDEX, NUM_IMAGE_TOKENS,
                                                  for_generation=True)
     assert all(label == data.IGNORE_INDEX for label in labels)
     # The training sequence continues the generation prompt token for token.
-    train_ids, _ = data.render_conversation(MULTI_TURN, "vicuna_v1", tokenizer,
+    train_ids, _ = render_conversation(MULTI_TURN, "vicuna_v1", tokenizer,
                                             IMAGE_TOKEN_INDEX, NUM_IMAGE_TOKENS)
     assert train_ids[:len(input_ids)] == input_ids
-    with pytest.raises(data.DataError, match="ends with a human turn"):
-        data.format_conversation(MULTI_TURN, "vicuna_v1", for_generation=True)
+    with pytest.raises(DataError, match="ends with a human turn"):
+        format_conversation(MULTI_TURN, "vicuna_v1", for_generation=True)
 
 
 def test_malformed_conversations_are_named(tokenizer):
-    with pytest.raises(data.DataError, match="turn 1 has 'from' 'bot'"):
-        data.format_conversation([{"from": "human", "value": "hi"},
+    with pytest.raises(DataError, match="turn 1 has 'from' 'bot'"):
+        format_conversation([{"from": "human", "value": "hi"},
                                   {"from": "bot", "value": "x"}], "vicuna_v1")
-    with pytest.raises(data.DataError, match="no gpt answer"):
-        data.format_conversation([{"from": "human", "value": "hi"}], "vicuna_v1")
-    with pytest.raises(data.DataError, match="turn 0 needs the keys"):
-        data.format_conversation([{"value": "hi"}], "vicuna_v1")
+    with pytest.raises(DataError, match="no gpt answer"):
+        format_conversation([{"from": "human", "value": "hi"}], "vicuna_v1")
+    with pytest.raises(DataError, match="turn 0 needs the keys"):
+        format_conversation([{"value": "hi"}], "vicuna_v1")
 
 
 def test_format_box():
     assert data.format_box([0.525, 0.0, 0.675, 0.3941]) == "[0.525,0.000,0.675,0.394]"
     assert data.format_box([-0.00001, 0.5, 1.0004, 0.25], decimals=2) == "[0.00,0.50,1.00,0.25]"
+
+
+def test_padded_square_boxes_land_where_expand2square_pastes_the_image():
+    assert data.padded_square(96, 64) == (96, 0, 16) and data.padded_square(31, 45) == (45, 7, 0)
+    assert data.padded_square_box((0, 0, 96, 64), 96, 64) == [0.0, 16 / 96, 1.0, 80 / 96]
+    image = Image.new("RGB", (31, 45), (0, 0, 0))
+    image.putpixel((3, 10), (255, 255, 255))
+    square = data.expand2square(image, (9, 9, 9))
+    x0, y0, _, _ = data.padded_square_box([3, 10, 4, 11], 31, 45)
+    assert square.getpixel((round(x0 * square.width), round(y0 * square.height))) == (255, 255, 255)
+    box = [3.0, 10.0, 20.5, 44.0]
+    assert data.box_from_padded_square(data.padded_square_box(box, 31, 45), 31, 45) == pytest.approx(box)
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,7 +333,7 @@ def test_malformed_records_and_missing_images_are_skipped_and_counted(tmp_path, 
     assert f"{path} record 4 (id 'missing'): image file not found: {folder}/nowhere.png" in summary
     assert "record 5 (id 'bad_from'): turn 1 has 'from' 'bot'" in summary
     assert "record 6 (id 'no_answer'): the conversation has no gpt answer" in summary
-    with pytest.raises(data.DataError, match="record 4 .*nowhere.png"):
+    with pytest.raises(DataError, match="record 4 .*nowhere.png"):
         make_dataset(path, folder, tokenizer, on_error="raise")
 
 
@@ -332,7 +345,7 @@ def test_jsonl_bad_line_is_named_by_line_number(tmp_path, tokenizer):
     summary = dataset.problems.summary()
     assert f"{path} line 2: invalid JSON" in summary
     assert f"{path} line 5 (id 'bad_from')" in summary
-    with pytest.raises(data.DataError, match="line 2: invalid JSON"):
+    with pytest.raises(DataError, match="line 2: invalid JSON"):
         make_dataset(path, folder, tokenizer, on_error="raise")
 
 
@@ -352,7 +365,7 @@ def test_corrupt_image_is_skipped_through_the_dataloader(tmp_path, tokenizer):
     assert f"record 4 (id 'corrupt'): cannot decode image {folder}/corrupt.png" in \
         dataset.problems.summary()
     raising = make_dataset(path, folder, tokenizer, on_error="raise")
-    with pytest.raises(data.DataError, match="id 'corrupt'.*corrupt.png"):
+    with pytest.raises(DataError, match="id 'corrupt'.*corrupt.png"):
         raising[4]
 
 
@@ -405,13 +418,24 @@ def test_caption_regions_are_mapped_to_the_view_and_phrases_deduplicated(tmp_pat
     assert regions["phrase_ids"][0, :regions["phrase_mask"][0].sum()].tolist() == [bos, *red, eos]
     assert regions["phrase_ids"].shape[0] == 2 and regions["boxes"].shape == (3, 4)
     path, folder = write_world(tmp_path, [{"id": "a", "image": "0.png", "conversations": qa("<image>", "x")}])
-    with pytest.raises(data.DataError, match="record 0 .*'regions' list"):
+    with pytest.raises(DataError, match="record 0 .*'regions' list"):
         data.CaptionDataset(path, folder, tokenizer, image_size=16, with_regions=True, on_error="raise")
 
 
 # --------------------------------------------------------------------------------------------
 # Collate and sampler
 # --------------------------------------------------------------------------------------------
+
+def test_pad_sequences_right_and_left():
+    values, mask = data.pad_sequences([[5, 6, 7], torch.tensor([8])], pad_value=0)
+    assert values.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    values, mask = data.pad_sequences([(5, 6, 7), (8,)], pad_value=-1, side="left")
+    assert values.tolist() == [[5, 6, 7], [-1, -1, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert values.dtype == mask.dtype == torch.long
+    assert data.pad_sequences([], pad_value=0)[0].shape == (0, 0)
+    with pytest.raises(ValueError, match="side"):
+        data.pad_sequences([[1]], pad_value=0, side="middle")
+
 
 def test_collate_right_pads_and_stacks_only_images(tmp_path, tokenizer):
     dataset = make_dataset(*write_world(tmp_path, GOOD_RECORDS), tokenizer)

@@ -1,4 +1,4 @@
-"""Tests of eval.py: metrics on hand-checked cases (CIDEr-D against pycocoevalcap), the task
+"""Tests of eval.py and metrics.py: metrics on hand-checked cases (CIDEr-D against pycocoevalcap), the task
 loaders on tiny files in the public formats, and the eval loop end to end on a tiny random MLLM."""
 import json
 import math
@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 
 import eval as evaluation
-from eval import box_iou, cider_d, load_task, normalize_vqa_answer, parse_box, pope_metrics, vqa_accuracy
+import metrics
+from eval import load_task
+from metrics import box_iou, cider_d, normalize_vqa_answer, parse_box, pope_metrics, vqa_accuracy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,7 +108,7 @@ def test_pope_metrics_hand_case():
 @pytest.mark.parametrize("text, index", [("B", 1), ("B.", 1), ("(C)", 2), ("A) cat", 0), ("cat", 0), ("Dog.", 1),
                                          ("Z", None), ("the answer", None), ("", None)])
 def test_parse_choice(text, index):
-    assert evaluation.parse_choice(text, ["cat", "dog", "bird"]) == index
+    assert metrics.parse_choice(text, ["cat", "dog", "bird"]) == index
 
 
 def test_box_normalization_to_padded_square_and_back():
@@ -140,7 +142,7 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    """A miniature dataset root in the shapes-world layout (SPEC.md): images/, eval/<task>/."""
+    """A miniature dataset root in the shapes-world layout (shapes.py): images/, eval/<task>/."""
     root = tmp_path_factory.mktemp("world")
     (root / "images").mkdir()
     for image_id, size in IMAGE_SIZES.items():

@@ -1,4 +1,4 @@
-"""Decoding (model.generate_tokens): the same tokens as transformers' generate for greedy, beam
+"""Decoding (decoding.py): the same tokens as transformers' generate for greedy, beam
 search (beams, length penalty, no-repeat n-gram), sampling and repetition penalty; batched ==
 unbatched under left padding; cached == uncached; one beam == greedy; stop rules."""
 from __future__ import annotations
@@ -7,8 +7,9 @@ import pytest
 import torch
 import transformers
 
-from model import MLLM, LanguageModel, beam_search, start_decoding
-from test_model import IMAGE_TOKEN, NUM_IMAGE_TOKENS, PAD_TOKEN, text_with_images, tiny_hf_llava, tiny_llama_config
+from conftest import IMAGE_TOKEN, NUM_IMAGE_TOKENS, PAD_TOKEN, text_with_images, tiny_hf_llava, tiny_llama_config
+from decoding import DecodingOptions, beam_search, start_decoding
+from model import MLLM, LanguageModel
 
 
 def sharpen_and_silence_special_tokens(model) -> None:
@@ -103,13 +104,11 @@ def test_one_beam_equals_greedy(llama_pair):
     input_ids, mask = left_pad(PROMPTS)
     eos = frequent_token(ours, PROMPTS[1])
     greedy = ours.generate(input_ids, attention_mask=mask, max_new_tokens=8, eos_token_id=eos)
-    # beam_search itself (generate_tokens sends num_beams=1 to greedy). Length penalty 0: with
+    # beam_search itself (generate sends num_beams=1 to greedy). Length penalty 0: with
     # normalization a beam search may prefer a longer hypothesis, greedy never does.
     with torch.inference_mode():
-        state = start_decoding(ours, input_ids, None, mask, max_new_tokens=8, min_new_tokens=0, do_sample=False,
-                               temperature=1.0, top_k=0, top_p=1.0, no_repeat_ngram_size=0, repetition_penalty=1.0,
-                               eos_token_id=eos, stop_token_sequences=None, pad_token_id=None)
-        one_beam = beam_search(**state, num_beams=1, length_penalty=0.0)
+        options = DecodingOptions(max_new_tokens=8, eos_token_id=eos, num_beams=1, length_penalty=0.0)
+        one_beam = beam_search(start_decoding(ours, input_ids, None, mask, options))
     assert (greedy == eos).any()
     assert torch.equal(one_beam, greedy)
 

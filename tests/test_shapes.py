@@ -19,6 +19,7 @@ from PIL import Image
 
 import data
 import eval as evaluation
+import metrics
 import shapes
 
 NUM_TRAIN, NUM_EVAL = 40, 24
@@ -252,11 +253,13 @@ def test_training_answers_are_correct(world):
     assert checked["short"] > 50 and checked["rec"] > 20 and checked["reg"] > 5 and checked["multiple_choice"] > 0
 
 
-def test_box_text_matches_data_format_box():
-    box = [0.5251, 0.0, 0.67499, 0.3939]
-    assert shapes.box_text(box) == data.format_box(box) == "[0.525,0.000,0.675,0.394]"
-    assert shapes.box_text([-0.0001, 0.2, 1.0004, 1.0]) == data.format_box([-0.0001, 0.2, 1.0004, 1.0])
-    assert shapes.padded_square_box((0, 0, 96, 64), 96, 64) == [0.0, 16 / 96, 1.0, 80 / 96]
+def test_world_hash_covers_the_data_helpers_it_writes_boxes_and_prompts_with(monkeypatch):
+    hashes = {shapes.generator_sha256()}
+    monkeypatch.setattr(shapes, "DATA_HELPERS", shapes.DATA_HELPERS[:-1])
+    hashes.add(shapes.generator_sha256())
+    monkeypatch.setattr(shapes, "REC_PROMPT", "Where is: ")
+    hashes.add(shapes.generator_sha256())
+    assert len(hashes) == 3
 
 
 def test_training_files_load_with_data_loaders(world):
@@ -337,7 +340,7 @@ def test_vqa_questions_and_ten_answers(world):
         assert [a["answer_id"] for a in annotation["answers"]] == list(range(1, 11))
         assert annotation["answer_type"] in ("yes/no", "number", "other")
         truth = answer(question["question"], objects[question["image_id"]])
-        perfect += evaluation.vqa_accuracy(truth, [a["answer"] for a in annotation["answers"]]) == 1.0
+        perfect += metrics.vqa_accuracy(truth, [a["answer"] for a in annotation["answers"]]) == 1.0
     assert perfect >= 0.9 * len(questions), "the true answer must get full VQA accuracy almost always"
 
 

@@ -4,9 +4,10 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from checkpoints import (CLIP_VISION_ROOT_LAYOUT, CheckpointError, load_safetensors, state_to_ours, state_to_theirs,
+                         write_config_json)
 from connectors import build_connector
-from vision import (CheckpointError, CLIPConfig, CLIPModel, CLIPTextConfig, VisionConfig, VisionTransformer, contrastive_loss,
-                    clip_state_to_ours, load_safetensors, our_state_to_clip, write_config_json)
+from vision import CLIPConfig, CLIPModel, CLIPTextConfig, VisionConfig, VisionTransformer, contrastive_loss
 
 VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
               image_size=30, patch_size=6)
@@ -78,7 +79,7 @@ def test_vision_loads_prefixed_keys_and_ignores_position_ids(tmp_path):
     torch.manual_seed(0)
     source = VisionTransformer(VisionConfig(**VISION))
     write_config_json(CLIPConfig(vision_config=VisionConfig(**VISION)).to_dict(), tmp_path)
-    state = {f"vision_model.{key}": value for key, value in our_state_to_clip(source.state_dict()).items()}
+    state = {f"vision_model.{key}": value for key, value in state_to_theirs(source.state_dict(), CLIP_VISION_ROOT_LAYOUT).items()}
     state["vision_model.embeddings.position_ids"] = torch.arange(26)[None]
     save_file(state, tmp_path / "model.safetensors")
     loaded = VisionTransformer.from_pretrained(tmp_path)
@@ -90,7 +91,7 @@ def test_position_interpolation_matches_transformers():
     reference = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION)).eval()
     randomize(reference)
     ours = VisionTransformer(VisionConfig(**VISION)).eval()
-    ours.load_state_dict(clip_state_to_ours(reference.state_dict()))
+    ours.load_state_dict(state_to_ours(reference.state_dict(), CLIP_VISION_ROOT_LAYOUT))
     original = ours.embeddings.position_embedding.weight.clone()
     ours.interpolate_position_embedding(30)
     torch.testing.assert_close(ours.embeddings.position_embedding.weight, original, atol=1e-6, rtol=0)
@@ -183,14 +184,37 @@ def test_sharded_checkpoint_is_read_through_its_index(tmp_path):
     ("mlp2x_gelu", ["linear_1.bias", "linear_1.weight", "linear_2.bias", "linear_2.weight"]),
 ])
 def test_connectors(projector_type, parameter_names):
-    connector = build_connector(projector_type, vision_width=32, text_width=48)
+    connector = build_connector(projector_type, VisionConfig(**VISION), 48, -2, "default")
     assert sorted(connector.state_dict()) == parameter_names
-    assert connector(torch.randn(2, 25, 32)).shape == (2, 25, 48)
+    hidden_states = [torch.randn(2, 26, 32) for _ in range(4)]
+    assert connector.num_image_tokens == 25 and connector.num_vision_layers_used == 2
+    assert connector(hidden_states).shape == (2, 25, 48)
 
 
-def test_unknown_connector_is_refused():
+def test_connector_selects_its_layer_and_the_class_token():
+    """The connector reads exactly one layer: changing any other leaves its output unchanged;
+    "full" keeps CLS as the first token, "default" drops it."""
+    torch.manual_seed(0)
+    hidden_states = [torch.randn(2, 26, 32) for _ in range(4)]
+    for layer in (-1, -2, 1):
+        connector = build_connector("mlp2x_gelu", VisionConfig(**VISION), 48, layer, "full")
+        assert connector.num_image_tokens == 26
+        before = connector(hidden_states)
+        for index in range(4):
+            changed = [state + (index == layer % 4) for state in hidden_states]
+            assert torch.equal(connector(changed), before) == (index != layer % 4)
+        default = build_connector("mlp2x_gelu", VisionConfig(**VISION), 48, layer, "default")
+        default.load_state_dict(connector.state_dict())
+        torch.testing.assert_close(default(hidden_states), before[:, 1:])
+
+
+def test_unknown_connector_options_are_refused():
     with pytest.raises(ValueError, match="unknown projector_type 'mlp3x'"):
-        build_connector("mlp3x", 32, 48)
+        build_connector("mlp3x", VisionConfig(**VISION), 48, -2, "default")
+    with pytest.raises(ValueError, match="vision_feature_layer 5 does not exist in a tower of 3 layers"):
+        build_connector("linear", VisionConfig(**VISION), 48, 5, "default")
+    with pytest.raises(ValueError, match="vision_feature_select_strategy"):
+        build_connector("linear", VisionConfig(**VISION), 48, -2, "patch")
 
 
 def test_contrastive_loss_follows_react_eq_2_5_and_2_6():

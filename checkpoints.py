@@ -1,0 +1,429 @@
+"""Every on-disk layout: config.json, safetensors I/O, key-mapping tables, and pickle conversion.
+
+A public checkpoint names its tensors its own way (transformers' CLIP says `self_attn.out_proj`,
+original LLaVA puts the projector under `model.mm_projector`, EVA fuses q/k/v). Our modules have
+one set of names (layers.py). Between the two stands ONE mechanism: a layout is a tuple of `Rule`s,
+each a key pattern on their side, one on ours, and optionally a tensor transform (split a fused
+qkv, fold q/v biases, transpose), used in both directions: `to_ours` on load, `to_theirs` on save.
+Every layout table lives in this file; `detect_layout` says which one a checkpoint is in, and
+lists the known ones when none matches.
+
+Official pickles (`.pth`, `.pt`, `.bin`: LION, Lynx, Lyrics and REACT ship nothing else) are
+converted once, here, by `python checkpoints.py convert SRC DST`, with
+`torch.load(weights_only=True)` (which refuses anything but tensors and plain containers, so no
+code in the file runs); the rest of the codebase only ever reads safetensors.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+import safetensors.torch
+import torch
+import torch.nn as nn
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model; the message names every offending key."""
+
+
+# ----------------------------------------------------------------------------------------------
+# config.json
+
+
+class JsonConfig:
+    """A config dataclass that round-trips through a transformers config.json: field names are
+    transformers', `to_dict` adds `model_type`, `from_dict` keeps only the declared fields
+    (config.json also carries bookkeeping such as architectures, dtype, initializer_range)."""
+
+    model_type: ClassVar[str]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Self:
+        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_type": self.model_type, **asdict(self)}
+
+
+def read_config_json(directory: str | Path) -> dict[str, Any]:
+    """The config.json of a checkpoint directory, with an error naming the file if absent or broken."""
+    config_path = Path(directory) / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: a checkpoint directory needs a config.json")
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_path} is not valid JSON: {error}") from error
+
+
+def write_config_json(config: dict[str, Any], directory: str | Path) -> None:
+    """Write directory/config.json (creating the directory) atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    temporary = directory / f".{CONFIG_NAME}.tmp"
+    temporary.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(temporary, directory / CONFIG_NAME)
+
+
+# ----------------------------------------------------------------------------------------------
+# safetensors
+
+
+def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint on the CPU. `path` is a .safetensors file, or a directory
+    holding model.safetensors.index.json (sharded: its `weight_map` names each key's file) or
+    model.safetensors."""
+    path = Path(path)
+    if path.is_file():
+        return safetensors.torch.load_file(path)
+    index_path, single_path = path / WEIGHTS_INDEX_NAME, path / WEIGHTS_NAME
+    if index_path.is_file():
+        try:
+            shard_names = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as error:
+            raise ValueError(f"{index_path} is not a safetensors index (needs a weight_map): {error!r}") from error
+        state = {}
+        for shard_name in shard_names:
+            if not (path / shard_name).is_file():
+                raise FileNotFoundError(f"{path / shard_name} is listed in {index_path} but does not exist")
+            state.update(safetensors.torch.load_file(path / shard_name))
+        return state
+    if single_path.is_file():
+        return safetensors.torch.load_file(single_path)
+    raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} found")
+
+
+def save_safetensors(state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Write one .safetensors file atomically (a temporary file renamed into place, so a crash
+    never leaves a truncated checkpoint), with the {"format": "pt"} metadata transformers expects.
+    Tensors sharing memory (tied weights) must be dropped by the caller; safetensors refuses them."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    safetensors.torch.save_file({key: value.detach().contiguous() for key, value in state.items()},
+                                temporary, metadata={"format": "pt"})
+    os.replace(temporary, path)
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config.json, all tensors) of a checkpoint directory (single or sharded safetensors)."""
+    return read_config_json(path), load_safetensors(path)
+
+
+def write_checkpoint(path: str | Path, config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+    """config.json (with the weights' dtype, as transformers writes it) + model.safetensors,
+    each written atomically."""
+    dtype = next(iter(state.values())).dtype
+    write_config_json({**config, "dtype": str(dtype).removeprefix("torch.")}, path)
+    save_safetensors(state, Path(path) / WEIGHTS_NAME)
+
+
+def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `state` into `module` (casting to the module's dtypes), or raise CheckpointError naming
+    every missing key, unexpected key and shape mismatch at once; never a partial load."""
+    expected = module.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    mismatched = [f"{key}: checkpoint {tuple(state[key].shape)}, model {tuple(expected[key].shape)}"
+                  for key in sorted(expected.keys() & state.keys()) if state[key].shape != expected[key].shape]
+    problems = [(f"missing keys ({len(missing)})", missing), (f"unexpected keys ({len(unexpected)})", unexpected),
+                (f"shape mismatches ({len(mismatched)})", mismatched)]
+    if missing or unexpected or mismatched:
+        report = "\n".join(f"  {title}:\n" + "\n".join(f"    {line}" for line in lines)
+                           for title, lines in problems if lines)
+        raise CheckpointError(f"{source} does not fit {type(module).__name__}:\n{report}")
+    module.load_state_dict(state, strict=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The conversion mechanism: rules
+
+Tensors = tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Their key pattern(s) <-> our key pattern(s). A `*` matches any run of characters (dots
+    too); both sides hold the same `*`s, filled in order. A rule with several keys on a side
+    (EVA's fused `qkv.weight` on theirs, q/k/v on ours) converts tensors with `to_ours` /
+    `to_theirs`, functions from that side's tensors (in pattern order) to the other's."""
+
+    theirs: str | tuple[str, ...]
+    ours: str | tuple[str, ...]
+    to_ours: Callable[..., Tensors] | None = None
+    to_theirs: Callable[..., Tensors] | None = None
+
+    def side(self, name: str) -> tuple[str, ...]:
+        patterns = getattr(self, name)
+        return (patterns,) if isinstance(patterns, str) else patterns
+
+
+Layout = tuple[Rule, ...]
+
+
+def _compile(pattern: str) -> re.Pattern:
+    return re.compile("(.*)".join(re.escape(part) for part in pattern.split("*")))
+
+
+def _fill(pattern: str, groups: tuple[str, ...]) -> str:
+    parts = pattern.split("*")
+    return parts[0] + "".join(group + part for group, part in zip(groups, parts[1:]))
+
+
+def convert_keys(state: dict[str, torch.Tensor], layout: Layout, to: str) -> dict[str, torch.Tensor]:
+    """Rewrite a state dict between a public layout and ours: `to="ours"` on load, `to="theirs"`
+    on save. Each key takes the first rule that matches it on the source side; keys matching no
+    rule keep their name (so a strict load reports them). A multi-key rule needs all its keys:
+    a checkpoint holding only some of them raises, naming the ones present and the ones missing."""
+    source_side, target_side = ("theirs", "ours") if to == "ours" else ("ours", "theirs")
+    compiled = [[_compile(pattern) for pattern in rule.side(source_side)] for rule in layout]
+    converted: dict[str, torch.Tensor] = {}
+    groups_of: dict[tuple[int, tuple[str, ...]], dict[int, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        match = next(((index, part, found) for index, patterns in enumerate(compiled)
+                      for part, pattern in enumerate(patterns) if (found := pattern.fullmatch(key))), None)
+        if match is None:
+            converted[key] = tensor
+            continue
+        index, part, found = match
+        groups_of.setdefault((index, found.groups()), {})[part] = tensor
+    for (index, groups), parts in groups_of.items():
+        rule = layout[index]
+        sources, targets = rule.side(source_side), rule.side(target_side)
+        if len(parts) != len(sources):
+            present = [_fill(sources[part], groups) for part in sorted(parts)]
+            absent = [_fill(pattern, groups) for part, pattern in enumerate(sources) if part not in parts]
+            raise CheckpointError(f"{present} need {absent} too, to make {[_fill(t, groups) for t in targets]}")
+        tensors = tuple(parts[part] for part in range(len(sources)))
+        transform = rule.to_ours if to == "ours" else rule.to_theirs
+        if transform is not None:
+            tensors = transform(*tensors)
+        for pattern, tensor in zip(targets, tensors, strict=True):
+            converted[_fill(pattern, groups)] = tensor
+    return converted
+
+
+# Tensor transforms for multi-key rules, each with its inverse.
+
+def split_in_three(fused: torch.Tensor) -> Tensors:
+    """A fused q/k/v projection (rows q, then k, then v) into its three parts."""
+    return tuple(fused.chunk(3, dim=0))
+
+
+def join_three(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tensors:
+    return (torch.cat([q, k, v], dim=0),)
+
+
+def key_bias_from_zero(q_bias: torch.Tensor, v_bias: torch.Tensor) -> Tensors:
+    """EVA stores q and v biases only: the key projection's bias is zero (BLIP-2's ViT-g)."""
+    return q_bias, torch.zeros_like(q_bias), v_bias
+
+
+def drop_zero_key_bias(q_bias: torch.Tensor, k_bias: torch.Tensor, v_bias: torch.Tensor) -> Tensors:
+    if k_bias.any():
+        raise CheckpointError("this layout stores no key bias, but the model's key bias is not zero")
+    return q_bias, v_bias
+
+
+def transpose(weight: torch.Tensor) -> Tensors:
+    """(in, out) <-> (out, in): layouts that store linear maps as x @ W (Conv1D-style)."""
+    return (weight.t().contiguous(),)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout tables. Ours are the module names of vision.py, model.py and connectors.py.
+
+
+def clip_tower_rules(theirs: str, ours: str) -> Layout:
+    """transformers' CLIP tower under prefix `theirs` -> our VisionTransformer / TextTransformer
+    under `ours`: its pre-LN block names onto PreNormBlock's, `out_proj` onto Attention's `o_proj`.
+    `encoder.layers.N` and the rest keep their names."""
+    return (
+        Rule(f"{theirs}*.self_attn.out_proj.*", f"{ours}*.self_attn.o_proj.*"),
+        Rule(f"{theirs}*.layer_norm1.*", f"{ours}*.input_layernorm.*"),
+        Rule(f"{theirs}*.layer_norm2.*", f"{ours}*.post_attention_layernorm.*"),
+        Rule(f"{theirs}*", f"{ours}*"),
+    )
+
+
+def bert_layer_rules(theirs: str, ours: str) -> Layout:
+    """A transformers BertLayer under `theirs` (the Q-Former's layers are BERT's) -> our
+    layers.PostNormBlock under `ours`: BERT's query/key/value/dense onto Attention's projections,
+    its three output LayerNorms onto the block's norms, intermediate/output onto FeedForward."""
+    rules: list[Rule] = []
+    for bert, block in (("attention", "self_attn"), ("crossattention", "cross_attn")):
+        rules += [Rule(f"{theirs}{bert}.self.{name}.*", f"{ours}{block}.{projection}.*")
+                  for name, projection in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj"))]
+        rules += [Rule(f"{theirs}{bert}.output.dense.*", f"{ours}{block}.o_proj.*"),
+                  Rule(f"{theirs}{bert}.output.LayerNorm.*", f"{ours}{block}_norm.*")]
+    return tuple(rules) + (Rule(f"{theirs}intermediate.dense.*", f"{ours}mlp.fc1.*"),
+                           Rule(f"{theirs}output.dense.*", f"{ours}mlp.fc2.*"),
+                           Rule(f"{theirs}output.LayerNorm.*", f"{ours}mlp_norm.*"))
+
+
+# transformers' CLIPModel (our vision.CLIPModel); the arange `position_ids` buffer older
+# transformers saved holds no weights and is dropped before conversion (IGNORED_KEY_SUFFIXES).
+CLIP_LAYOUT = clip_tower_rules("vision_model.", "vision_model.") + clip_tower_rules("text_model.", "text_model.")
+# A CLIPVisionModel on its own: hub files keep `vision_model.`, transformers 5 writes no prefix.
+CLIP_VISION_LAYOUT = clip_tower_rules("vision_model.", "")
+CLIP_VISION_ROOT_LAYOUT = clip_tower_rules("", "")
+# LlamaForCausalLM: our LanguageModel uses its names.
+LLAMA_LAYOUT: Layout = (Rule("model.*", "model.*"), Rule("lm_head.*", "lm_head.*"))
+# llava-hf on disk: the hub's llava-1.5-*-hf checkpoints (CLIPVisionModel keeps `vision_model.`);
+# our save_pretrained writes this one. Projector and LLM keep their names.
+LLAVA_HF_PROJECTOR_AND_LLM: Layout = (
+    Rule("multi_modal_projector.*", "multi_modal_projector.*"),
+    Rule("language_model.model.*", "language_model.model.*"),
+    Rule("language_model.lm_head.*", "language_model.lm_head.*"),
+)
+LLAVA_HF_LAYOUT = clip_tower_rules("vision_tower.vision_model.", "vision_tower.") + LLAVA_HF_PROJECTOR_AND_LLM
+# What transformers 5 `save_pretrained` writes: the same, but CLIPVisionModel lost its `vision_model.` level.
+TRANSFORMERS5_SAVED_LAYOUT = clip_tower_rules("vision_tower.", "vision_tower.") + LLAVA_HF_PROJECTOR_AND_LLM
+# transformers 5 in memory (LlavaForConditionalGeneration.state_dict()): the LLaMA body without
+# its "model." level under `model.language_model.`, the head at the root.
+TRANSFORMERS5_MEMORY_LAYOUT = clip_tower_rules("model.vision_tower.", "vision_tower.") + (
+    Rule("model.multi_modal_projector.*", "multi_modal_projector.*"),
+    Rule("model.language_model.*", "language_model.model.*"),
+    Rule("lm_head.*", "language_model.lm_head.*"),
+)
+# Original LLaVA (haotian-liu/LLaVA): a LlamaForCausalLM whose `model.` also holds the projector
+# (`mm_projector.0/2` = LLaVA-1.5's Sequential(Linear, GELU, Linear); bare `mm_projector` =
+# LLaVA v1's Linear) and, in some checkpoints, the CLIP tower; usually the tower comes from a
+# separate CLIP checkpoint (model.MLLM.from_pretrained's vision_tower_path).
+ORIGINAL_LLAVA_LAYOUT = clip_tower_rules("model.vision_tower.vision_tower.vision_model.", "vision_tower.") + (
+    Rule("model.mm_projector.0.*", "multi_modal_projector.linear_1.*"),
+    Rule("model.mm_projector.2.*", "multi_modal_projector.linear_2.*"),
+    Rule("model.mm_projector.*", "multi_modal_projector.linear_1.*"),
+    Rule("model.*", "language_model.model.*"),
+    Rule("lm_head.*", "language_model.lm_head.*"),
+)
+
+# Keys that hold no weights in any layout: older transformers saved CLIP's arange position ids.
+IGNORED_KEY_SUFFIXES: tuple[str, ...] = ("embeddings.position_ids",)
+
+# The LLaVA-family layouts MLLM.from_pretrained reads, each recognised by a key prefix only it
+# has, checked in this order.
+LLAVA_LAYOUTS: dict[str, tuple[str, Layout]] = {
+    "llava-hf (vision_tower.vision_model.*, multi_modal_projector.*, language_model.model.*)":
+        ("vision_tower.vision_model.", LLAVA_HF_LAYOUT),
+    "transformers 5 in memory (model.vision_tower.*, model.language_model.*, lm_head.weight)":
+        ("model.vision_tower.embeddings.", TRANSFORMERS5_MEMORY_LAYOUT),
+    "transformers 5 save_pretrained (vision_tower.embeddings.*, language_model.model.*)":
+        ("vision_tower.embeddings.", TRANSFORMERS5_SAVED_LAYOUT),
+    "original LLaVA (model.* LLaMA, model.mm_projector.*, lm_head.weight) + a CLIP checkpoint":
+        ("model.mm_projector.", ORIGINAL_LLAVA_LAYOUT),
+}
+
+
+def detect_layout(state: dict[str, torch.Tensor], layouts: dict[str, tuple[str, Layout]],
+                  source: str) -> tuple[str, Layout]:
+    """(name, rules) of the first layout whose marker prefix occurs in the checkpoint, or an error
+    that shows the checkpoint's first keys and every layout understood."""
+    for name, (marker, layout) in layouts.items():
+        if any(key.startswith(marker) for key in state):
+            return name, layout
+    understood = "\n".join(f"  {name}" for name in layouts)
+    example = ", ".join(sorted(state)[:5])
+    raise CheckpointError(f"{source}: unknown checkpoint layout (first keys: {example}); "
+                          f"understood layouts:\n{understood}")
+
+
+def state_to_ours(state: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors under our names, weightless buffers dropped."""
+    return convert_keys({key: value for key, value in state.items() if not key.endswith(IGNORED_KEY_SUFFIXES)},
+                        layout, to="ours")
+
+
+def state_to_theirs(state: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
+    return convert_keys(state, layout, to="theirs")
+
+
+# ----------------------------------------------------------------------------------------------
+# Converting official pickles, once: python checkpoints.py convert SRC DST
+
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
+
+
+def tensors_in(value: Any, prefix: str, where: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a loaded pickle, flattened to dotted keys. Official checkpoints nest the
+    state dict (LAVIS and lynx-llm under "model", others under "state_dict", "module" or at the
+    top level) beside bookkeeping such as "epoch" or "config"; those plain values are skipped,
+    with their names printed, and anything else than tensors, dicts and plain values is refused."""
+    if isinstance(value, torch.Tensor):
+        return {prefix: value}
+    if isinstance(value, dict):
+        found = {}
+        for key, item in value.items():
+            found.update(tensors_in(item, f"{prefix}.{key}" if prefix else str(key), where))
+        return found
+    if value is None or isinstance(value, (int, float, str, bool, list, tuple)):
+        print(f"{where}: skipped {prefix or '(top level)'} ({type(value).__name__}, not a tensor)", file=sys.stderr)
+        return {}
+    raise CheckpointError(f"{where}: {prefix or '(top level)'} is a {type(value).__name__}; "
+                          f"a checkpoint must hold only tensors (in dicts)")
+
+
+def state_dict_of_pickle(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of an official pickled checkpoint, read without running code from it:
+    `weights_only=True` unpickles tensors and plain containers only. A wrapper key holding the
+    whole state dict ("model", "state_dict", "module") is unwrapped; key names stay as stored."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if path.suffix not in PICKLE_SUFFIXES:
+        raise CheckpointError(f"{path}: expected a pickled checkpoint ({', '.join(PICKLE_SUFFIXES)})")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError or others by cause
+        # torch's message goes on to suggest weights_only=False; keep only what it found.
+        lines = str(error).splitlines() or [repr(error)]
+        found = next((line.strip() for line in lines if "WeightsUnpickler error" in line), lines[0])
+        raise CheckpointError(f"{path}: not a weights-only checkpoint (it holds something other than "
+                              f"tensors and plain containers, or is not a torch pickle): {found}") from error
+    for wrapper in ("model", "state_dict", "module"):
+        if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
+            loaded = loaded[wrapper]
+            break
+    state = tensors_in(loaded, "", path)
+    if not state:
+        raise CheckpointError(f"{path}: holds no tensors")
+    return state
+
+
+def convert_pickle(source: str | Path, destination: str | Path) -> Path:
+    """Write the tensors of a pickled checkpoint as safetensors, keys unchanged. `destination` is
+    a .safetensors file or a directory (then DIR/model.safetensors). Tied tensors are copied,
+    since safetensors refuses shared storage."""
+    state = state_dict_of_pickle(source)
+    destination = Path(destination)
+    target = destination if destination.suffix == ".safetensors" else destination / WEIGHTS_NAME
+    save_safetensors({key: value.clone() for key, value in state.items()}, target)
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Checkpoint tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    convert = commands.add_parser("convert", help="an official .pth/.pt/.bin checkpoint -> safetensors, "
+                                                  "key names unchanged")
+    convert.add_argument("source", help="the pickled checkpoint file")
+    convert.add_argument("destination", help="a .safetensors file, or a directory for model.safetensors")
+    args = parser.parse_args(argv)
+    target = convert_pickle(args.source, args.destination)
+    print(f"wrote {target}")
+
+
+if __name__ == "__main__":
+    main()

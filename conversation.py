@@ -1,0 +1,269 @@
+"""Conversations to token ids: the templates of LLaVA and LLaVA-1.5, and the supervision mask.
+
+What LLaVA's `llava/conversation.py` and the `preprocess_*` functions of `llava/train/train.py`
+do, written so that labels can never drift from the text:
+- Conversation templates (the dissertation, section 3.4, Table 3.2):
+    plain      stage-1 feature alignment: "<image>" + caption + "\\n" (`preprocess_plain`);
+    vicuna_v0  the original LLaVA: Vicuna-v0 system message, "###" as <STOP> (Table 3.2);
+    vicuna_v1  LLaVA-1.5 (section 4.3): "USER: ... ASSISTANT: ...</s>" (`preprocess_v1`).
+  Only the assistant answers and the stop string that ends them are supervised ("the model is
+  trained to predict the assistant answers and where to stop", Table 3.2); everything else is
+  IGNORE_INDEX.
+- Masking by character offsets. LLaVA tokenizes each round again to count its tokens and
+  prints "tokenization mismatch" when a sub-word merge crosses a round boundary (the whole
+  sample then silently loses its loss). Here the full text is rendered once together with the
+  character spans that must be supervised, tokenized once, and a token is supervised when its
+  characters overlap a supervised span.
+data.py builds the datasets on this; eval.py renders its prompts with the same functions.
+"""
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from layers import IGNORE_INDEX
+
+IMAGE_PLACEHOLDER = "<image>"
+BOS_TOKEN = "<s>"
+EOS_TOKEN = "</s>"
+
+
+class DataError(ValueError):
+    """A problem with one input file or record; `kind` names the category counted when skipped
+    ("malformed_record", "missing_image", "corrupt_image")."""
+
+    def __init__(self, message: str, kind: str = "malformed_record"):
+        super().__init__(message)
+        self.kind = kind
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------
+
+def require_token_id(tokenizer: Tokenizer, token: str) -> int:
+    """The id of a token the pipeline needs (<s>, </s>, <pad>, <image>), or a clear error."""
+    token_id = tokenizer.token_to_id(token)
+    if token_id is None:
+        raise ValueError(f"the tokenizer has no token {token!r}; add it as a special token")
+    return token_id
+
+
+# --------------------------------------------------------------------------------------------
+# Conversation templates
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Template:
+    """How a conversation becomes one string (LLaVA `llava/conversation.py`, `train.py`).
+
+    A user turn is `turn_prefix + user_role + ": " + message + user_end` and an assistant turn
+    `turn_prefix + assistant_role + ": " + answer + assistant_end`; the conversation is
+    `system + system_end + turns + conversation_end`. `stop` is the string the model must emit
+    to end an answer: it starts right after the answer and is supervised with it. Eval stops
+    generation on it.
+    """
+
+    name: str
+    system: str
+    system_end: str
+    user_role: str
+    assistant_role: str
+    turn_prefix: str
+    user_end: str
+    assistant_end: str
+    conversation_end: str
+    stop: str
+    image_only_user_turn: bool = False  # plain: the user turn is replaced by its image alone
+
+
+TEMPLATES: dict[str, Template] = {
+    # LLaVA-1.5 (`conv_vicuna_v1`, SeparatorStyle.TWO: sep " ", sep2 "</s>"):
+    # "<system> USER: <image>\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT: A2</s>"
+    "vicuna_v1": Template(
+        name="vicuna_v1",
+        system="A chat between a curious user and an artificial intelligence assistant. "
+               "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+        system_end=" ", user_role="USER", assistant_role="ASSISTANT", turn_prefix="",
+        user_end=" ", assistant_end=EOS_TOKEN, conversation_end="", stop=EOS_TOKEN),
+    # Original LLaVA as trained by `preprocess` + `_add_speaker_and_signal` (not the SINGLE style
+    # of conversation.py, which has no "\n\n" and no spaces around "###"):
+    # "<system>\n\n### Human: <image>\nQ\n### Assistant: A\n### Human: Q2\n### Assistant: A2\n### "
+    # Supervised: " A\n###", the answer and <STOP> = "###" (Table 3.2). LLaVA's `_mask_targets`
+    # masks only human sentences, so it also supervises each "### Assistant:" header; we do not,
+    # since the prompt always ends with that header at inference.
+    "vicuna_v0": Template(
+        name="vicuna_v0",
+        system="A chat between a curious human and an artificial intelligence assistant. "
+               "The assistant gives helpful, detailed, and polite answers to the human's questions.",
+        system_end="\n\n", user_role="Human", assistant_role="Assistant", turn_prefix="### ",
+        user_end="\n", assistant_end="\n", conversation_end="### ", stop="\n###"),
+    # Stage-1 alignment (`preprocess_plain`): "<image>" + caption + "\n"; the question is dropped,
+    # BOS and image are masked, the caption and "\n" supervised, no EOS.
+    "plain": Template(
+        name="plain", system="", system_end="", user_role="", assistant_role="", turn_prefix="",
+        user_end="", assistant_end="\n", conversation_end="", stop="\n",
+        image_only_user_turn=True),
+}
+
+
+def get_template(name: str) -> Template:
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown template {name!r}; known: {sorted(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+def _message(turn: Any, index: int) -> tuple[str, str]:
+    """(speaker, text) of one conversation turn, or a DataError naming the turn."""
+    if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+        raise DataError(f"turn {index} needs the keys 'from' and 'value', got {turn!r:.80}")
+    speaker, text = turn["from"], turn["value"]
+    if speaker not in ("human", "gpt"):
+        raise DataError(f"turn {index} has 'from' {speaker!r}; expected 'human' or 'gpt'")
+    if not isinstance(text, str):
+        raise DataError(f"turn {index} has a non-string 'value' {text!r:.80}")
+    return speaker, text
+
+
+def format_conversation(conversations: list[dict], template: str | Template,
+                        for_generation: bool = False) -> tuple[str, list[tuple[int, int]]]:
+    """Renders LLaVA `conversations` to one string and returns it with the supervised
+    character spans [start, end).
+
+    Turns must alternate human, gpt, human, ...; a leading gpt turn is dropped as LLaVA's
+    `preprocess_v1` does. A turn holding "<image>" is rewritten as "<image>\\n" + the rest
+    (LLaVA `preprocess_multimodal`), the LLaVA-1.5 layout. With `for_generation` the
+    conversation must end with a human turn, and the text ends with the assistant role
+    ("ASSISTANT:"); the answer of training, " A</s>", starts with the space this leaves out.
+    """
+    template = get_template(template) if isinstance(template, str) else template
+    turns = [_message(turn, index) for index, turn in enumerate(conversations)]
+    if turns and turns[0][0] == "gpt":
+        turns = turns[1:]
+    for index, (speaker, _) in enumerate(turns):
+        if speaker != ("human" if index % 2 == 0 else "gpt"):
+            raise DataError(f"turn {index} is from {speaker!r}; turns must alternate human, gpt")
+    if for_generation:
+        if not turns or turns[-1][0] != "human":
+            raise DataError("for_generation needs a conversation that ends with a human turn")
+    elif len(turns) < 2:
+        raise DataError("the conversation has no gpt answer")
+    if template.image_only_user_turn and len(turns) > (1 if for_generation else 2):
+        raise DataError(f"template {template.name!r} takes one human and one gpt turn, "
+                        f"got {len(turns)} turns")
+
+    pieces = [template.system + template.system_end]
+    spans: list[tuple[int, int]] = []
+    length = len(pieces[0])
+    for speaker, text in turns:
+        if IMAGE_PLACEHOLDER in text:
+            text = IMAGE_PLACEHOLDER + "\n" + text.replace(IMAGE_PLACEHOLDER, "").strip()
+        if speaker == "human":
+            if template.image_only_user_turn:
+                if IMAGE_PLACEHOLDER not in text:
+                    raise DataError(f"template {template.name!r} needs an image in the human turn")
+                piece = IMAGE_PLACEHOLDER
+            else:
+                piece = template.turn_prefix + template.user_role + ": " + text + template.user_end
+        else:
+            header = template.turn_prefix + template.assistant_role + ":" if template.assistant_role else ""
+            # The space between "ASSISTANT:" and the answer belongs to the answer: the
+            # generation prompt ends at the colon, so the model must produce " A...".
+            answer = (" " + text) if header else text
+            piece = header + answer + template.assistant_end
+            start = length + len(header)
+            spans.append((start, start + len(answer)))
+        pieces.append(piece)
+        length += len(piece)
+    if for_generation:
+        if template.assistant_role:
+            pieces.append(template.turn_prefix + template.assistant_role + ":")
+    else:
+        pieces.append(template.conversation_end)
+    text = "".join(pieces)
+    # Extend each answer span over the stop string that follows it ("</s>", "\n###", "\n").
+    spans = [(start, end + len(template.stop)) for start, end in spans]
+    assert all(text.startswith(template.stop, end - len(template.stop)) for _, end in spans)
+    return text, spans
+
+
+def _tokenize_with_labels(text: str, spans: list[tuple[int, int]], tokenizer: Tokenizer,
+                          image_token_index: int, num_image_tokens: int
+                          ) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+    """Tokenizes `text` once and labels every token from the character spans.
+
+    Returns (input_ids, labels, offsets) with BOS first and each "<image>" expanded to
+    `num_image_tokens` copies of `image_token_index`; `offsets` gives each output token's
+    characters (BOS gets (0, 0)). BOS is added here, not by the tokenizer's post-processor
+    (`add_special_tokens=False`): tokenizer.json files differ on whether they add one, and a
+    missing or doubled BOS silently hurts a pretrained LLM.
+    """
+    bos_id = require_token_id(tokenizer, BOS_TOKEN)
+    placeholder_id = require_token_id(tokenizer, IMAGE_PLACEHOLDER)
+    encoding = tokenizer.encode(text, add_special_tokens=False)
+    if encoding.ids.count(placeholder_id) != text.count(IMAGE_PLACEHOLDER):
+        raise ValueError(f"the tokenizer splits {IMAGE_PLACEHOLDER!r}; it must be a special token")
+    supervised_chars = np.zeros(len(text) + 1, dtype=np.int64)
+    for start, end in spans:
+        supervised_chars[start:end] = 1
+    # supervised_before[i] = supervised characters in text[:i], so a range test is O(1).
+    supervised_before = np.concatenate([[0], np.cumsum(supervised_chars)]).tolist()
+    input_ids, labels, offsets = [bos_id], [IGNORE_INDEX], [(0, 0)]
+    for token_id, (start, end) in zip(encoding.ids, encoding.offsets):
+        if token_id == placeholder_id:
+            input_ids += [image_token_index] * num_image_tokens
+            labels += [IGNORE_INDEX] * num_image_tokens
+            offsets += [(start, end)] * num_image_tokens
+            continue
+        # A token is supervised when any of its characters is: a merge across a span border
+        # (": A" as one token) must still be predicted, since it carries answer characters.
+        # Zero-width tokens (some pre-tokenizers emit them) take the flag of their position.
+        is_supervised = supervised_before[max(end, start + 1)] > supervised_before[start]
+        input_ids.append(token_id)
+        labels.append(token_id if is_supervised else IGNORE_INDEX)
+        offsets.append((start, end))
+    return input_ids, labels, offsets
+
+
+def render_conversation(conversations: list[dict], template: str | Template, tokenizer: Tokenizer,
+                        image_token_index: int, num_image_tokens: int,
+                        for_generation: bool = False) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a LLaVA conversation, BOS first, each "<image>" expanded to
+    `num_image_tokens` copies of `image_token_index`, labels IGNORE_INDEX except on the
+    assistant answers and their stop string. See `format_conversation` for `for_generation`."""
+    text, spans = format_conversation(conversations, template, for_generation)
+    input_ids, labels, _ = _tokenize_with_labels(text, spans, tokenizer, image_token_index,
+                                                 num_image_tokens)
+    return input_ids, labels
+
+
+def show_supervision(conversations: list[dict], template: str | Template, tokenizer: Tokenizer,
+                     num_image_tokens: int = 1) -> str:
+    """The rendered sample for a human: supervised tokens inside [brackets], the BOS as <s>, and
+    an image as "<image>xN". The text is cut from the rendered string at the token offsets,
+    so the brackets sit exactly where the loss starts and stops."""
+    text, spans = format_conversation(conversations, template)
+    image_marker = -1  # any id outside the vocabulary tells image tokens apart here
+    input_ids, labels, offsets = _tokenize_with_labels(text, spans, tokenizer, image_marker,
+                                                       num_image_tokens)
+    pieces, cursor, inside, position = [BOS_TOKEN], 0, False, 1
+    while position < len(input_ids):
+        start, end = offsets[position]
+        if start > cursor:  # characters no token covers (spaces a pre-tokenizer drops)
+            pieces.append(text[cursor:start])
+            cursor = start
+        supervised = labels[position] != IGNORE_INDEX
+        if supervised != inside:
+            pieces.append("[" if supervised else "]")
+            inside = supervised
+        if input_ids[position] == image_marker:
+            pieces.append(f"{IMAGE_PLACEHOLDER}x{num_image_tokens}")
+            position += num_image_tokens
+        else:
+            pieces.append(text[cursor:end])
+            position += 1
+        cursor = max(cursor, end)
+    if inside:
+        pieces.append("]")
+    return "".join(pieces) + text[cursor:]

@@ -1,0 +1,295 @@
+"""The building blocks every model here is made of, with no model-specific code.
+
+A vision tower, a language model and a connector differ in how they stack these pieces, not in
+the pieces: one attention (through F.scaled_dot_product_attention), one rotary embedding, one
+RMSNorm, two feed-forward shapes, and two block layouts (pre-LN as in CLIP and LLaMA, post-LN as
+in BERT and so the BLIP-2 Q-Former). Submodule names are the ones the state dicts use; each
+checkpoint layout's table in checkpoints.py translates a public layout's names to these.
+
+Contents, top to bottom: activations, RMSNorm, rotary position embedding, Attention, the
+attention mask of a decoder, the feed-forward family, PreNormBlock, PostNormBlock, and
+initialize_blocks (CLIP's initialization of a stack of blocks).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # label of positions without loss (LLaVA / transformers convention)
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """CLIP's sigmoid approximation of GELU, x * sigmoid(1.702 x): the OpenAI checkpoints were
+    trained with it, so exact GELU would change their features."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """The tanh approximation of GELU (transformers' `gelu_new`, the Flan-T5 checkpoints')."""
+    return F.gelu(x, approximate="tanh")
+
+
+# Keys are the `hidden_act` strings of the public config.json files.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "quick_gelu": quick_gelu, "gelu": F.gelu, "gelu_new": gelu_tanh, "silu": F.silu}
+
+
+def activation_named(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown hidden_act {name!r}; known: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalization and positions
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (LLaMA; T5's "LayerNorm" is the same): no mean, no bias. Normalize in fp32
+    (half-precision sums of squares overflow), cast back, then multiply by the weight, in this
+    order, as the reference implementations do (the products differ in the last bit otherwise)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normalized = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normalized.to(x.dtype)
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * frequency, each (B, 1, T, head_dim), for `apply_rotary`.
+
+    Frequencies theta^(-2i/head_dim) use the same expression as transformers'
+    LlamaRotaryEmbedding, so angles agree to the last bit; they are computed in fp32 (large
+    positions lose their low bits in half precision) and repeated over the two halves of a head
+    (rotate-half, `cat(freqs, freqs)`)."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim
+    inverse_frequencies = 1.0 / (theta ** exponents)
+    angles = position_ids[:, :, None].float() * inverse_frequencies[None, None, :]  # (B, T, head_dim / 2)
+    angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, head_dim)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding (RoFormer, Su et al. 2021, eq. 34) in the rotate-half convention
+    of LLaMA / Vicuna: the two halves of each head form the rotated pairs, not interleaved
+    neighbours. x: (B, nh, T, hs)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+
+
+class Attention(nn.Module):
+    """Multi-head attention through F.scaled_dot_product_attention, with the options the papers need.
+
+    - self-attention (`context=None`) or cross-attention (keys and values from `context`, whose
+      width is `context_dim`): the Q-Former, the resampler, LION's vision aggregator, T5's decoder;
+    - grouped-query attention (`num_key_value_heads < num_heads`): LLaMA-family LLMs;
+    - biases on/off (CLIP has them, LLaMA has none, EVA has q and v biases but no k bias);
+    - rotary embedding, given as (cos, sin) by the caller, applied to queries and keys;
+    - an additive position bias (T5's relative position buckets), given by the caller;
+    - `scale`: the softmax temperature, 1/sqrt(head_dim) when None (T5 uses 1);
+    - a KV cache: any object with `update(k, v) -> (k, v)` that stores this step's keys/values
+      and returns all of them (decoding.KVCache).
+    Projections are always named q_proj / k_proj / v_proj / o_proj.
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_key_value_heads: int | None = None,
+                 context_dim: int | None = None, head_dim: int | None = None, bias: bool = True,
+                 key_bias: bool | None = None, out_bias: bool | None = None, scale: float | None = None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_key_value_heads = num_key_value_heads or num_heads
+        self.head_dim = head_dim or dim // num_heads
+        self.scale = scale
+        context_dim = context_dim or dim
+        self.q_proj = nn.Linear(dim, num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(context_dim, self.num_key_value_heads * self.head_dim,
+                                bias=bias if key_bias is None else key_bias)
+        self.v_proj = nn.Linear(context_dim, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * self.head_dim, dim, bias=bias if out_bias is None else out_bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                rotary: tuple[torch.Tensor, torch.Tensor] | None = None, cache=None,
+                position_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, dim); context: (B, S, context_dim) or None (S = T).
+        attn_mask: boolean (True = may attend) or additive float, broadcastable to (B, nh, T, S).
+        position_bias: additive float, broadcastable to (B, nh, T, S), added to the scores."""
+        B, T, _ = x.shape
+        source = x if context is None else context
+        S = source.shape[1]
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(source).view(B, S, self.num_key_value_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hs)
+        v = self.v_proj(source).view(B, S, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        if position_bias is not None:
+            attn_mask = position_bias if attn_mask is None else position_bias + additive_mask(attn_mask, q.dtype)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal and attn_mask is None, scale=self.scale,
+            enable_gqa=self.num_key_value_heads != self.num_heads)  # (B, nh, T, hs)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True = may attend) as the additive one SDPA also takes: 0 or the dtype's
+    minimum (not -inf, so a fully masked row stays finite once a bias is added)."""
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def causal_attention_mask(attention_mask: torch.Tensor | None, query_length: int,
+                          past_length: int) -> tuple[torch.Tensor | None, bool]:
+    """(attn_mask, is_causal) of a decoder for scaled_dot_product_attention, building a mask
+    only when needed.
+
+    attention_mask: (B, past_length + query_length), 1 = real token, 0 = padding, or None.
+    - No padding (or RIGHT padding only, as in training): the causal structure alone is exact for
+      every real token, because a real token never looks right of itself, so SDPA's `is_causal`
+      fast path is used; outputs at right-padding positions are garbage and carry no loss.
+    - One new token with a cache: it may see every cached key, so only padding needs masking.
+    - LEFT padding (batched generation): a boolean (B, 1, T, past + T) mask. A padding query
+      would see no key at all, and SDPA returns NaN for such rows, so every query may always see
+      itself; padding outputs are never used.
+    """
+    device = attention_mask.device if attention_mask is not None else None
+    if attention_mask is not None:
+        attention_mask = attention_mask.bool()
+        is_right_padded = bool((attention_mask.cummin(dim=-1).values == attention_mask).all())
+        if attention_mask.all() or (past_length == 0 and is_right_padded):
+            attention_mask = None
+    if attention_mask is None:
+        if query_length == 1:
+            return None, False
+        if past_length == 0:
+            return None, True
+    key_length = past_length + query_length
+    query_positions = torch.arange(past_length, key_length, device=device)[:, None]
+    key_positions = torch.arange(key_length, device=device)[None, :]
+    allowed = key_positions <= query_positions
+    if attention_mask is not None:
+        allowed = (allowed & attention_mask[:, None, None, :]) | (key_positions == query_positions)
+    return allowed, False
+
+
+# ----------------------------------------------------------------------------------------------
+# Feed-forward
+
+
+class FeedForward(nn.Module):
+    """The plain feed-forward half of a block, fc2(activation(fc1(x))): CLIP, BERT, the
+    Q-Former. Names are CLIP's."""
+
+    def __init__(self, width: int, intermediate_size: int, activation: str, bias: bool = True):
+        super().__init__()
+        self.activation = activation_named(activation)
+        self.fc1 = nn.Linear(width, intermediate_size, bias=bias)
+        self.fc2 = nn.Linear(intermediate_size, width, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation(self.fc1(x)))
+
+
+class GatedFeedForward(nn.Module):
+    """The gated feed-forward, down(activation(gate(x)) * up(x)) (GLU variants, Shazeer 2020):
+    SwiGLU with silu in LLaMA, GeGLU in T5 v1.1. Names are LLaMA's; no biases."""
+
+    def __init__(self, width: int, intermediate_size: int, activation: str = "silu"):
+        super().__init__()
+        self.activation = activation_named(activation)
+        self.gate_proj = nn.Linear(width, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(width, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.activation(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks
+
+
+class PreNormBlock(nn.Module):
+    """The pre-LN transformer block, x + attn(norm(x)) then x + mlp(norm(x)): CLIP's encoder layer
+    in both towers (Radford et al. 2021, section 2.4) and the LLaMA decoder layer. The caller
+    gives the parts (LayerNorm or RMSNorm, plain or gated feed-forward); the names are LLaMA's
+    (`input_layernorm`, `self_attn`, `post_attention_layernorm`, `mlp`), and the CLIP layout table
+    maps CLIP's `layer_norm1` / `layer_norm2` onto them."""
+
+    def __init__(self, self_attn: Attention, mlp: nn.Module, input_layernorm: nn.Module,
+                 post_attention_layernorm: nn.Module):
+        super().__init__()
+        self.input_layernorm = input_layernorm
+        self.self_attn = self_attn
+        self.post_attention_layernorm = post_attention_layernorm
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                rotary: tuple[torch.Tensor, torch.Tensor] | None = None, cache=None) -> torch.Tensor:
+        """x: (B, T, width); the options are Attention's."""
+        x = x + self.self_attn(self.input_layernorm(x), attn_mask=attn_mask, is_causal=is_causal,
+                               rotary=rotary, cache=cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class PostNormBlock(nn.Module):
+    """The post-LN transformer block of BERT (Devlin et al. 2019; Vaswani et al. 2017, sec. 3.1),
+    norm(x + attn(x)), then optionally norm(x + cross_attn(x, context)), then norm(x + mlp(x)):
+    the layer the BLIP-2 Q-Former and LION's vision aggregator are built from. BERT's dropout
+    (0.1) is left out, as everywhere in this codebase: the recipes here do not use it."""
+
+    def __init__(self, width: int, num_heads: int, intermediate_size: int, activation: str = "gelu",
+                 layer_norm_eps: float = 1e-12, context_dim: int | None = None):
+        super().__init__()
+        self.self_attn = Attention(width, num_heads)
+        self.self_attn_norm = nn.LayerNorm(width, eps=layer_norm_eps)
+        self.cross_attn = Attention(width, num_heads, context_dim=context_dim) if context_dim else None
+        self.cross_attn_norm = nn.LayerNorm(width, eps=layer_norm_eps) if context_dim else None
+        self.mlp = FeedForward(width, intermediate_size, activation)
+        self.mlp_norm = nn.LayerNorm(width, eps=layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, width); context: (B, S, context_dim), required exactly when the block has a
+        cross-attention; masks as Attention's."""
+        if (context is None) != (self.cross_attn is None):
+            raise ValueError("a PostNormBlock with cross-attention needs `context`, one without takes none")
+        x = self.self_attn_norm(x + self.self_attn(x, attn_mask=attn_mask))
+        if self.cross_attn is not None:
+            x = self.cross_attn_norm(x + self.cross_attn(x, context=context, attn_mask=context_mask))
+        return self.mlp_norm(x + self.mlp(x))
+
+
+def initialize_blocks(blocks: nn.ModuleList, width: int) -> None:
+    """OpenAI CLIP's initialization of a stack of pre-LN blocks (its `initialize_parameters`):
+    weights normal with std shrinking with width and depth so the residual stream stays O(1),
+    biases 0. Only matters when training from scratch (the shapes world's CLIP, REACT's blocks)."""
+    attention_std = width ** -0.5
+    residual_projection_std = attention_std * (2 * len(blocks)) ** -0.5
+    for block in blocks:
+        attention, mlp = block.self_attn, block.mlp
+        for linear, std in ((attention.q_proj, attention_std), (attention.k_proj, attention_std),
+                            (attention.v_proj, attention_std), (attention.o_proj, residual_projection_std),
+                            (mlp.fc1, (2 * width) ** -0.5), (mlp.fc2, residual_projection_std)):
+            nn.init.normal_(linear.weight, std=std)
+            nn.init.zeros_(linear.bias)

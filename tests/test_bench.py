@@ -1,0 +1,45 @@
+"""bench.py at a tiny size: every subcommand parses, `data` and `eval` run end to end and print
+their tables, and the module loads without transformers (only `model` needs it)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import bench
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("command", [[], ["model"], ["data"], ["eval"]])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: " in capsys.readouterr().out
+
+
+def test_data_on_a_small_world(tmp_path, capsys):
+    """The shipped recipe with its world moved into tmp_path, 16 images, and batches of 4."""
+    text = (ROOT / "configs" / "shapes_llava15.py").read_text()
+    assert '"data/shapes"' in text, "configs/shapes_llava15.py no longer keeps its world in data/shapes"
+    config = tmp_path / "config.py"
+    config.write_text(text.replace('"data/shapes"', f'"{tmp_path / "world"}"')
+                      + "\nworld = dict(world, num_train_images=16, num_eval_images=4)"
+                      + "\nstages = [dict(stage, micro_batch_size=4, global_batch_size=4) for stage in stages]\n")
+    bench.main(["data", "--config", str(config), "--num-workers", "0", "--loader-batches", "2", "--steps", "1"])
+    table = capsys.readouterr().out.splitlines()
+    assert table[-2].startswith("| training step") and table[-1].startswith("| DataLoader, 0 workers |")
+
+
+def test_eval_on_a_few_samples(capsys):
+    bench.main(["eval", "--samples", "4", "--new-tokens", "2", "--batch-size", "2", "--width", "32",
+                "--threads", str(torch.get_num_threads()), "--floor", "0"])
+    assert capsys.readouterr().out.splitlines()[-1].startswith("| 2 | ")
+
+
+def test_loads_without_transformers():
+    blocked = "import sys; sys.modules['transformers'] = None; import bench; bench.main(['data', '--help'])"
+    result = subprocess.run([sys.executable, "-c", blocked], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,91 @@
+"""checkpoints.py: the rule mechanism both ways, its tensor transforms, and `convert` of pickles."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from checkpoints import (CheckpointError, Rule, convert_keys, convert_pickle, drop_zero_key_bias, join_three,
+                         key_bias_from_zero, split_in_three, transpose)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# An EVA-style attention (fused qkv weight, q and v biases only, an output projection stored
+# transposed) against ours (separate q/k/v with a zero key bias).
+EVA_LIKE = (
+    Rule("blocks.*.attn.qkv.weight", ("layers.*.q_proj.weight", "layers.*.k_proj.weight", "layers.*.v_proj.weight"),
+         to_ours=split_in_three, to_theirs=join_three),
+    Rule(("blocks.*.attn.q_bias", "blocks.*.attn.v_bias"),
+         ("layers.*.q_proj.bias", "layers.*.k_proj.bias", "layers.*.v_proj.bias"),
+         to_ours=key_bias_from_zero, to_theirs=drop_zero_key_bias),
+    Rule("blocks.*.attn.proj_t", "layers.*.o_proj.weight", to_ours=transpose, to_theirs=transpose),
+    Rule("blocks.*", "layers.*"),
+)
+
+
+def eva_like_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return {"blocks.3.attn.qkv.weight": torch.randn(12, 4), "blocks.3.attn.q_bias": torch.randn(4),
+            "blocks.3.attn.v_bias": torch.randn(4), "blocks.3.attn.proj_t": torch.randn(4, 6),
+            "blocks.3.norm.weight": torch.randn(4), "cls_token": torch.randn(4)}
+
+
+def test_rules_split_fold_transpose_and_round_trip():
+    theirs = eva_like_state()
+    ours = convert_keys(theirs, EVA_LIKE, to="ours")
+    assert sorted(ours) == ["cls_token", "layers.3.k_proj.bias", "layers.3.k_proj.weight", "layers.3.norm.weight",
+                            "layers.3.o_proj.weight", "layers.3.q_proj.bias", "layers.3.q_proj.weight",
+                            "layers.3.v_proj.bias", "layers.3.v_proj.weight"]
+    assert torch.equal(ours["layers.3.k_proj.weight"], theirs["blocks.3.attn.qkv.weight"][4:8])
+    assert torch.equal(ours["layers.3.k_proj.bias"], torch.zeros(4))
+    assert torch.equal(ours["layers.3.v_proj.bias"], theirs["blocks.3.attn.v_bias"])
+    assert torch.equal(ours["layers.3.o_proj.weight"], theirs["blocks.3.attn.proj_t"].t())
+    back = convert_keys(ours, EVA_LIKE, to="theirs")
+    assert sorted(back) == sorted(theirs) and all(torch.equal(back[key], theirs[key]) for key in theirs)
+
+
+def test_rules_name_a_missing_part_and_a_nonzero_key_bias():
+    theirs = eva_like_state()
+    del theirs["blocks.3.attn.v_bias"]
+    with pytest.raises(CheckpointError, match=r"\['blocks.3.attn.q_bias'\] need \['blocks.3.attn.v_bias'\]"):
+        convert_keys(theirs, EVA_LIKE, to="ours")
+    ours = convert_keys(eva_like_state(), EVA_LIKE, to="ours")
+    ours["layers.3.k_proj.bias"] += 1
+    with pytest.raises(CheckpointError, match="key bias is not zero"):
+        convert_keys(ours, EVA_LIKE, to="theirs")
+
+
+def test_first_matching_rule_wins_and_unmatched_keys_keep_their_names():
+    layout = (Rule("model.mm_projector.0.*", "projector.linear_1.*"), Rule("model.*", "language_model.model.*"))
+    state = {"model.mm_projector.0.weight": torch.ones(1), "model.norm.weight": torch.ones(1), "extra": torch.ones(1)}
+    assert sorted(convert_keys(state, layout, to="ours")) == ["extra", "language_model.model.norm.weight",
+                                                              "projector.linear_1.weight"]
+
+
+class NotATensor:
+    pass
+
+
+def test_convert_writes_the_tensors_with_their_names(tmp_path):
+    state = {"bridge.latents": torch.randn(3, 4), "LLM.model.layers.0.output_adapter.scaling": torch.tensor(0.5)}
+    torch.save({"model": state, "epoch": 3}, tmp_path / "finetune_lynx.pt")
+    result = subprocess.run([sys.executable, str(ROOT / "checkpoints.py"), "convert",
+                             str(tmp_path / "finetune_lynx.pt"), str(tmp_path / "converted")],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    written = load_file(tmp_path / "converted" / "model.safetensors")
+    assert sorted(written) == sorted(state) and all(torch.equal(written[key], state[key]) for key in state)
+
+
+def test_convert_refuses_what_is_not_tensors_and_names_the_file(tmp_path):
+    torch.save({"model": {"weight": torch.ones(2)}, "hook": NotATensor()}, tmp_path / "code.pth")
+    with pytest.raises(CheckpointError, match=r"code\.pth: not a weights-only checkpoint.*NotATensor"):
+        convert_pickle(tmp_path / "code.pth", tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match=r"missing\.pth: no such checkpoint file"):
+        convert_pickle(tmp_path / "missing.pth", tmp_path / "out")
+    torch.save({"step": 3}, tmp_path / "empty.bin")
+    with pytest.raises(CheckpointError, match=r"empty\.bin: holds no tensors"):
+        convert_pickle(tmp_path / "empty.bin", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
