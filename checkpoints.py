@@ -165,6 +165,14 @@ class Rule:
     to_ours: Callable[..., Tensors] | None = None
     to_theirs: Callable[..., Tensors] | None = None
 
+    def __post_init__(self) -> None:
+        wildcards = {pattern.count("*") for side in ("theirs", "ours") for pattern in self.side(side)}
+        if len(wildcards) != 1:
+            raise ValueError(f"{self}: every pattern of a rule needs the same number of '*'")
+        if (self.to_ours is None) != (self.to_theirs is None) or (
+                self.to_ours is None and len(self.side("theirs")) != len(self.side("ours"))):
+            raise ValueError(f"{self}: a rule that changes tensors needs to_ours and to_theirs both")
+
     def side(self, name: str) -> tuple[str, ...]:
         patterns = getattr(self, name)
         return (patterns,) if isinstance(patterns, str) else patterns
@@ -187,15 +195,24 @@ def convert_keys(state: dict[str, torch.Tensor], layout: Layout, to: str) -> dic
     on save. Each key takes the first rule that matches it on the source side; keys matching no
     rule keep their name (so a strict load reports them). A multi-key rule needs all its keys:
     a checkpoint holding only some of them raises, naming the ones present and the ones missing."""
+    if to not in ("ours", "theirs"):
+        raise ValueError(f"convert_keys: to must be 'ours' or 'theirs', not {to!r}")
     source_side, target_side = ("theirs", "ours") if to == "ours" else ("ours", "theirs")
     compiled = [[_compile(pattern) for pattern in rule.side(source_side)] for rule in layout]
     converted: dict[str, torch.Tensor] = {}
+    source_of: dict[str, str] = {}
+
+    def put(key: str, tensor: torch.Tensor, source: str) -> None:
+        if key in converted:
+            raise CheckpointError(f"{source_of[key]} and {source} both become {key}")
+        converted[key], source_of[key] = tensor, source
+
     groups_of: dict[tuple[int, tuple[str, ...]], dict[int, torch.Tensor]] = {}
     for key, tensor in state.items():
         match = next(((index, part, found) for index, patterns in enumerate(compiled)
                       for part, pattern in enumerate(patterns) if (found := pattern.fullmatch(key))), None)
         if match is None:
-            converted[key] = tensor
+            put(key, tensor, key)
             continue
         index, part, found = match
         groups_of.setdefault((index, found.groups()), {})[part] = tensor
@@ -211,7 +228,7 @@ def convert_keys(state: dict[str, torch.Tensor], layout: Layout, to: str) -> dic
         if transform is not None:
             tensors = transform(*tensors)
         for pattern, tensor in zip(targets, tensors, strict=True):
-            converted[_fill(pattern, groups)] = tensor
+            put(_fill(pattern, groups), tensor, " + ".join(_fill(source, groups) for source in sources))
     return converted
 
 
@@ -357,28 +374,29 @@ PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
 
 
 def tensors_in(value: Any, prefix: str, where: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a loaded pickle, flattened to dotted keys. Official checkpoints nest the
-    state dict (LAVIS and lynx-llm under "model", others under "state_dict", "module" or at the
-    top level) beside bookkeeping such as "epoch" or "config"; those plain values are skipped,
-    with their names printed, and anything else than tensors, dicts and plain values is refused."""
+    """The tensors of a loaded pickle, flattened to dotted keys (list items by index). Plain
+    values beside them (an "epoch", a "config") are skipped, with their names printed; anything
+    else than tensors, containers and plain values is refused."""
     if isinstance(value, torch.Tensor):
         return {prefix: value}
-    if isinstance(value, dict):
+    if isinstance(value, (dict, list, tuple)):
+        items = value.items() if isinstance(value, dict) else enumerate(value)
         found = {}
-        for key, item in value.items():
+        for key, item in items:
             found.update(tensors_in(item, f"{prefix}.{key}" if prefix else str(key), where))
         return found
-    if value is None or isinstance(value, (int, float, str, bool, list, tuple)):
+    if value is None or isinstance(value, (int, float, str, bool)):
         print(f"{where}: skipped {prefix or '(top level)'} ({type(value).__name__}, not a tensor)", file=sys.stderr)
         return {}
     raise CheckpointError(f"{where}: {prefix or '(top level)'} is a {type(value).__name__}; "
-                          f"a checkpoint must hold only tensors (in dicts)")
+                          f"a checkpoint must hold only tensors (in dicts and lists)")
 
 
 def state_dict_of_pickle(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict of an official pickled checkpoint, read without running code from it:
-    `weights_only=True` unpickles tensors and plain containers only. A wrapper key holding the
-    whole state dict ("model", "state_dict", "module") is unwrapped; key names stay as stored."""
+    `weights_only=True` unpickles tensors and plain containers only. When every tensor sits
+    under one wrapper key ("model" in LAVIS and lynx-llm, "state_dict", "module"), the wrapper
+    is dropped from the names; otherwise key names stay as stored."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
@@ -392,13 +410,12 @@ def state_dict_of_pickle(path: str | Path) -> dict[str, torch.Tensor]:
         found = next((line.strip() for line in lines if "WeightsUnpickler error" in line), lines[0])
         raise CheckpointError(f"{path}: not a weights-only checkpoint (it holds something other than "
                               f"tensors and plain containers, or is not a torch pickle): {found}") from error
-    for wrapper in ("model", "state_dict", "module"):
-        if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
-            loaded = loaded[wrapper]
-            break
     state = tensors_in(loaded, "", path)
     if not state:
         raise CheckpointError(f"{path}: holds no tensors")
+    for wrapper in ("model.", "state_dict.", "module."):
+        if all(key.startswith(wrapper) for key in state):
+            return {key.removeprefix(wrapper): value for key, value in state.items()}
     return state
 
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from vision import VisionConfig
+
 FEATURE_SELECT_STRATEGIES = ("default", "full")  # LLaVA's names: "default" drops CLS, "full" keeps it
 
 
@@ -31,18 +33,24 @@ class Connector(nn.Module):
     layer is 0.96 points worse on ScienceQA, dissertation section 3.5) without the tower's final
     LayerNorm, and drops the CLS token (`vision_feature_select_strategy="default"`)."""
 
-    def __init__(self, num_vision_layers: int, num_patches: int, vision_feature_layer: int,
-                 vision_feature_select_strategy: str):
+    def __init__(self, vision_config: VisionConfig, vision_feature_layer: int, vision_feature_select_strategy: str):
         super().__init__()
         if vision_feature_select_strategy not in FEATURE_SELECT_STRATEGIES:
             raise ValueError(f"vision_feature_select_strategy must be one of {FEATURE_SELECT_STRATEGIES}, "
                              f"not {vision_feature_select_strategy!r}")
+        num_vision_layers = vision_config.num_hidden_layers
+        if isinstance(vision_feature_layer, bool) or not isinstance(vision_feature_layer, int):
+            raise ValueError(f"vision_feature_layer must be one layer index, not {vision_feature_layer!r}")
         if not -(num_vision_layers + 1) <= vision_feature_layer <= num_vision_layers:
             raise ValueError(f"vision_feature_layer {vision_feature_layer} does not exist in a tower of "
                              f"{num_vision_layers} layers (0 = embeddings, -1 = last layer)")
+        self.vision_config = vision_config  # the tower's own: a resolution change shows in num_image_tokens
         self.feature_layer = vision_feature_layer % (num_vision_layers + 1)
         self.keep_class_token = vision_feature_select_strategy == "full"
-        self.num_image_tokens = num_patches + self.keep_class_token
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.vision_config.num_patches + self.keep_class_token
 
     @property
     def num_vision_layers_used(self) -> int:
@@ -66,9 +74,9 @@ class Connector(nn.Module):
 class LinearProjector(Connector):
     """LLaVA's connector (eq. 3.1): one linear map per patch feature."""
 
-    def __init__(self, vision_width: int, text_width: int, **selection):
-        super().__init__(**selection)
-        self.linear_1 = nn.Linear(vision_width, text_width)
+    def __init__(self, vision_config: VisionConfig, text_width: int, **selection):
+        super().__init__(vision_config, **selection)
+        self.linear_1 = nn.Linear(vision_config.hidden_size, text_width)
 
     def project(self, image_features: torch.Tensor) -> torch.Tensor:
         return self.linear_1(image_features)
@@ -77,9 +85,9 @@ class LinearProjector(Connector):
 class MLPProjector(Connector):
     """LLaVA-1.5's connector (section 4.3): linear_1 -> GELU -> linear_2, applied per patch."""
 
-    def __init__(self, vision_width: int, text_width: int, **selection):
-        super().__init__(**selection)
-        self.linear_1 = nn.Linear(vision_width, text_width)
+    def __init__(self, vision_config: VisionConfig, text_width: int, **selection):
+        super().__init__(vision_config, **selection)
+        self.linear_1 = nn.Linear(vision_config.hidden_size, text_width)
         self.act = nn.GELU()
         self.linear_2 = nn.Linear(text_width, text_width)
 
@@ -90,13 +98,11 @@ class MLPProjector(Connector):
 CONNECTORS = {"linear": LinearProjector, "mlp2x_gelu": MLPProjector}
 
 
-def build_connector(projector_type: str, vision_config, text_width: int, vision_feature_layer: int,
+def build_connector(projector_type: str, vision_config: VisionConfig, text_width: int, vision_feature_layer: int,
                     vision_feature_select_strategy: str) -> Connector:
-    """The connector named by `projector_type` (LLaVA's `mm_projector_type`), reading
-    `vision_config`'s tower (a vision.VisionConfig) as the two feature options say."""
+    """The connector named by `projector_type` (LLaVA's `mm_projector_type`), reading the tower
+    of `vision_config` as the two feature options say."""
     if projector_type not in CONNECTORS:
         raise ValueError(f"unknown projector_type {projector_type!r}; known: {sorted(CONNECTORS)}")
-    return CONNECTORS[projector_type](
-        vision_config.hidden_size, text_width, num_vision_layers=vision_config.num_hidden_layers,
-        num_patches=vision_config.num_patches, vision_feature_layer=vision_feature_layer,
-        vision_feature_select_strategy=vision_feature_select_strategy)
+    return CONNECTORS[projector_type](vision_config, text_width, vision_feature_layer=vision_feature_layer,
+                                      vision_feature_select_strategy=vision_feature_select_strategy)

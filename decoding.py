@@ -1,7 +1,7 @@
 """Decoding: the KV cache, logits processors, greedy / sampling and beam search.
 
 The searches know nothing of the model's architecture. A language model offers three methods:
-- `new_cache(batch, max_length, dtype, device)`: its cache, any object with `length`,
+- `new_cache(batch, max_length, device)`: its cache, any object with `length`,
   `reorder(rows)` and `repeat_rows(times)` (KVCache for a decoder; an encoder-decoder's cache
   holds the decoder's self-attention keys/values plus the encoder outputs its cross-attention
   reads, computed once by the prefill);
@@ -96,6 +96,23 @@ class DecodingOptions:
     pad_token_id: int | None = None
     streamer: Callable[[torch.Tensor], None] | None = None
 
+    def __post_init__(self) -> None:
+        """Values that would otherwise decode silently wrong or fail deep inside a search."""
+        problems = [text for text, bad in (
+            (f"max_new_tokens {self.max_new_tokens} < 1", self.max_new_tokens < 1),
+            (f"min_new_tokens {self.min_new_tokens} < 0", self.min_new_tokens < 0),
+            (f"num_beams {self.num_beams} < 1", self.num_beams < 1),
+            (f"temperature {self.temperature} <= 0 (greedy is do_sample=False)", self.temperature <= 0),
+            (f"top_k {self.top_k} < 0", self.top_k < 0),
+            (f"top_p {self.top_p} not in (0, 1]", not 0 < self.top_p <= 1),
+            (f"repetition_penalty {self.repetition_penalty} <= 0", self.repetition_penalty <= 0),
+            (f"no_repeat_ngram_size {self.no_repeat_ngram_size} < 0", self.no_repeat_ngram_size < 0),
+            ("an empty stop token sequence", any(len(s) == 0 for s in self.stop_token_sequences or [])),
+            ("streaming needs greedy or sampled decoding: beam search picks its tokens at the end",
+             self.streamer is not None and self.num_beams > 1)) if bad]
+        if problems:
+            raise ValueError("decoding options: " + "; ".join(problems))
+
     @classmethod
     def from_kwargs(cls, options: dict) -> DecodingOptions:
         """The options, or an error naming the unknown ones (a typo would otherwise be ignored)."""
@@ -103,17 +120,14 @@ class DecodingOptions:
         unknown = sorted(set(options) - known)
         if unknown:
             raise TypeError(f"unknown decoding option(s) {unknown}; known: {sorted(known)}")
-        decoded = cls(**options)
-        if decoded.streamer is not None and decoded.num_beams > 1:
-            raise ValueError("streaming needs greedy or sampled decoding: beam search picks its tokens at the end")
-        return decoded
+        return cls(**options)
 
 
 @dataclass
 class DecodingState:
     """What a search carries from step to step."""
     model: nn.Module  # offers new_cache / prefill / decode_step (module docstring)
-    cache: object
+    cache: KVCache  # or an encoder-decoder's cache with the same three methods
     full_mask: torch.Tensor  # (B, prompt + max_new_tokens): grows one real column per step, preallocated
     logits: torch.Tensor  # (B, vocab) fp32: the next-token logits of the last position
     context: torch.Tensor  # (B, prompt) prompt ids for the penalties; padding = the scratch id vocab_size
@@ -221,10 +235,12 @@ def start_decoding(model: nn.Module, input_ids: torch.Tensor | None, inputs_embe
     search needs."""
     config = model.config
     eos_token_id = config.eos_token_id if options.eos_token_id is None else options.eos_token_id
-    eos_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-    pad_token_id = options.pad_token_id
+    eos_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), dtype=torch.long)
+    pad_token_id = options.pad_token_id if options.pad_token_id is not None else config.pad_token_id
     if pad_token_id is None:
-        pad_token_id = config.pad_token_id if config.pad_token_id is not None else int(eos_ids[0])
+        if not len(eos_ids):
+            raise ValueError("decoding without an EOS id needs a pad_token_id (the model config has none)")
+        pad_token_id = int(eos_ids[0])
     reference = inputs_embeds if inputs_embeds is not None else input_ids
     batch, prompt_length = reference.shape[:2]
     device = reference.device

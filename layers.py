@@ -13,12 +13,20 @@ initialize_blocks (CLIP's initialization of a stack of blocks).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100  # label of positions without loss (LLaVA / transformers convention)
+
+
+class KVCacheLike(Protocol):
+    """What Attention asks of a cache (decoding.LayerKVCache is one): store this step's keys
+    and values, return all of them so far."""
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,7 +107,8 @@ class Attention(nn.Module):
     """Multi-head attention through F.scaled_dot_product_attention, with the options the papers need.
 
     - self-attention (`context=None`) or cross-attention (keys and values from `context`, whose
-      width is `context_dim`): the Q-Former, the resampler, LION's vision aggregator, T5's decoder;
+      width is `context_dim`), as the Q-Former, the resampler, LION's vision aggregator and T5's
+      decoder use it (all planned);
     - grouped-query attention (`num_key_value_heads < num_heads`): LLaMA-family LLMs;
     - biases on/off (CLIP has them, LLaMA has none, EVA has q and v biases but no k bias);
     - rotary embedding, given as (cos, sin) by the caller, applied to queries and keys;
@@ -127,7 +136,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None, is_causal: bool = False,
-                rotary: tuple[torch.Tensor, torch.Tensor] | None = None, cache=None,
+                rotary: tuple[torch.Tensor, torch.Tensor] | None = None, cache: KVCacheLike | None = None,
                 position_bias: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, dim); context: (B, S, context_dim) or None (S = T).
         attn_mask: boolean (True = may attend) or additive float, broadcastable to (B, nh, T, S).
@@ -143,6 +152,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v)
         if position_bias is not None:
+            if is_causal and attn_mask is None:
+                raise ValueError("with a position bias, give the causal structure as attn_mask (SDPA takes one mask)")
             attn_mask = position_bias if attn_mask is None else position_bias + additive_mask(attn_mask, q.dtype)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal and attn_mask is None, scale=self.scale,
@@ -245,7 +256,8 @@ class PreNormBlock(nn.Module):
         self.mlp = mlp
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
-                rotary: tuple[torch.Tensor, torch.Tensor] | None = None, cache=None) -> torch.Tensor:
+                rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache: KVCacheLike | None = None) -> torch.Tensor:
         """x: (B, T, width); the options are Attention's."""
         x = x + self.self_attn(self.input_layernorm(x), attn_mask=attn_mask, is_causal=is_causal,
                                rotary=rotary, cache=cache)
@@ -255,7 +267,7 @@ class PreNormBlock(nn.Module):
 class PostNormBlock(nn.Module):
     """The post-LN transformer block of BERT (Devlin et al. 2019; Vaswani et al. 2017, sec. 3.1),
     norm(x + attn(x)), then optionally norm(x + cross_attn(x, context)), then norm(x + mlp(x)):
-    the layer the BLIP-2 Q-Former and LION's vision aggregator are built from. BERT's dropout
+    the layer the BLIP-2 Q-Former and LION's vision aggregator are made of (both planned). BERT's dropout
     (0.1) is left out, as everywhere in this codebase: the recipes here do not use it."""
 
     def __init__(self, width: int, num_heads: int, intermediate_size: int, activation: str = "gelu",

@@ -411,7 +411,7 @@ def save_state(model: nn.Module, layout: Layout) -> dict[str, torch.Tensor]:
     return state_to_theirs(state, layout)
 
 
-def build_without_init(module_class: type[nn.Module], config, dtype: torch.dtype) -> nn.Module:
+def build_without_init(module_class: type[nn.Module], config: MLLMConfig | TextConfig, dtype: torch.dtype) -> nn.Module:
     """A model whose weights will all be overwritten by a checkpoint: built on the meta device and
     then given uninitialized storage, which skips a random initialization that for a 7B model
     costs longer than the load itself. Modules here hold no buffers that need init."""

@@ -35,6 +35,7 @@ from tokenizers import Tokenizer
 import data
 import shapes
 from checkpoints import read_config_json
+from conversation import BOS_TOKEN, require_token_id
 from model import MLLM, LanguageModel, row_log_likelihoods
 from vision import VisionTransformer
 
@@ -251,7 +252,7 @@ def yes_no_accuracy(model: LanguageModel, tokenizer: Tokenizer, rows: list[dict]
     """Share of rows whose " yes" vs " no" next-token logit after the context picks the answer."""
     model.eval()
     yes_id, no_id = answer_token_ids(tokenizer)
-    bos_id = data.require_token_id(tokenizer, data.BOS_TOKEN)
+    bos_id = require_token_id(tokenizer, BOS_TOKEN)
     correct = 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]

@@ -229,7 +229,7 @@ class TextTransformer(nn.Module):
 
     def eos_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Where each text is pooled, by transformers' rule: the first `eos_token_id`; but configs
-        written before transformers PR #24773 (e.g. openai/clip-vit-large-patch14) say
+        written before transformers fixed that rule (e.g. openai/clip-vit-large-patch14) say
         eos_token_id 2 and pool at the highest token id, which is EOS in CLIP's own vocabulary."""
         if self.config.eos_token_id == 2:
             return input_ids.argmax(dim=-1)

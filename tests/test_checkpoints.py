@@ -89,3 +89,26 @@ def test_convert_refuses_what_is_not_tensors_and_names_the_file(tmp_path):
     with pytest.raises(CheckpointError, match=r"empty\.bin: holds no tensors"):
         convert_pickle(tmp_path / "empty.bin", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_bad_rules_and_collisions_are_refused():
+    with pytest.raises(ValueError, match="same number of"):
+        Rule("a.*.b.*", "c.*")
+    with pytest.raises(ValueError, match="to_ours and to_theirs"):
+        Rule("qkv.*", ("q.*", "k.*", "v.*"))
+    layout = (Rule("model.mm_projector.0.*", "projector.*"), Rule("model.mm_projector.*", "projector.*"))
+    state = {"model.mm_projector.0.weight": torch.ones(1), "model.mm_projector.weight": torch.ones(1)}
+    with pytest.raises(CheckpointError, match="model.mm_projector.0.weight and model.mm_projector.weight both "
+                                              "become projector.weight"):
+        convert_keys(state, layout, to="ours")
+    with pytest.raises(ValueError, match="to must be 'ours' or 'theirs'"):
+        convert_keys(state, layout, to="Ours")
+
+
+def test_pickle_lists_and_wrappers(tmp_path):
+    """Tensors inside lists keep an index in their name; a wrapper is dropped only when it holds
+    every tensor, so a stray top-level tensor keeps the full names."""
+    torch.save({"model": {"layers": [torch.ones(1), torch.zeros(2)]}, "epoch": 1}, tmp_path / "a.pth")
+    assert sorted(load_file(convert_pickle(tmp_path / "a.pth", tmp_path / "a"))) == ["layers.0", "layers.1"]
+    torch.save({"model": {"w": torch.ones(1)}, "scale": torch.ones(1)}, tmp_path / "b.pth")
+    assert sorted(load_file(convert_pickle(tmp_path / "b.pth", tmp_path / "b"))) == ["model.w", "scale"]

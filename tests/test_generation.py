@@ -139,3 +139,19 @@ def test_stop_rules_and_padding_after_the_end(llama_pair):
     by_sequence = ours.generate(input_ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[],
                                 stop_token_sequences=[sequence], pad_token_id=PAD_TOKEN)
     assert by_sequence[1, :3].tolist() == free[1, :3].tolist() and (by_sequence[1, 3:] == PAD_TOKEN).all()
+
+
+def test_decoding_options_are_checked_before_decoding(llama_pair):
+    _, ours = llama_pair
+    input_ids, mask = left_pad(PROMPTS)
+    with pytest.raises(TypeError, match=r"unknown decoding option\(s\) \['num_beam'\]"):
+        ours.generate(input_ids, attention_mask=mask, num_beam=2)
+    for options, message in ((dict(num_beams=0), "num_beams 0 < 1"), (dict(max_new_tokens=0), "max_new_tokens 0"),
+                             (dict(do_sample=True, temperature=0.0), "temperature 0.0 <= 0"),
+                             (dict(stop_token_sequences=[[]]), "empty stop token sequence"),
+                             (dict(num_beams=2, streamer=print), "streaming needs greedy")):
+        with pytest.raises(ValueError, match=message):
+            ours.generate(input_ids, attention_mask=mask, **options)
+    # No EOS at all: rows run to max_new_tokens, padding comes from the config.
+    assert ours.generate(input_ids, attention_mask=mask, eos_token_id=[], min_new_tokens=2,
+                         max_new_tokens=3).shape == (3, 3)

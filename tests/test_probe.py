@@ -13,6 +13,7 @@ import data
 import probe
 import shapes
 from conftest import tiny_mllm_config
+from conversation import BOS_TOKEN
 from model import MLLM, LanguageModel, TextConfig
 from vision import VisionConfig, VisionTransformer
 
@@ -129,7 +130,7 @@ def test_accuracy_reads_each_rows_last_position(documents, tokenizer):
                                      num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
                                      pad_token_id=tokenizer.token_to_id("<pad>")))
     yes_id, no_id = probe.answer_token_ids(tokenizer)
-    bos_id = tokenizer.token_to_id(data.BOS_TOKEN)
+    bos_id = tokenizer.token_to_id(BOS_TOKEN)
     expected = 0
     with torch.no_grad():
         for row in rows:  # one row at a time: no padding

@@ -267,3 +267,16 @@ def test_region_loss_is_added_only_when_regions_are_given():
         @ torch.nn.functional.normalize(model.encode_text(input_ids[1:], attention_mask[1:]), dim=-1).t()
     expected = contrastive_loss(region_logits, torch.tensor([[1, 0], [0, 1], [1, 0]]))
     torch.testing.assert_close(total_loss - image_loss, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_image_token_count_follows_the_towers_resolution():
+    """The connector reads the tower's own config: after Lynx-style position interpolation the
+    MLLM expects as many image tokens as the tower now makes."""
+    from model import MLLM, MLLMConfig, TextConfig
+    model = MLLM(MLLMConfig(vision_config=VisionConfig(**VISION),
+                            text_config=TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                   num_hidden_layers=1, num_attention_heads=4),
+                            image_token_index=62, pad_token_id=63))
+    assert model.num_image_tokens == 25
+    model.vision_tower.interpolate_position_embedding(42)
+    assert model.num_image_tokens == 49 == model.image_features(torch.randn(1, 3, 42, 42)).shape[1]
