@@ -279,7 +279,7 @@ def bench_eval(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as directory:
         write_vqa_files(Path(directory), args.samples)
         # One small warm-up run so the first measurement does not pay for lazy initialization.
-        run_eval(model, tokenizer, "vqa", directory, limit=2, **options)
+        run_eval(model, tokenizer, "vqa", directory, limit=2, max_new_tokens=2, **options)
         for new_tokens in [int(value) for value in args.new_tokens.split(",")]:
             rates = []
             for batch_size in (1, args.batch_size):

@@ -29,7 +29,7 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from conversation import (BOS_TOKEN, EOS_TOKEN, IMAGE_PLACEHOLDER, DataError, format_conversation, get_template,
-                          render_conversation, require_token_id)
+                          render_conversation, require_token_id, tokenize_around_images)
 from layers import IGNORE_INDEX
 
 # OpenAI CLIP's normalization (transformers OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
@@ -195,13 +195,23 @@ def box_in_view(box: Sequence[float], image_size: tuple[int, int], pad_to_square
 REC_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: "
 
 
-def format_box(box: Sequence[float], decimals: int = 3) -> str:
-    """A normalized xyxy box as text, "[0.525,0.000,0.675,0.394]" (LION's REC format; the
-    LLaVA-1.5 REC/REG data write boxes the same way, relative to the padded square). Values are
-    clamped to [0, 1] so rounding noise never prints "-0.000" or "1.001"."""
+BOX_STYLES = ("lion", "llava15")
+
+
+def format_box(box: Sequence[float], style: str = "lion") -> str:
+    """A normalized xyxy box as text, relative to the padded square, in one of two styles:
+    "lion", three decimals without spaces, "[0.525,0.000,0.675,0.394]" (LION's and Shikra's REC
+    data); "llava15", two decimals as Python prints them, "[0.53, 0.0, 0.68, 0.39]" (LLaVA-1.5's
+    RefCOCO / VG data in its 665K mixture). Values are clamped to [0, 1] so rounding noise never
+    prints "-0.000" or "1.001". metrics.parse_box reads both."""
     if len(box) != 4:
         raise ValueError(f"a box needs 4 values (x0, y0, x1, y1), got {box!r}")
-    return "[" + ",".join(f"{min(max(float(value), 0.0), 1.0):.{decimals}f}" for value in box) + "]"
+    values = [min(max(float(value), 0.0), 1.0) for value in box]
+    if style == "lion":
+        return "[" + ",".join(f"{value:.3f}" for value in values) + "]"
+    if style == "llava15":
+        return "[" + ", ".join(repr(round(value, 2)) for value in values) + "]"
+    raise ValueError(f"unknown box style {style!r}; known: {BOX_STYLES}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,15 +350,14 @@ class InstructionDataset(_ImageRecordDataset):
         placeholder_id = require_token_id(tokenizer, IMAGE_PLACEHOLDER)
 
         candidates = list(self._validated_records(json_path))
-        encodings = tokenizer.encode_batch([text for _, _, (text, _) in candidates],
-                                           add_special_tokens=False)
+        encodings = tokenize_around_images([text for _, _, (text, _) in candidates], tokenizer)
         self.records: list[dict] = []
         self.sources = []
         self.lengths: list[int] = []
         self.has_image: list[bool] = []
         self.num_truncated = 0
-        for (where, record, (_, spans)), encoding in zip(candidates, encodings):
-            full_length, kept_length = self._lengths(encoding, spans, placeholder_id)
+        for (where, record, (_, spans)), (ids, offsets) in zip(candidates, encodings):
+            full_length, kept_length = self._lengths(ids, offsets, spans, placeholder_id)
             if kept_length is None:
                 self.problems.report("too_long", f"{where}: {full_length} tokens, longer than "
                                      f"max_seq_len {max_seq_len}, and cutting it would cut its "
@@ -381,11 +390,10 @@ class InstructionDataset(_ImageRecordDataset):
             raise DataError(f"a text-only sample (no 'image') holds {IMAGE_PLACEHOLDER}")
         return text, spans
 
-    def _lengths(self, encoding: Any, spans: list[tuple[int, int]],
+    def _lengths(self, ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]],
                  placeholder_id: int) -> tuple[int, int | None]:
         """(full token count, count after truncation or None when the sample must be dropped).
         Positions count the BOS in front and the image expansion."""
-        ids = encoding.ids
         image_at = ids.index(placeholder_id) if placeholder_id in ids else None
         image_expansion = self.num_image_tokens - 1 if image_at is not None else 0
 
@@ -399,7 +407,7 @@ class InstructionDataset(_ImageRecordDataset):
         if image_at is not None and position(image_at) + self.num_image_tokens > self.max_seq_len:
             return full_length, None
         first_answer_char = spans[0][0]
-        first_supervised = next((index for index, (_, end) in enumerate(encoding.offsets)
+        first_supervised = next((index for index, (_, end) in enumerate(offsets)
                                  if end > first_answer_char), len(ids))
         if position(first_supervised) >= self.max_seq_len:
             return full_length, None

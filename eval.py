@@ -8,13 +8,15 @@ Tasks and their files (refer toolkit pickles + COCO instances for RefCOCO/+/g, V
 annotations, Karpathy caption JSON, POPE jsonl, multiple-choice jsonl); the shapes world writes
 the same formats. Multiple choice is scored two ways: by generating the option's letter
 (LLaVA-1.5, ScienceQA) and by ranking the candidates by the model's likelihood (LION on VSR /
-IconQA / VisDial, after LAVIS's `predict_class`).
+IconQA / VisDial, after LAVIS's `predict_class`), optionally over every rotation of the options
+(MMBench's circular evaluation); a question without an image is asked without one (ScienceQA).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 import pickle
 import re
 import time
@@ -30,8 +32,8 @@ from conversation import EOS_TOKEN, IMAGE_PLACEHOLDER, TEMPLATES, render_convers
 from data import (REC_PROMPT, box_from_padded_square, load_image, load_tokenizer, pad_sequences, padded_square_box,
                   preprocess_image, read_json, read_json_lines)
 from layers import IGNORE_INDEX
-from metrics import (box_iou, caption_tokens, cider_d, parse_box, parse_choice, pope_answer, pope_metrics,
-                     vqa_accuracy)
+from metrics import (box_iou, caption_tokens, cider_d, circular_accuracy, evalai_answer, parse_box, parse_choice,
+                     pope_answer, pope_metrics, vqa_accuracy)
 from model import MLLM, row_log_likelihoods
 
 # ---------------------------------------------------------------------------------------------
@@ -41,14 +43,16 @@ from model import MLLM, row_log_likelihoods
 class Sample:
     """One evaluation question. `target` is what the task scores against: the box in pixels
     (x0, y0, x1, y1) for REC, the human answers for VQA, the reference captions, the POPE label,
-    or the index of the right choice."""
+    or the index of the right choice. `image` is None for a text-only question."""
     sample_id: str
-    image: Path
+    image: Path | None
     text: str
     target: Any
     choices: list[str] = dataclasses.field(default_factory=list)
     image_size: tuple[int, int] | None = None    # (width, height): REC boxes are normalized with it
-    group: str = ""                              # the POPE split, or the VQA question type
+    group: str = ""                              # the POPE split, the VQA question type, or the id of
+                                                 # the question a circular rotation asks
+    answer_type: str = ""                        # VQAv2's answer_type: "yes/no", "number", "other"
 
 
 def _first_existing(directory: Path, names: list[str], what: str) -> Path:
@@ -134,7 +138,7 @@ def load_vqa(annotation_dir: Path, split: str, image_dir: Path, image_template: 
         image_name = image_template.format(image_id=question["image_id"], split=split)
         samples.append(Sample(sample_id=str(question["question_id"]), image=image_dir / image_name,
                               text=question["question"], target=[answer["answer"] for answer in annotation["answers"]],
-                              group=annotation.get("question_type", "")))
+                              group=annotation.get("question_type", ""), answer_type=annotation.get("answer_type", "")))
     return samples
 
 
@@ -172,17 +176,43 @@ def load_pope(annotation_dir: Path, split: str, image_dir: Path) -> list[Sample]
     return samples
 
 
+def question_with_hint(question: str, hint: Any) -> str:
+    """MMBench's hint goes before its question, as LLaVA's model_vqa_mmbench.py builds it:
+    hint + "\n" + question, unless the hint is missing (its is_none: None, NaN, "nan", "none")."""
+    if hint is None or (isinstance(hint, float) and math.isnan(hint)):
+        return question
+    return question if isinstance(hint, str) and hint.lower() in ("nan", "none") else f"{hint}\n{question}"
+
+
 def load_multiple_choice(annotation_dir: Path, split: str, image_dir: Path) -> list[Sample]:
-    """Multiple-choice jsonl ({split}.jsonl or questions.jsonl): {question_id, image, question,
-    choices: [...], answer: index of the right choice}."""
+    """Multiple-choice jsonl ({split}.jsonl or questions.jsonl): {question_id, question, choices:
+    [...], answer: index of the right choice, optional image, optional hint}. A record without
+    "image" is a text-only question, asked without an image as LLaVA's model_vqa_science.py asks
+    ScienceQA's; a hint (MMBench) goes before the question."""
     path = _first_existing(annotation_dir, [f"{split}.jsonl", "questions.jsonl"], "multiple-choice file")
     samples = []
-    for line_number, record in read_jsonl(path, ("question_id", "image", "question", "choices", "answer")):
+    for line_number, record in read_jsonl(path, ("question_id", "question", "choices", "answer")):
         if not 0 <= int(record["answer"]) < len(record["choices"]):
             raise ValueError(f"{path}, line {line_number}: answer {record['answer']} is not an index of choices")
-        samples.append(Sample(sample_id=str(record["question_id"]), image=image_dir / record["image"],
-                              text=record["question"], target=int(record["answer"]), choices=list(record["choices"])))
+        samples.append(Sample(sample_id=str(record["question_id"]),
+                              image=image_dir / record["image"] if record.get("image") is not None else None,
+                              text=question_with_hint(record["question"], record.get("hint")),
+                              target=int(record["answer"]), choices=list(record["choices"])))
     return samples
+
+
+def rotate_choices(samples: list[Sample]) -> list[Sample]:
+    """MMBench's circular evaluation as LLaVA's model_vqa_mmbench.py --all-rounds asks it: each
+    question once per rotation of its options (round r lists choices[r:] + choices[:r], lettered
+    A, B, ... afresh), the right answer following its option; `group` keeps the question's id."""
+    rotated = []
+    for sample in samples:
+        count = len(sample.choices)
+        for shift in range(count):
+            rotated.append(dataclasses.replace(sample, sample_id=f"{sample.sample_id}/{shift}", group=sample.sample_id,
+                                               choices=sample.choices[shift:] + sample.choices[:shift],
+                                               target=(sample.target - shift) % count))
+    return rotated
 
 
 # task name -> (kind of scoring, folder under DATA/eval/, default split)
@@ -300,14 +330,16 @@ class Evaluator:
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
 
-    def encode_dialogue(self, turns: list[tuple[str, str | None]], answer: str | None) -> tuple[list[int], list[int]]:
+    def encode_dialogue(self, turns: list[tuple[str, str | None]], answer: str | None,
+                        with_image: bool = True) -> tuple[list[int], list[int]]:
         """Token ids (and labels marking `answer`'s tokens) of a dialogue: finished (question,
         reply) turns, then the last question, then `answer`, or the open assistant turn for
-        generation when `answer` is None."""
+        generation when `answer` is None. Without an image the prompt has no image tokens
+        (model_vqa_science.py's text-only questions)."""
         if self.style.template is not None:
             conversation = []
             for index, (question, reply) in enumerate(turns):
-                image = IMAGE_PLACEHOLDER + "\n" if index == 0 else ""
+                image = IMAGE_PLACEHOLDER + "\n" if index == 0 and with_image else ""
                 conversation.append({"from": "human", "value": image + question})
                 if reply is not None:
                     conversation.append({"from": "gpt", "value": reply})
@@ -319,7 +351,8 @@ class Evaluator:
             return list(input_ids), _last_labeled_span(list(labels))
         text = "".join(self.style.turn.format(question) + (f" {reply}\n" if reply is not None else "")
                        for question, reply in turns)
-        prompt = [self.bos_token_id] + [self.image_token_index] * self.model.num_image_tokens + self._encode(text)
+        image_tokens = [self.image_token_index] * self.model.num_image_tokens if with_image else []
+        prompt = [self.bos_token_id] + image_tokens + self._encode(text)
         if answer is None:
             return prompt, [IGNORE_INDEX] * len(prompt)
         answer_ids = self._encode(" " + answer) + self.eos_token_ids[:1]
@@ -328,10 +361,15 @@ class Evaluator:
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def pixel_values(self, samples: list[Sample]) -> torch.Tensor:
-        """One preprocessed image per sample; zeros for the blind baseline (what vision adds)."""
+    def pixel_values(self, samples: list[Sample]) -> torch.Tensor | None:
+        """One preprocessed image per sample that has one, in batch order (model.MLLM.embed takes
+        images for the rows holding image tokens only), None if none has; zeros for the blind
+        baseline (what vision adds)."""
+        with_image = [sample for sample in samples if sample.image is not None]
+        if not with_image:
+            return None
         images = torch.stack([preprocess_image(load_image(sample.image), self.image_size, self.pad_to_square)
-                              for sample in samples])
+                              for sample in with_image])
         if self.blind:
             images = torch.zeros_like(images)
         return images.to(self.device, self.dtype)
@@ -339,7 +377,8 @@ class Evaluator:
     def generate(self, samples: list[Sample], dialogues: list[list[tuple[str, str | None]]],
                  **decoding) -> list[str]:
         """Answers to the last question of each dialogue, generated as one left-padded batch."""
-        prompts = [self.encode_dialogue(dialogue, None)[0] for dialogue in dialogues]
+        prompts = [self.encode_dialogue(dialogue, None, sample.image is not None)[0]
+                   for sample, dialogue in zip(samples, dialogues)]
         input_ids, attention_mask = pad_sequences(prompts, self.pad_token_id, side="left")
         if self.stop_strings:
             decoding["stop_token_sequences"] = [self._encode(stop) for stop in self.stop_strings]
@@ -362,15 +401,17 @@ class Evaluator:
         """Log-likelihood of each candidate answer (its tokens and end of turn) after each
         dialogue, summed over tokens: LION ranks VSR / IconQA / VisDial candidates this way
         (LAVIS `predict_class`: the candidate with the lowest summed loss wins). One forward pass
-        over every (sample, candidate) row of the batch, right-padded."""
+        over every (sample, candidate) row of the batch, right-padded; a row of a sample with an
+        image gets that image, a text-only sample's rows none."""
         rows, owners = [], []
         for index, (sample, dialogue) in enumerate(zip(samples, dialogues)):
             for choice in sample.choices:
-                rows.append(self.encode_dialogue(dialogue, choice.lower() if self.style.lowercase else choice))
+                rows.append(self.encode_dialogue(dialogue, choice.lower() if self.style.lowercase else choice,
+                                                 sample.image is not None))
                 owners.append(index)
         input_ids, attention_mask = pad_sequences([ids for ids, _ in rows], self.pad_token_id)
         labels, _ = pad_sequences([row_labels for _, row_labels in rows], IGNORE_INDEX)
-        pixel_values = self.pixel_values(samples)[torch.tensor(owners)]
+        pixel_values = self._row_images(samples, owners)
         logits = self.model(input_ids.to(self.device), pixel_values=pixel_values,
                             attention_mask=attention_mask.to(self.device))
         totals, _ = row_log_likelihoods(logits, labels.to(self.device))
@@ -378,6 +419,15 @@ class Evaluator:
         for owner, total in zip(owners, totals.tolist()):
             per_sample[owner].append(total)
         return per_sample
+
+    def _row_images(self, samples: list[Sample], owners: list[int]) -> torch.Tensor | None:
+        """The image of each row's sample, for the rows whose sample has one (rows in order)."""
+        images = self.pixel_values(samples)
+        if images is None:
+            return None
+        image_of = {index: position for position, index in
+                    enumerate(index for index, sample in enumerate(samples) if sample.image is not None)}
+        return images[torch.tensor([image_of[owner] for owner in owners if owner in image_of])]
 
 
 def _last_labeled_span(labels: list[int]) -> list[int]:
@@ -412,10 +462,12 @@ def denormalize_box(box: list[float], image_size: tuple[int, int], pad_to_square
 
 
 def score_task(kind: str, samples: list[Sample], predictions: list[str], pad_to_square: bool,
-               choice_scores: list[list[float]] | None = None) -> tuple[list[dict], dict[str, float]]:
-    """Per-sample records (for predictions.jsonl) and the task's metrics."""
-    records = [{"id": sample.sample_id, "image": str(sample.image), "question": sample.text,
-                "prediction": prediction} for sample, prediction in zip(samples, predictions)]
+               choice_scores: list[list[float]] | None = None,
+               circular: bool = False) -> tuple[list[dict], dict[str, float]]:
+    """Per-sample records (for predictions.jsonl) and the task's metrics. `circular`: the samples
+    are the rotations of `rotate_choices`, scored per question as well."""
+    records = [{"id": sample.sample_id, "image": None if sample.image is None else str(sample.image),
+                "question": sample.text, "prediction": prediction} for sample, prediction in zip(samples, predictions)]
     metrics: dict[str, float] = {"samples": len(samples)}
     if kind == "rec":
         correct = unparsable = 0
@@ -428,15 +480,7 @@ def score_task(kind: str, samples: list[Sample], predictions: list[str], pad_to_
             record.update(target=[round(value, 4) for value in target], box=box, iou=iou)
         metrics.update(accuracy=correct / len(samples), unparsable=unparsable)
     elif kind == "vqa":
-        scores = [vqa_accuracy(prediction, sample.target) for sample, prediction in zip(samples, predictions)]
-        for record, sample, score in zip(records, samples, scores):
-            record.update(answers=sample.target, accuracy=score)
-        metrics["accuracy"] = sum(scores) / len(scores)
-        # Per question type, as the official VQA evaluation's perQuestionType (VQAv2 annotations
-        # carry "question_type"): which skills the image adds over the blind run.
-        for question_type in sorted({sample.group for sample in samples} - {""}):
-            typed = [score for sample, score in zip(samples, scores) if sample.group == question_type]
-            metrics[f"accuracy[{question_type}]"] = sum(typed) / len(typed)
+        metrics.update(score_vqa(records, samples, predictions))
     elif kind == "caption":
         for record, sample in zip(records, samples):
             record["references"] = sample.target
@@ -455,16 +499,52 @@ def score_task(kind: str, samples: list[Sample], predictions: list[str], pad_to_
             if len(groups) > 1:
                 metrics.update({f"{group}_{name}": values[name] for group, values in per_group.items()})
     else:
-        correct = unparsable = 0
-        for index, (record, sample, prediction) in enumerate(zip(records, samples, predictions)):
-            chosen = parse_choice(prediction, sample.choices)
-            unparsable += chosen is None
-            correct += chosen == sample.target
-            record.update(choices=sample.choices, answer=sample.target, chosen=chosen)
-            if choice_scores is not None:
-                record["log_likelihoods"] = choice_scores[index]
-        metrics.update(accuracy=correct / len(samples), unparsable=unparsable)
+        metrics.update(score_choices(records, samples, predictions, choice_scores, circular))
     return records, metrics
+
+
+def score_vqa(records: list[dict], samples: list[Sample], predictions: list[str]) -> dict[str, float]:
+    """VQA in LLaVA's two steps: each prediction through EvalAI's answer processor (as
+    convert_vqav2_for_submission.py uploads it), then vqaEval.py's accuracy, overall, per
+    question type (perQuestionType) and per answer type (perAnswerType: yes/no, number, other),
+    where the annotations carry them; adds the submitted answer and its score to each record."""
+    submitted = [evalai_answer(prediction) for prediction in predictions]
+    scores = [vqa_accuracy(answer, sample.target) for sample, answer in zip(samples, submitted)]
+    for record, sample, answer, score in zip(records, samples, submitted, scores):
+        record.update(answer=answer, answers=sample.target, accuracy=score)
+    per_question_type = _mean_per_key(scores, [sample.group for sample in samples])
+    per_answer_type = _mean_per_key(scores, [sample.answer_type for sample in samples])
+    return {"accuracy": sum(scores) / len(scores),
+            **{f"accuracy[{question_type}]": value for question_type, value in per_question_type.items()},
+            **{f"accuracy[answer_type={answer_type}]": value for answer_type, value in per_answer_type.items()}}
+
+
+def _mean_per_key(values: list[float], keys: list[str]) -> dict[str, float]:
+    """The mean of `values` per key, keys sorted, the empty key (no annotation) left out."""
+    return {key: sum(v for v, k in zip(values, keys) if k == key) / keys.count(key) for key in sorted(set(keys) - {""})}
+
+
+def score_choices(records: list[dict], samples: list[Sample], predictions: list[str],
+                  choice_scores: list[list[float]] | None, circular: bool) -> dict[str, float]:
+    """Multiple choice by eval_science_qa.py's rules (metrics.parse_choice): accuracy, and the
+    replies it cannot parse ("FAILED", scored wrong) as failed_parses; where text-only questions
+    are mixed in, the accuracy on those with an image (the script's IMG-Accuracy); with
+    `circular`, the share of questions right in every rotation (circular_accuracy, MMBench) and
+    their number."""
+    chosen = [parse_choice(prediction, len(sample.choices)) for sample, prediction in zip(samples, predictions)]
+    correct = [index == sample.target for index, sample in zip(chosen, samples)]
+    for position, (record, sample) in enumerate(zip(records, samples)):
+        record.update(choices=sample.choices, answer=sample.target, chosen=chosen[position])
+        if choice_scores is not None:
+            record["log_likelihoods"] = choice_scores[position]
+    metrics = {"accuracy": sum(correct) / len(samples), "failed_parses": chosen.count(None)}
+    with_image = [right for right, sample in zip(correct, samples) if sample.image is not None]
+    if with_image and len(with_image) < len(samples):  # eval_science_qa.py's IMG-Accuracy (ScienceQA-IMG)
+        metrics["img_accuracy"] = sum(with_image) / len(with_image)
+    if circular:
+        metrics.update(circular_accuracy=circular_accuracy([sample.group for sample in samples], correct),
+                       questions=len({sample.group for sample in samples}))
+    return metrics
 
 
 def visualize_rec(records: list[dict], samples: list[Sample], pad_to_square: bool, directory: Path) -> None:
@@ -486,9 +566,14 @@ def visualize_rec(records: list[dict], samples: list[Sample], pad_to_square: boo
 # ---------------------------------------------------------------------------------------------
 # The loop
 
-# Enough new tokens for each kind of answer (a box is ~30 tokens with digit-split BPE); the
-# generation stops at end of sequence long before on a trained model.
-DEFAULT_MAX_NEW_TOKENS = {"rec": 48, "vqa": 16, "caption": 40, "pope": 8, "choice": 8, "rank": 8}
+# The official evaluations' caps on new tokens, per kind of task that generates (mc-rank does not):
+# VQA and POPE 128, the --max_new_tokens default of LLaVA's model_vqa_loader.py (run by its
+# vqav2.sh and pope.sh); multiple choice 1024, hard-coded in model_vqa_science.py (ScienceQA) and
+# model_vqa_mmbench.py (MMBench), as in model_vqa.py (LLaVA-Bench); LLaVA has no REC or caption
+# eval: lmms-eval's refcoco_bbox_rec sets no cap, so its LLaVA model's default 1024 applies, and
+# its coco_karpathy task sets 64. The generation stops at end of sequence long before on a
+# trained model; a run that needs smaller caps passes max_new_tokens (the shapes configs do).
+DEFAULT_MAX_NEW_TOKENS = {"rec": 1024, "vqa": 128, "caption": 64, "pope": 128, "choice": 1024}
 
 
 def prompt_style_name(model: MLLM, prompt_style: str | None) -> str:
@@ -559,8 +644,8 @@ def run_eval(model: MLLM, tokenizer: Tokenizer, task: str, data_dir: str | Path,
              prompt_style: str | None = None, template: str | None = None, annotation_dir: str | Path | None = None,
              image_dir: str | Path | None = None, image_template: str = COCO_IMAGE_TEMPLATE,
              describe_first: bool = False, describe_max_new_tokens: int = 128, visualize: int = 0,
-             blind: bool = False, stop_strings: list[str] | None = None, progress: bool = True,
-             print_results: bool = True, **decoding) -> dict[str, float]:
+             blind: bool = False, stop_strings: list[str] | None = None, circular: bool = False,
+             progress: bool = True, print_results: bool = True, **decoding) -> dict[str, float]:
     """Evaluate `model` on one task and split; returns the metrics (and writes
     `{task}_{split}.predictions.jsonl` / `.metrics.json` to `out_dir` when given).
 
@@ -569,20 +654,27 @@ def run_eval(model: MLLM, tokenizer: Tokenizer, task: str, data_dir: str | Path,
     `model.config.template` if present, else the style's. describe_first: Lynx's plug-and-play,
     the model's own detailed description goes into the dialogue before the question. blind:
     images replaced by zeros (the no-vision baseline). stop_strings: generation stops after one
-    and the answer is cut before it. `decoding` goes to `model.generate` (max_new_tokens
-    defaults per task kind)."""
+    and the answer is cut before it. circular: multiple choice asked once per rotation of the
+    options, scored per question too (MMBench's circular evaluation). `decoding` goes to
+    `model.generate` (max_new_tokens defaults per task kind: DEFAULT_MAX_NEW_TOKENS)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     kind, _, default_split = TASKS[task]
     split = split or default_split
+    if circular and kind not in ("choice", "rank"):
+        raise ValueError(f"circular rotates the options of multiple choice (mc, mc-rank), not {task!r}")
     samples = load_task(task, data_dir, split, annotation_dir, image_dir, image_template)[:limit]
-    missing = next((sample.image for sample in samples if not sample.image.is_file()), None)
+    if circular:
+        samples = rotate_choices(samples)
+    missing = next((sample.image for sample in samples if sample.image is not None and not sample.image.is_file()),
+                   None)
     if missing is not None:
         hint = f" (VQA image names come from image_template, now {image_template!r})" if kind == "vqa" else ""
         raise FileNotFoundError(f"image not found: {missing}{hint}")
     if visualize and kind != "rec":
         raise ValueError("visualize draws boxes: only the REC tasks (refcoco, refcoco+, refcocog) have them")
-    decoding = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS[kind], **decoding}
+    if kind in DEFAULT_MAX_NEW_TOKENS:
+        decoding = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS[kind], **decoding}
     evaluator = build_evaluator(model, tokenizer, prompt_style, template, blind, stop_strings)
 
     was_training = model.training
@@ -595,7 +687,7 @@ def run_eval(model: MLLM, tokenizer: Tokenizer, task: str, data_dir: str | Path,
     seconds = time.perf_counter() - started
     model.train(was_training)
 
-    records, metrics = score_task(kind, samples, predictions, evaluator.pad_to_square, choice_scores)
+    records, metrics = score_task(kind, samples, predictions, evaluator.pad_to_square, choice_scores, circular)
     if describe_first:
         for record, description in zip(records, descriptions):
             record["description"] = description
@@ -607,7 +699,8 @@ def run_eval(model: MLLM, tokenizer: Tokenizer, task: str, data_dir: str | Path,
             for record in records:
                 file.write(json.dumps(record) + "\n")
         summary = {"task": task, "split": split, "prompt_style": prompt_style_name(model, prompt_style),
-                   "describe_first": describe_first, "blind": blind, "decoding": decoding, "metrics": metrics}
+                   "describe_first": describe_first, "blind": blind, "circular": circular, "decoding": decoding,
+                   "metrics": metrics}
         (out / f"{task}_{split}.metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
         if visualize:
             visualize_rec(records[:visualize], samples[:visualize], evaluator.pad_to_square, out / f"{task}_{split}_boxes")
@@ -674,6 +767,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--describe-first", action="store_true", help="Lynx plug-and-play: describe the image, then answer")
     parser.add_argument("--visualize", type=int, default=0, metavar="N", help="REC: draw N samples' boxes to PNGs")
     parser.add_argument("--blind", action="store_true", help="replace every image by zeros (the no-vision baseline)")
+    parser.add_argument("--circular", action="store_true",
+                        help="mc / mc-rank: ask every rotation of the options; a question is right only if all are")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_decoding_arguments(parser)
     args = parser.parse_args(argv)
@@ -687,7 +782,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     out_dir=args.out, prompt_style=args.prompt_style, template=args.template,
                     annotation_dir=args.annotation_dir, image_dir=args.image_dir, image_template=args.image_template,
                     describe_first=args.describe_first, visualize=args.visualize, blind=args.blind,
-                    stop_strings=args.stop, **options)
+                    stop_strings=args.stop, circular=args.circular, **options)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,24 @@
 """Metrics: the official scoring rules of each benchmark, as the reference scripts compute them.
 
-- `vqa_accuracy`: the VQA accuracy of the official VQA evaluation code as run on EvalAI
-  (Cloud-CV/VQA-Challenge `vqaEval.py`; the same tables LLaVA's `m4c_evaluator.py` copies):
-  answers normalized (punctuation rules, periods outside numbers, number words to digits,
-  articles dropped, contractions table), then for each of the 10 human answers
-  min(1, #matches among the other 9 / 3), averaged.
+- VQA, in the two steps of LLaVA's VQAv2 pipeline: `evalai_answer`, the EvalAIAnswerProcessor
+  (LLaVA's `m4c_evaluator.py`) that `convert_vqav2_for_submission.py` applies to each prediction,
+  then `vqa_accuracy`, the official VQA evaluation (GT-Vision-Lab VQA `vqaEval.py`, as the
+  evaluation server runs it): the ground truth is normalized only when its answers disagree,
+  then for each of the 10 human answers min(1, #matches among the other 9 / 3), averaged.
 - `cider_d`: CIDEr-D exactly as pycocoevalcap's `Cider` (cider_scorer.py) computes it.
 - `parse_box`, `box_iou`: REC box text "[x0,y0,x1,y1]" normalized to [0, 1] (Shikra / LION /
   LLaVA-1.5 REC data); a prediction is correct when IoU >= 0.5 (lmms-eval), unparsable = wrong.
 - `pope_metrics`: POPE (Li et al. 2023) accuracy / precision / recall / F1 / yes-ratio with the
   yes/no extraction of LLaVA's `llava/eval/eval_pope.py`.
-- `parse_choice`: the option letter of a multiple-choice answer.
+- `parse_choice`: the option a multiple-choice reply names, by LLaVA's `eval_science_qa.py` rules;
+  `circular_accuracy`: MMBench's circular evaluation over rotations of the options.
 Pure Python, no torch: they score prediction files of any model.
 """
 from __future__ import annotations
 
 import math
 import re
+import string
 from collections import Counter, defaultdict
 from typing import Hashable
 
@@ -24,7 +26,7 @@ from typing import Hashable
 # ---------------------------------------------------------------------------------------------
 # VQA accuracy
 
-# Tables of the official VQA evaluation (EvalAI version, ASCII apostrophes), kept verbatim:
+# Tables of vqaEval.py (m4c_evaluator.py's EvalAIAnswerProcessor holds the same), kept verbatim:
 # their oddities ("somebody'd" -> "somebodyd") are part of how published numbers were computed.
 VQA_CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
@@ -70,42 +72,70 @@ COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
 # The official pattern is "(?!<=\d)(\.)(?!\d)": its first group is a mistyped look-behind that
 # never matches anything, so the rule in force is "drop a period not followed by a digit".
 PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")
+# Both official scripts call periodStrip.sub("", text, re.UNICODE): the third argument of a compiled
+# pattern's sub is the count, so at most re.UNICODE = 32 periods are dropped.
+PERIODS_DROPPED = int(re.UNICODE)
 
 
-def normalize_vqa_answer(answer: str) -> str:
-    """The official VQA answer normalization: whitespace, punctuation, then digits/articles/
-    contractions word by word ("Two dogs." -> "2 dogs", "a dog" -> "dog", "dont" -> "don't")."""
-    text = answer.replace("\n", " ").replace("\t", " ").strip()
+def _clean_whitespace(text: str) -> str:
+    """Newlines and tabs to spaces, ends stripped: vqaEval.py's first step on both sides."""
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def process_punctuation(text: str) -> str:
+    """vqaEval.py's processPunctuation (EvalAIAnswerProcessor.process_punctuation is the same
+    rule): a mark touching a space ("yes , it"), or any mark at all in a text holding a
+    "1,000"-style number, is deleted; a mark inside a word ("black-and-white") becomes a space;
+    then periods not before a digit go."""
     stripped = text
     for mark in VQA_PUNCTUATION:
-        # A mark touching a space ("yes , it") or any "1,000"-style number in the answer: the mark
-        # is deleted; a mark inside a word ("black-and-white") becomes a space.
         if mark + " " in text or " " + mark in text or COMMA_BETWEEN_DIGITS.search(text):
             stripped = stripped.replace(mark, "")
         else:
             stripped = stripped.replace(mark, " ")
-    stripped = PERIOD_NOT_BEFORE_DIGIT.sub("", stripped)
-    words = [VQA_NUMBER_WORDS.get(word, word) for word in stripped.lower().split()]
-    words = [VQA_CONTRACTIONS.get(word, word) for word in words if word not in VQA_ARTICLES]
-    return " ".join(words)
+    return PERIOD_NOT_BEFORE_DIGIT.sub("", stripped, count=PERIODS_DROPPED)
 
 
-def vqa_accuracy(prediction: str, answers: list[str]) -> float:
-    """VQA accuracy of one prediction against the human answers (10 in VQAv2): for each answer
-    i, min(1, #answers j != i equal to the prediction / 3), averaged over i. Both sides are
-    normalized (the official code normalizes the ground truth only when annotators disagree,
-    because VQAv2's stored answers are already normalized; normalizing always is the same there
-    and fair on files whose answers are not)."""
-    if not answers:
+def process_digit_article(text: str) -> str:
+    """vqaEval.py's processDigitArticle: lowercased words, number words to digits, articles
+    dropped, then the contractions table ("dont" -> "don't")."""
+    words = [VQA_NUMBER_WORDS.get(word, word) for word in text.lower().split()]
+    return " ".join(VQA_CONTRACTIONS.get(word, word) for word in words if word not in VQA_ARTICLES)
+
+
+def normalize_vqa_answer(answer: str) -> str:
+    """vqaEval.py's normalization, processPunctuation then processDigitArticle ("Two dogs." ->
+    "2 dogs", "a dog" -> "dog"): what the official scoring applies to both sides of a question
+    whose human answers disagree."""
+    return process_digit_article(process_punctuation(_clean_whitespace(answer)))
+
+
+def evalai_answer(prediction: str) -> str:
+    """EvalAIAnswerProcessor of LLaVA's m4c_evaluator.py, which LLaVA's
+    convert_vqav2_for_submission.py runs on every prediction before upload: lowercase, commas and
+    "?" deleted, "'s" split off as " 's", then whitespace, punctuation, digits / articles /
+    contractions as vqaEval.py ("Two dogs." -> "2 dogs", "1,000" -> "1000", "it's" -> "it 's").
+    Its comma test in process_punctuation differs from vqaEval.py's but can no longer fire."""
+    tokenized = prediction.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    return normalize_vqa_answer(tokenized)
+
+
+def vqa_accuracy(answer: str, gt_answers: list[str]) -> float:
+    """vqaEval.py's accuracy of one submitted answer (after `evalai_answer` in LLaVA's pipeline)
+    against the human answers (10 in VQAv2). Both sides get newlines / tabs to spaces and are
+    stripped; only when the human answers differ (`if len(set(gtAnswers)) > 1:`) are both
+    normalized (`normalize_vqa_answer`), else they are compared as written. Then for each human
+    answer i, min(1, #other answers equal to the submitted one / 3), averaged. (The script drops
+    answer i by comparing answer records, unique in VQAv2 by answer_id: one by position here.)"""
+    if not gt_answers:
         raise ValueError("vqa_accuracy needs at least one ground-truth answer")
-    predicted = normalize_vqa_answer(prediction)
-    normalized = [normalize_vqa_answer(answer) for answer in answers]
-    matches = sum(answer == predicted for answer in normalized)
-    per_answer = []
-    for answer in normalized:
-        matches_among_others = matches - (answer == predicted)
-        per_answer.append(min(1.0, matches_among_others / 3))
-    return sum(per_answer) / len(per_answer)
+    submitted = _clean_whitespace(answer)
+    humans = [_clean_whitespace(gt) for gt in gt_answers]
+    if len(set(humans)) > 1:
+        submitted = normalize_vqa_answer(submitted)
+        humans = [normalize_vqa_answer(gt) for gt in humans]
+    matches = sum(gt == submitted for gt in humans)
+    return sum(min(1.0, (matches - (gt == submitted)) / 3) for gt in humans) / len(humans)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,14 +260,40 @@ def pope_metrics(predictions: list[str], labels: list[str]) -> dict[str, float]:
             "yes_ratio": sum(said_yes) / len(labels)}
 
 
-def parse_choice(text: str, choices: list[str]) -> int | None:
-    """The option a multiple-choice answer names: a leading letter ("B", "B.", "(B)", "B) cat"),
-    else the text of an option itself; None if neither (scored wrong, as LLaVA's ScienceQA eval
-    counts a failed parse)."""
-    answer = text.strip()
-    match = re.match(r"^\(?([A-Z])\)?(?:[.:)\s]|$)", answer)
-    if match and ord(match.group(1)) - ord("A") < len(choices):
-        return ord(match.group(1)) - ord("A")
-    lowered = [choice.strip().lower() for choice in choices]
-    stripped = answer.rstrip(".").lower()
-    return lowered.index(stripped) if stripped in lowered else None
+# LLaVA's eval_science_qa.py: its --options default, and its pattern ("." matches any character).
+SCIENCEQA_OPTIONS = "ABCDE"
+ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
+
+
+def parse_choice(text: str, num_choices: int) -> int | None:
+    """The option a multiple-choice reply names (A = 0), by the rules of LLaVA's
+    eval_science_qa.py, in its order: the reply is exactly an option letter ("B"); it starts with
+    an option letter, a period and a space ("B. dog"); it holds exactly one "The answer is X."
+    (X any capital letter). Otherwise None, the script's "FAILED", scored wrong; "B.", "(B)" or
+    "A dog is shown." all fail. The option letters are A-E as the script's, or one per choice
+    when there are more. An index beyond the choices is scored wrong, as the script's -1. The
+    reply is stripped first, as model_vqa_science.py / model_vqa_mmbench.py store it."""
+    reply = text.strip()
+    options = list(string.ascii_uppercase[:max(len(SCIENCEQA_OPTIONS), num_choices)])  # a list: "" is no option
+    if reply in options:
+        letter = reply
+    elif len(reply) >= 3 and reply[0] in options and reply[1:3] == ". ":
+        letter = reply[0]
+    else:
+        found = ANSWER_IS.findall(reply)
+        if len(found) != 1:
+            return None
+        letter = found[0]
+    return ord(letter) - ord("A")
+
+
+def circular_accuracy(question_ids: list[Hashable], correct: list[bool]) -> float:
+    """MMBench's circular evaluation (LLaVA's model_vqa_mmbench.py --all-rounds asks each
+    question once per rotation of its options): a question counts as right only if every one of
+    its rotations is; the share of such questions."""
+    if len(question_ids) != len(correct) or not correct:
+        raise ValueError(f"circular_accuracy: {len(correct)} results for {len(question_ids)} question ids")
+    all_right: dict[Hashable, bool] = {}
+    for question_id, right in zip(question_ids, correct):
+        all_right[question_id] = all_right.get(question_id, True) and right
+    return sum(all_right.values()) / len(all_right)

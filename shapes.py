@@ -17,8 +17,9 @@ format as the public dataset it stands in for, so one set of loaders and eval ta
 - train/instruct_no_format_prompts.json: the same mixture without the response-format prompts,
   for the original-LLaVA ablation (configs/shapes_llava.py).
 - train/text.jsonl: {"text": ...} documents for pretraining the tiny LLaMA as a language model.
-- eval/refcoco: the refer toolkit's `refs(unc).p` + COCO `instances.json` (Yu et al. 2016,
-  Lin et al. 2014), splits val / testA / testB, plus a jsonl form with pixel boxes.
+- eval/refcoco: the refer toolkit's `refs(unc).p` (pickle protocol 2) + COCO `instances.json` (Yu
+  et al. 2016, Lin et al. 2014; polygon segmentations tracing each shape's drawn pixels, so getMask
+  and annToMask work), splits val / testA / testB, plus a jsonl form with pixel boxes.
 - eval/vqa: VQAv2 questions + annotations JSON with 10 human-like answers (Goyal et al. 2017).
 - eval/captions: the Karpathy-split JSON with 5 reference sentences per image.
 - eval/pope: POPE (Li et al. 2023) "Is there a {object} in the image?" with random, popular and
@@ -29,7 +30,8 @@ format as the public dataset it stands in for, so one set of loaders and eval ta
 
 Every image lives in images/{image_id:012d}.png (train ids 1..N, eval ids after them); every
 "image" / "file_name" field in the annotations is that file name, relative to images/. Box text is
-normalized xyxy relative to LLaVA-1.5's padded square, 3 decimals: "[0.525,0.000,0.675,0.394]".
+normalized xyxy relative to LLaVA-1.5's padded square, in the world's box_style: "lion" (the
+default), 3 decimals, "[0.525,0.000,0.675,0.394]", or "llava15", "[0.53, 0.0, 0.68, 0.39]".
 world.json, written last, records the generation arguments: a build with the same arguments (and
 the same shapes.py and data.py box helpers, `generator_sha256`) returns at once, any other
 regenerates. Same seed, same bytes (given the same numpy / pillow / tokenizers versions).
@@ -58,7 +60,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from data import REC_PROMPT, format_box, padded_square, padded_square_box
+from data import BOX_STYLES, REC_PROMPT, format_box, padded_square, padded_square_box
 
 DEFAULT_WORLD_DIR = Path("data/shapes")
 # Sized so the whole miniature recipe fits a 2-core CPU in about 20 minutes.
@@ -296,15 +298,80 @@ def render_scene(scene: Scene) -> Image.Image:
     image = Image.fromarray(np.clip(pixels, 190, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
-        fill = COLOR_RGB[obj.color]
-        x0, y0, x1, y1 = obj.box
-        if obj.shape == "circle":
-            draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
-        elif obj.shape == "square":
-            draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
-        else:
-            draw.polygon(shape_outline(obj.shape, obj.box), fill=fill)
+        draw_shape(draw, obj, COLOR_RGB[obj.color])
     return image
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, obj: ShapeObject, fill: int | tuple[int, int, int]) -> None:
+    """The one place a shape's pixels are decided: render_scene paints them and shape_mask reads
+    them back for the segmentation, so the two can never disagree."""
+    x0, y0, x1, y1 = obj.box
+    if obj.shape == "circle":
+        draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
+    elif obj.shape == "square":
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
+    else:
+        draw.polygon(shape_outline(obj.shape, obj.box), fill=fill)
+
+
+def shape_mask(obj: ShapeObject) -> np.ndarray:
+    """(height, width) bool mask over obj.box of the pixels draw_shape paints: the whole shape,
+    also where a later shape covers part of it, as its box is (every drawn pixel lies in the box)."""
+    x0, y0, x1, y1 = obj.box
+    canvas = Image.new("L", (x1, y1))
+    draw_shape(ImageDraw.Draw(canvas), obj, 255)
+    return np.asarray(canvas)[y0:y1, x0:x1] > 0
+
+
+def mask_polygons(mask: np.ndarray, left: int, top: int) -> list[list[float]]:
+    """COCO polygons [[x0, y0, x1, y1, ...], ...] in image pixel coordinates (pixel (x, y) is the
+    square [x, x+1] x [y, y+1], as pycocotools rasterizes) whose union is exactly the mask's pixels;
+    (left, top) is the image position of mask[0, 0].
+
+    The boundary is traced along pixel edges rather than written from shape_outline: at 11-20 px
+    PIL's rasterization departs from the outline it is given (a small star's pixels exceed its
+    outline's area by up to a fifth, and pycocotools' mask of that outline overlaps them at IoU 0.7),
+    whereas the traced polygons give back the drawn pixels exactly through the refer toolkit's
+    getMask and pycocotools' annToMask. One polygon per 4-connected component (COCO's form for a
+    split object); the world's shapes have no holes, which a COCO polygon could not express."""
+    padded = np.pad(mask, 1)
+    inside = padded[1:-1, 1:-1]
+    # Each pixel edge between the mask and the outside, directed so the mask is on its right
+    # (y points down): top edges run east, right edges south, bottom edges west, left edges north.
+    edge_kinds = (((0, 0), (1, 0), padded[:-2, 1:-1]), ((1, 0), (1, 1), padded[1:-1, 2:]),
+                  ((1, 1), (0, 1), padded[2:, 1:-1]), ((0, 1), (0, 0), padded[1:-1, :-2]))
+    outgoing: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for (start_x, start_y), (end_x, end_y), neighbor in edge_kinds:
+        for y, x in zip(*np.nonzero(inside & ~neighbor)):
+            outgoing.setdefault((int(x) + start_x, int(y) + start_y), []).append((int(x) + end_x, int(y) + end_y))
+
+    def take(vertex: tuple[int, int], following: tuple[int, int]) -> None:
+        outgoing[vertex].remove(following)
+        if not outgoing[vertex]:
+            del outgoing[vertex]
+
+    polygons = []
+    while outgoing:
+        start = min(outgoing, key=lambda v: (v[1], v[0]))  # topmost-leftmost: on one boundary only
+        first = outgoing[start][0]
+        take(start, first)
+        vertex, heading = first, (first[0] - start[0], first[1] - start[1])
+        corners = []
+        while True:
+            # Right turn first: where two components touch at a corner it keeps them apart.
+            dx, dy = heading
+            available = outgoing.get(vertex, []) + ([first] if vertex == start else [])
+            following = next(v for v in ((vertex[0] - dy, vertex[1] + dx), (vertex[0] + dx, vertex[1] + dy),
+                                         (vertex[0] + dy, vertex[1] - dx)) if v in available)
+            turn = (following[0] - vertex[0], following[1] - vertex[1])
+            if turn != heading:
+                corners.append(vertex)
+            if vertex == start:
+                break
+            take(vertex, following)
+            vertex, heading = following, turn
+        polygons.append([float(value) for x, y in corners for value in (x + left, y + top)])
+    return polygons
 
 
 # ---------------------------------------------------------------------------------------------
@@ -611,14 +678,14 @@ def short_answer_pairs(rng: np.random.Generator, scene: Scene) -> list[tuple[str
     return [(q.text + SHORT_ANSWER_PROMPT, q.answer) for q in ask_several(rng, scene, int(rng.integers(2, 5)))]
 
 
-def grounding_pairs(rng: np.random.Generator, scene: Scene) -> list[tuple[str, str]]:
+def grounding_pairs(rng: np.random.Generator, scene: Scene, box_style: str) -> list[tuple[str, str]]:
     """LLaVA-1.5's RefCOCO / Visual Genome entries: REC (expression -> box) and REG (box -> short
-    description) turns over several objects of one image."""
+    description) turns over several objects of one image, boxes written in box_style (data.format_box)."""
     pairs = []
     objects = rng.permutation(len(scene.objects)).tolist()[:int(rng.integers(2, 5))]
     for index in objects:
         obj = scene.objects[index]
-        box = format_box(padded_square_box(obj.box, scene.width, scene.height))
+        box = format_box(padded_square_box(obj.box, scene.width, scene.height), style=box_style)
         if rng.random() < 0.65:
             expression = pick_expression(rng, referring_expressions(scene)[index])
             pairs.append((REC_PROMPT + expression.text, box))
@@ -674,9 +741,9 @@ def text_only_sample(rng: np.random.Generator, index: int) -> dict:
                                                           {"from": "gpt", "value": pair[1]}]}
 
 
-def instruct_samples(rng: np.random.Generator, scene: Scene) -> list[dict]:
-    """Three samples per image: short-answer VQA, grounding, and one of conversation / detailed
-    description / caption / multiple choice."""
+def instruct_samples(rng: np.random.Generator, scene: Scene, box_style: str) -> list[dict]:
+    """Three samples per image: short-answer VQA, grounding (boxes in box_style), and one of
+    conversation / detailed description / caption / multiple choice."""
     prefix = f"{scene.image_id:012d}"
     kind = pick(rng, ("conversation", "detail", "caption", "multiple_choice"))
     if kind == "conversation":
@@ -690,7 +757,7 @@ def instruct_samples(rng: np.random.Generator, scene: Scene) -> list[dict]:
         third = [(multiple_choice_prompt(question, choices), "ABCDEFGH"[answer])]
     return [{"id": f"{prefix}_{name}", "image": scene.file_name, "conversations": turns(pairs)}
             for name, pairs in (("vqa", short_answer_pairs(rng, scene)),
-                                ("grounding", grounding_pairs(rng, scene)), (kind, third))]
+                                ("grounding", grounding_pairs(rng, scene, box_style)), (kind, third))]
 
 
 def text_document(rng: np.random.Generator, scene: Scene) -> str:
@@ -754,6 +821,14 @@ def vqa_files(scenes: list[Scene], per_image: int) -> tuple[dict, dict]:
             {**header, "data_type": "shapes", "annotations": annotations})
 
 
+# COCO's header keys (pycocotools' COCO.info() reads "info"). Fixed values, not today's date: the
+# same seed must write the same bytes.
+COCO_INFO = {"description": "nanoMLLM shapes world: synthetic scenes of colored shapes (shapes.py)",
+             "url": "", "version": "1.0", "year": 2024, "contributor": "nanoMLLM shapes.py",
+             "date_created": "2024/01/01"}
+COCO_LICENSES = [{"id": 1, "name": "Synthetic data generated by shapes.py, no third-party content", "url": ""}]
+
+
 def refcoco_split(position: int) -> str:
     """Eval images are dealt round-robin to RefCOCO's three splits (each image in exactly one, as
     in the refer toolkit); the Karpathy captions reuse "val" and call the rest "test"."""
@@ -769,15 +844,17 @@ def refcoco_files(scenes: list[Scene]) -> tuple[list[dict], dict, dict[str, list
     for position, scene in enumerate(scenes):
         rng = annotation_rng(scene, "refcoco")
         split = refcoco_split(position)
-        images.append({"id": scene.image_id, "file_name": scene.file_name,
-                       "width": scene.width, "height": scene.height})
+        images.append({"id": scene.image_id, "file_name": scene.file_name, "width": scene.width,
+                       "height": scene.height, "license": COCO_LICENSES[0]["id"]})
         for index, obj in enumerate(scene.objects):
             annotation_id = len(annotations) + 1
             x0, y0, x1, y1 = obj.box
+            mask = shape_mask(obj)
+            # COCO's area is the segmentation's: the traced polygons' area, their pixel count.
             annotations.append({"id": annotation_id, "image_id": scene.image_id,
                                 "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-                                "category_id": category_ids[obj.shape], "area": float((x1 - x0) * (y1 - y0)),
-                                "iscrowd": 0, "segmentation": []})
+                                "category_id": category_ids[obj.shape], "area": float(mask.sum()),
+                                "iscrowd": 0, "segmentation": mask_polygons(mask, x0, y0)})
             chosen = [pick(rng, attribute_expressions(scene, index))]
             relational = [e for e in referring_expressions(scene)[index] if e.relational]
             if relational:
@@ -793,7 +870,9 @@ def refcoco_files(scenes: list[Scene]) -> tuple[list[dict], dict, dict[str, list
                          "ann_id": annotation_id, "ref_id": len(refs), "image_id": scene.image_id,
                          "split": split, "sentences": sentences, "category_id": category_ids[obj.shape]})
     categories = [{"id": i, "name": shape, "supercategory": "shape"} for shape, i in category_ids.items()]
-    return refs, {"images": images, "annotations": annotations, "categories": categories}, jsonl
+    instances = {"info": COCO_INFO, "licenses": COCO_LICENSES, "images": images, "annotations": annotations,
+                 "categories": categories}
+    return refs, instances, jsonl
 
 
 def karpathy_captions(scenes: list[Scene]) -> dict:
@@ -921,10 +1000,13 @@ def generator_sha256() -> str:
     return digest.hexdigest()
 
 
-def generator_arguments(seed: int, num_train_images: int, num_eval_images: int, image_size: int) -> dict:
-    """What the marker file records; the source hash makes an edit of the generator regenerate."""
+def generator_arguments(seed: int, num_train_images: int, num_eval_images: int, image_size: int,
+                        box_style: str) -> dict:
+    """What the marker file records: every argument that changes the bytes, so a world built with
+    another one (box_style included) regenerates; the source hash does the same for an edit of the
+    generator."""
     return {"seed": seed, "num_train_images": num_train_images, "num_eval_images": num_eval_images,
-            "image_size": image_size, "generator_sha256": generator_sha256()}
+            "image_size": image_size, "box_style": box_style, "generator_sha256": generator_sha256()}
 
 
 def marker_arguments(marker: Path) -> dict | None:
@@ -936,15 +1018,16 @@ def marker_arguments(marker: Path) -> dict | None:
         return None
 
 
-def train_annotations(scene: Scene) -> tuple[dict, list[dict], str]:
-    """The stage-1 caption sample, the stage-2 samples and the LM document of one training image."""
+def train_annotations(scene: Scene, box_style: str) -> tuple[dict, list[dict], str]:
+    """The stage-1 caption sample, the stage-2 samples (boxes in box_style) and the LM document of
+    one training image."""
     rng = annotation_rng(scene, "train")
     # "regions" grounds the caption's phrases in pixel boxes, as Kosmos-2's GRIT pairs do; LLaVA's
     # loaders ignore the field, and stage 0a's region-phrase contrastive loss reads it.
     caption = {"id": f"{scene.image_id:012d}", "image": scene.file_name,
                "conversations": turns([(pick(rng, CAPTION_PROMPTS), pick(rng, caption_variants(scene)))]),
                "regions": [{"phrase": obj.name, "box": list(obj.box)} for obj in scene.objects]}
-    return caption, instruct_samples(rng, scene), text_document(rng, scene)
+    return caption, instruct_samples(rng, scene, box_style), text_document(rng, scene)
 
 
 def draw_image(job: tuple[int, str, int, int, int, Path]) -> Scene:
@@ -978,19 +1061,24 @@ def default_workers(num_images: int) -> int:
 def build_world(out_dir: str | Path = DEFAULT_WORLD_DIR, seed: int = 0,
                 num_train_images: int = DEFAULT_SIZES["num_train_images"],
                 num_eval_images: int = DEFAULT_SIZES["num_eval_images"], image_size: int = DEFAULT_IMAGE_SIZE,
-                workers: int | None = None) -> Path:
+                box_style: str = "lion", workers: int | None = None) -> Path:
     """Write the shapes world into out_dir (layout in the module docstring) and return
     out_dir. Cached: if out_dir/world.json records the same arguments, nothing is done; otherwise
     the world's entries (WORLD_ENTRIES, nothing else) are removed and regenerated.
 
+    box_style: how REC answers and REG questions write boxes (data.format_box, data.BOX_STYLES):
+    "lion", LION's "[0.525,0.000,0.675,0.394]", or "llava15", LLaVA-1.5's "[0.53, 0.0, 0.68, 0.39]".
+    A model learns the one it is trained on, and eval reads both.
     workers: processes for the per-image work (None: default_workers). The bytes written never
     depend on it.
     """
     if num_train_images < 1 or num_eval_images < 1 or image_size < 32:
         raise ValueError(f"build_world needs >= 1 train and eval image and image_size >= 32, got "
                          f"{num_train_images}, {num_eval_images}, {image_size}")
+    if box_style not in BOX_STYLES:
+        raise ValueError(f"unknown box_style {box_style!r}; known: {BOX_STYLES}")
     out_dir = Path(out_dir)
-    arguments = generator_arguments(seed, num_train_images, num_eval_images, image_size)
+    arguments = generator_arguments(seed, num_train_images, num_eval_images, image_size, box_style)
     marker = out_dir / MARKER_FILE
     if marker_arguments(marker) == arguments:
         return out_dir
@@ -1011,7 +1099,7 @@ def build_world(out_dir: str | Path = DEFAULT_WORLD_DIR, seed: int = 0,
     scenes = parallel_map(draw_image, jobs, workers)
     train_scenes, eval_scenes = scenes[:num_train_images], scenes[num_train_images:]
 
-    per_image = parallel_map(train_annotations, train_scenes, workers)
+    per_image = parallel_map(functools.partial(train_annotations, box_style=box_style), train_scenes, workers)
     pretrain = [caption for caption, _, _ in per_image]
     instruct = [sample for _, samples, _ in per_image for sample in samples]
     documents = [document for _, _, document in per_image]
@@ -1027,7 +1115,8 @@ def build_world(out_dir: str | Path = DEFAULT_WORLD_DIR, seed: int = 0,
     eval_dir = out_dir / "eval"
     refs, instances, rec_rows = refcoco_files(eval_scenes)
     (eval_dir / "refcoco").mkdir(parents=True)
-    (eval_dir / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=4))
+    # Protocol 2, as the public RefCOCO pickles: the refer toolkit dates from Python 2.
+    (eval_dir / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
     write_json(eval_dir / "refcoco" / "instances.json", instances)
     for split, rows in rec_rows.items():
         write_jsonl(eval_dir / "refcoco" / f"refcoco_{split}.jsonl", rows)
@@ -1065,6 +1154,7 @@ def main() -> None:
     parser.add_argument("--num-train-images", type=int, default=DEFAULT_SIZES["num_train_images"])
     parser.add_argument("--num-eval-images", type=int, default=DEFAULT_SIZES["num_eval_images"])
     parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="longer image side in pixels")
+    parser.add_argument("--box-style", choices=BOX_STYLES, default="lion", help="box text of REC / REG samples")
     parser.add_argument("--small", action="store_true",
                         help=f"the CI smoke world: {SMALL_WORLD['num_train_images']} train, "
                              f"{SMALL_WORLD['num_eval_images']} eval images (overrides --num-*)")
@@ -1072,7 +1162,7 @@ def main() -> None:
     sizes = SMALL_WORLD if args.small else {"num_train_images": args.num_train_images,
                                             "num_eval_images": args.num_eval_images}
     start = time.perf_counter()
-    out_dir = build_world(args.out, seed=args.seed, image_size=args.image_size, **sizes)
+    out_dir = build_world(args.out, seed=args.seed, image_size=args.image_size, box_style=args.box_style, **sizes)
     counts = json.loads((out_dir / MARKER_FILE).read_text(encoding="utf-8"))["counts"]
     print(f"shapes world in {out_dir} ({time.perf_counter() - start:.1f} s): "
           + ", ".join(f"{k} {v}" for k, v in counts.items()))

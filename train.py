@@ -65,6 +65,9 @@ class StageConfig:
     # clip: add the region-phrase loss on the records' grounded "regions" (vision.CLIPModel.forward)
     region_loss: bool = False
     image_folder: str = ""
+    # "pad" (expand to square with the mean color) or "square" (CLIP's resize + center crop);
+    # "" = the model's. LLaVA-1.5 pads in stage 2 only: its pretrain.sh leaves the default.
+    image_aspect_ratio: str = ""
     template: str = "vicuna_v1"
     max_seq_len: int = 2048
     trainable: list = field(default_factory=lambda: [r"^multi_modal_projector\.", r"^language_model\."])
@@ -198,6 +201,7 @@ def check_stage(stage: StageConfig) -> None:
     where = f"stage {stage.name!r}"
     check_choice(f"{stage.name}.objective", stage.objective, ("mllm", "clip", "lm"))
     check_choice(f"{stage.name}.template", stage.template, tuple(conversation.TEMPLATES))
+    check_choice(f"{stage.name}.image_aspect_ratio", stage.image_aspect_ratio, ("", "pad", "square"))
     if stage.region_loss and stage.objective != "clip":
         raise ValueError(f"{where}: region_loss is a loss of the clip objective, not of {stage.objective!r}")
     if stage.micro_batch_size < 1 or stage.global_batch_size % stage.micro_batch_size:
@@ -344,16 +348,19 @@ def build_model(stage: StageConfig, config: TrainConfig, previous: Path | None, 
 def build_dataset(stage: StageConfig, config: TrainConfig, model: torch.nn.Module, tokenizer):
     if stage.objective == "lm":
         return data.TextDataset(stage.data, tokenizer, stage.max_seq_len, on_error=config.on_data_error)
+    model_aspect_ratio = (config.model.get("image_aspect_ratio", "pad") if stage.objective == "clip"
+                          else model.config.image_aspect_ratio)
+    pad_to_square = (stage.image_aspect_ratio or model_aspect_ratio) == "pad"
     if stage.objective == "clip":
         vision = model.config.vision_config
         # CLIP sees the images as the LLaVA stages will (padded to square or center-cropped).
         return data.CaptionDataset(stage.data, stage.image_folder, tokenizer, vision.image_size,
-                                   pad_to_square=config.model.get("image_aspect_ratio", "pad") == "pad",
+                                   pad_to_square=pad_to_square,
                                    max_text_len=model.config.text_config.max_position_embeddings,
                                    on_error=config.on_data_error, with_regions=stage.region_loss)
     return data.InstructionDataset(stage.data, stage.image_folder, tokenizer, stage.template,
                                    model.config.image_token_index, model.num_image_tokens,
-                                   model.config.vision_config.image_size, model.config.image_aspect_ratio == "pad",
+                                   model.config.vision_config.image_size, pad_to_square,
                                    stage.max_seq_len, on_error=config.on_data_error)
 
 

@@ -17,7 +17,7 @@ model = dict(
     projector_type="mlp2x_gelu",  # section 4.3: a two-layer MLP instead of the linear projection
     vision_feature_layer=-2,  # mm_vision_select_layer -2
     vision_feature_select_strategy="default",  # mm_vision_select_feature "patch": CLS dropped
-    image_aspect_ratio="pad",  # image_aspect_ratio pad (stage 2; stage 1 uses the same preprocessing here)
+    image_aspect_ratio="pad",  # finetune.sh: image_aspect_ratio pad (the model's, so eval pads too)
 )
 max_seq_len = 2048  # model_max_length
 warmup_ratio = 0.03
@@ -30,6 +30,7 @@ stages = [
          vision_path="checkpoints/clip-vit-large-patch14-336", language_path="checkpoints/vicuna-7b-v1.5",
          data="data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json", image_folder="data/LLaVA-Pretrain/images",
          template="plain",  # --version plain
+         image_aspect_ratio="square",  # pretrain.sh sets no image_aspect_ratio: CLIP's resize + center crop
          trainable=[r"^multi_modal_projector\."],  # --tune_mm_mlp_adapter True
          learning_rate=1e-3, global_batch_size=256, micro_batch_size=32, epochs=1),
     dict(name="finetune", init="previous",

@@ -12,9 +12,13 @@ and Vicuna. Then eval.py scores the held-out split, with and without the image.
 """
 _world = "data/shapes"  # names starting with "_" are the config's own helpers, not settings
 out_dir = "out/shapes_llava15"
-world = dict(out_dir=_world, seed=0)
+# box_style: the box text of the REC / REG samples (shapes.build_world): "lion", LION's 3-decimal
+# "[0.525,0.000,0.675,0.394]"; LLaVA-1.5's public data writes "llava15", "[0.53, 0.0, 0.68, 0.39]".
+world = dict(out_dir=_world, seed=0, box_style="lion")
 tokenizer = _world + "/tokenizer.json"
 image_folder = _world + "/images"
+# Both LLaVA stages pad to square here, where LLaVA-1.5's stage 1 center-crops (configs/llava15.py):
+# a crop of the world's non-square images would cut off objects that the captions name.
 model = dict(projector_type="mlp2x_gelu", vision_feature_layer=-2,
              vision_feature_select_strategy="default", image_aspect_ratio="pad")
 warmup_ratio = 0.03  # LLaVA-1.5
@@ -54,9 +58,12 @@ stages = [
 ]
 
 # eval.py's defaults follow the shapes-world layout: annotations in <world>/eval/<task>/, images in <world>/images/.
+# max_new_tokens: the world's answers are short (a box ~30 tokens), so caps far below the official
+# ones (eval.DEFAULT_MAX_NEW_TOKENS) keep a tiny model's babble from costing minutes.
 eval_tasks = [
-    dict(task="vqa", data_dir=_world, image_template="{image_id:012d}.png", report=dict(vqa_accuracy="accuracy")),
-    dict(task="refcoco", data_dir=_world, split="val", report=dict(rec_accuracy="accuracy")),
-    dict(task="pope", data_dir=_world, report=dict(pope_f1="f1")),
-    dict(task="captions", data_dir=_world, report=dict(cider="cider")),
+    dict(task="vqa", data_dir=_world, image_template="{image_id:012d}.png", max_new_tokens=16,
+         report=dict(vqa_accuracy="accuracy")),
+    dict(task="refcoco", data_dir=_world, split="val", max_new_tokens=48, report=dict(rec_accuracy="accuracy")),
+    dict(task="pope", data_dir=_world, max_new_tokens=8, report=dict(pope_f1="f1")),
+    dict(task="captions", data_dir=_world, max_new_tokens=40, report=dict(cider="cider")),
 ]

@@ -171,9 +171,14 @@ def test_malformed_conversations_are_named(tokenizer):
         format_conversation([{"value": "hi"}], "vicuna_v1")
 
 
-def test_format_box():
+def test_format_box_styles():
+    """LION's three decimals, and LLaVA-1.5's "[0.32, 0.8, 0.59, 1.0]"; both clamp to [0, 1]."""
     assert data.format_box([0.525, 0.0, 0.675, 0.3941]) == "[0.525,0.000,0.675,0.394]"
-    assert data.format_box([-0.00001, 0.5, 1.0004, 0.25], decimals=2) == "[0.00,0.50,1.00,0.25]"
+    assert data.format_box([-0.00001, 0.5, 1.0004, 0.25]) == "[0.000,0.500,1.000,0.250]"
+    assert data.format_box([0.3216, 0.8, 0.5912, 1.0004], style="llava15") == "[0.32, 0.8, 0.59, 1.0]"
+    assert data.format_box([-0.00001, 0.005, 0.999, 0.25], style="llava15") == "[0.0, 0.01, 1.0, 0.25]"
+    with pytest.raises(ValueError, match="unknown box style 'shikra'"):
+        data.format_box([0, 0, 1, 1], style="shikra")
 
 
 def test_padded_square_boxes_land_where_expand2square_pastes_the_image():
@@ -517,3 +522,43 @@ def test_make_dataloader_with_workers(tmp_path, tokenizer):
     in_process = list(data.make_dataloader(dataset, batch_size=2, pad_token_id=3, seed=0))
     for batch, expected in zip(batches, in_process):
         assert torch.equal(batch["input_ids"], expected["input_ids"])
+
+
+def metaspace_tokenizer(prepend_scheme: str) -> Tokenizer:
+    """A LLaMA-style SentencePiece BPE in tokenizer.json form: Metaspace pre-tokenizer with
+    "always" (the legacy LLaMA behaviour: every piece between special tokens gets the leading
+    "\u2581") or "first" (non-legacy: only the start of the whole input does)."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=prepend_scheme)
+    tokenizer.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme=prepend_scheme)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<image>"])
+    tokenizer.train_from_iterator([json.dumps(MULTI_TURN), TEMPLATES["vicuna_v1"].system] * 20, trainer)
+    return tokenizer
+
+
+def llava_tokenizer_image_token(prompt: str, tokenizer: Tokenizer, image_token_index: int) -> list[int]:
+    """LLaVA's `tokenizer_image_token` (llava/mm_utils.py), written against `tokenizers`: each
+    piece between "<image>" markers is tokenized as its own input with BOS, BOS is kept once, and
+    the pieces are joined with the image token."""
+    bos = tokenizer.token_to_id("<s>")
+    chunks = [[bos] + tokenizer.encode(chunk, add_special_tokens=False).ids for chunk in prompt.split("<image>")]
+    input_ids = [bos]
+    for index, chunk in enumerate(chunks):
+        if index:
+            input_ids.append(image_token_index)
+        input_ids += chunk[1:]
+    return input_ids
+
+
+@pytest.mark.parametrize("prepend_scheme", ["always", "first"])
+def test_image_pieces_are_tokenized_as_llava_does(prepend_scheme):
+    """The ids around an image are LLaVA's with a legacy and a non-legacy SentencePiece tokenizer;
+    with the non-legacy one, tokenizing the whole string would lose the piece's leading marker."""
+    tokenizer = metaspace_tokenizer(prepend_scheme)
+    text, _ = format_conversation(MULTI_TURN, "vicuna_v1")
+    input_ids, _ = render_conversation(MULTI_TURN, "vicuna_v1", tokenizer, IMAGE_TOKEN_INDEX, 1)
+    assert input_ids == llava_tokenizer_image_token(text, tokenizer, IMAGE_TOKEN_INDEX)
+    whole = tokenizer.encode(text, add_special_tokens=False).ids
+    whole = [tokenizer.token_to_id("<s>")] + [IMAGE_TOKEN_INDEX if i == tokenizer.token_to_id("<image>") else i
+                                             for i in whole]
+    assert (whole == input_ids) == (prepend_scheme == "always")

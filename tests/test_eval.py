@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 import eval as evaluation
-import metrics
 from eval import load_task
-from metrics import box_iou, cider_d, normalize_vqa_answer, parse_box, pope_metrics, vqa_accuracy
+from metrics import (box_iou, cider_d, circular_accuracy, evalai_answer, normalize_vqa_answer, parse_box, parse_choice,
+                     pope_metrics, vqa_accuracy)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -30,17 +30,45 @@ def test_vqa_normalization(answer, normalized):
     assert normalize_vqa_answer(answer) == normalized
 
 
+def test_vqa_normalization_drops_at_most_32_periods():
+    # vqaEval.py: `outText = self.periodStrip.sub("", outText, re.UNICODE)`; the third argument of a
+    # compiled pattern's sub is the count, and re.UNICODE == 32.
+    assert normalize_vqa_answer("." * 40) == "." * 8
+
+
+@pytest.mark.parametrize("prediction, submitted", [
+    # m4c_evaluator.py EvalAIAnswerProcessor.word_tokenize: `word = word.lower()`,
+    # `word.replace(",", "").replace("?", "").replace("'s", " 's")`; then punctuation and
+    # digits / articles as vqaEval.py.
+    ("Two dogs.", "2 dogs"), ("Yes, it is", "yes it is"), ("1,000", "1000"), ("What?", "what"),
+    ("It's red", "it 's red"), ("The man's hat", "man 's hat"), ("black-and-white", "black and white"),
+    ("dont", "don't"), ("  A Dog\n", "dog"), ("3.5", "3.5"),
+])
+def test_evalai_answer_processor(prediction, submitted):
+    assert evalai_answer(prediction) == submitted
+
+
 @pytest.mark.parametrize("agreeing, expected", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
 def test_vqa_accuracy_with_ten_answers(agreeing, expected):
     # k annotators agree: the k leave-one-out subsets that drop an agreeing one see k - 1 matches,
     # the others see k; e.g. k = 2: (2 * 1/3 + 8 * 2/3) / 10 = 0.6.
     answers = ["2"] * agreeing + ["3"] * (10 - agreeing)
-    assert vqa_accuracy("two", answers) == pytest.approx(expected)
+    assert vqa_accuracy(evalai_answer("two"), answers) == pytest.approx(expected)
 
 
-def test_vqa_accuracy_normalizes_both_sides():
-    assert vqa_accuracy("A dog.", ["dog"] * 10) == 1.0
-    assert vqa_accuracy("It's red", ["it's red"] * 3 + ["blue"] * 7) == pytest.approx(0.9)
+def test_vqa_accuracy_normalizes_the_ground_truth_only_when_annotators_disagree():
+    # vqaEval.py: `if len(set(gtAnswers)) > 1:` processPunctuation / processDigitArticle on every
+    # gt answer and on resAns; otherwise both are compared as written (after `.strip()` and
+    # newlines / tabs to spaces).
+    assert vqa_accuracy("Two", ["Two"] * 10) == 1.0  # ten identical, unnormalized: compared as written
+    assert vqa_accuracy("2", ["Two"] * 10) == 0.0  # ... so the digit does not match
+    assert vqa_accuracy(evalai_answer("Two"), ["Two"] * 10) == 0.0  # LLaVA's upload says "2": 0 on the server
+    assert vqa_accuracy("2", ["Two"] * 9 + ["three"]) == 1.0  # they disagree: "Two" -> "2"
+    assert vqa_accuracy("Red", ["red"] * 5 + ["red\t"] * 5) == 0.0  # identical once stripped: not normalized
+    assert vqa_accuracy(" red\n", ["red"] * 10) == 1.0
+    assert vqa_accuracy("it's red", ["it's red"] * 3 + ["blue"] * 7) == pytest.approx(0.9)
+    assert vqa_accuracy(evalai_answer("It's red"), ["it's red"] * 3 + ["blue"] * 7) == 0.0  # "it 's red"
+    assert vqa_accuracy(evalai_answer("A dog."), ["dog"] * 10) == 1.0
     assert vqa_accuracy("", ["dog"] * 10) == 0.0
 
 
@@ -105,10 +133,36 @@ def test_pope_metrics_hand_case():
     assert pope_metrics(["no", "no"], ["yes", "no"])["precision"] == 0.0  # no division by zero
 
 
-@pytest.mark.parametrize("text, index", [("B", 1), ("B.", 1), ("(C)", 2), ("A) cat", 0), ("cat", 0), ("Dog.", 1),
-                                         ("Z", None), ("the answer", None), ("", None)])
-def test_parse_choice(text, index):
-    assert metrics.parse_choice(text, ["cat", "dog", "bird"]) == index
+# eval_science_qa.py: `if pred_text in args.options:` (options A-E); `elif len(pred_text) >= 3 and
+# pred_text[0] in args.options and pred_text[1:3] == ". ":`; else `re.compile(r'The answer is
+# ([A-Z]).')` with `if len(res) == 1:`, otherwise answer = "FAILED".
+@pytest.mark.parametrize("text, index", [
+    ("B", 1), ("B. dog", 1), ("The answer is C.", 2), ("Dogs bark. The answer is A.", 0), (" B\n", 1),
+    ("The answer is Bx", 1),  # the pattern's "." is any character
+    ("E", 4), ("The answer is Z.", 25),  # parsed, but no choice of three: wrong, as get_pred_idx's -1
+    ("A dog is shown.", None), ("B.", None), ("(C)", None), ("B) cat", None), ("cat", None), ("b", None),
+    ("The answer is B", None), ("The answer is A. The answer is B.", None), ("Z", None), ("AB", None), ("", None),
+])
+def test_parse_choice_follows_eval_science_qa(text, index):
+    assert parse_choice(text, 3) == index
+
+
+def test_parse_choice_letters_beyond_e_for_longer_lists():
+    assert parse_choice("F", 6) == 5 and parse_choice("F. owl", 7) == 5
+    assert parse_choice("F", 3) is None  # A-E only, as eval_science_qa.py's --options
+
+
+def test_failed_parses_are_counted_and_scored_wrong():
+    samples = [evaluation.Sample(str(i), None, "Which?", 1, choices=["cat", "dog", "bird"]) for i in range(4)]
+    _, scored = evaluation.score_task("choice", samples, ["A dog is shown.", "The answer is B.", "B", "dog"], True)
+    assert scored["accuracy"] == 0.5 and scored["failed_parses"] == 2 and "img_accuracy" not in scored
+
+
+def test_circular_accuracy():
+    # MMBench circular evaluation: right only if every rotation is right.
+    assert circular_accuracy(["q1", "q1", "q2", "q2", "q3"], [True, True, True, False, True]) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError):
+        circular_accuracy(["q1"], [])
 
 
 def test_box_normalization_to_padded_square_and_back():
@@ -178,8 +232,10 @@ def world(tmp_path_factory) -> Path:
     (vqa / "questions.json").write_text(json.dumps({"questions": questions}))
     (vqa / "annotations.json").write_text(json.dumps({"annotations": [
         {"question_id": q["question_id"], "image_id": q["image_id"], "question_type": question_type,
+         "answer_type": answer_type,
          "answers": [{"answer": a, "answer_id": i + 1, "answer_confidence": "yes"} for i, a in enumerate(answers)]}
-        for q, question_type in zip(questions, ("what color is the", "how many", "what color is the"))]}))
+        for q, question_type, answer_type in zip(questions, ("what color is the", "how many", "what color is the"),
+                                                 ("other", "number", "other"))]}))
 
     captions = root / "eval" / "captions"
     captions.mkdir()
@@ -316,19 +372,33 @@ def test_run_eval_end_to_end(tiny_model, world, tmp_path, task, split):
     saved = json.loads((tmp_path / f"{task}_{split}.metrics.json").read_text())
     assert len(records) == metrics["samples"] == min(6, len(load_task(task, world, split, image_template=VQA_TEMPLATE)))
     assert saved["metrics"] == pytest.approx(metrics)
-    scores = [value for name, value in metrics.items() if name not in ("samples", "unparsable", "samples_per_second")]
+    counts = ("samples", "unparsable", "failed_parses", "samples_per_second")
+    scores = [value for name, value in metrics.items() if name not in counts]
     assert scores and all(0.0 <= value <= (10.0 if task == "captions" else 1.0) for value in scores)
     assert all(isinstance(record["prediction"], str) for record in records)
 
 
 
-def test_vqa_accuracy_per_question_type(world):
+def test_vqa_accuracy_per_question_and_answer_type(world):
+    # vqaEval.py reports accuracy['perQuestionType'] and accuracy['perAnswerType'] beside 'overall'.
     samples = load_task("vqa", world, "val", image_template=VQA_TEMPLATE)
     assert [s.group for s in samples] == ["what color is the", "how many", "what color is the"]
-    _, metrics = evaluation.score_task("vqa", samples, ["red", "red", "orange"], pad_to_square=True)
+    assert [s.answer_type for s in samples] == ["other", "number", "other"]
+    records, metrics = evaluation.score_task("vqa", samples, ["Red.", "red", "orange"], pad_to_square=True)
     assert metrics["accuracy"] == pytest.approx((1.0 + 1.0 + 0.6) / 3)
     assert metrics["accuracy[what color is the]"] == pytest.approx(0.8)
     assert metrics["accuracy[how many]"] == pytest.approx(1.0)
+    assert metrics["accuracy[answer_type=other]"] == pytest.approx(0.8)
+    assert metrics["accuracy[answer_type=number]"] == pytest.approx(1.0)
+    assert records[0]["prediction"] == "Red." and records[0]["answer"] == "red"  # what LLaVA would upload
+
+
+def test_vqa_scores_the_processed_prediction_as_the_server_does():
+    # Ten identical answers written unnormalized ("Two"): vqaEval.py compares them as written, and
+    # LLaVA's upload is evalai_answer("Two") == "2", so the server scores 0.
+    sample = evaluation.Sample("1", Path("x.png"), "How many?", ["Two"] * 10)
+    records, metrics = evaluation.score_task("vqa", [sample], ["Two"], pad_to_square=True)
+    assert records[0]["answer"] == "2" and metrics["accuracy"] == 0.0
 
 
 def test_batch_size_does_not_change_answers_or_their_order(tiny_model, world, tmp_path):
@@ -438,3 +508,118 @@ def test_command_line_on_a_saved_checkpoint(tiny_model, world, tmp_path, capsys)
                                "--num-beams", "2", "--device", "cpu", "--visualize", "1"])
     assert metrics["samples"] == 2 and (tmp_path / "out" / "refcoco_val.metrics.json").is_file()
     assert "| refcoco | val | accuracy |" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# ScienceQA text-only questions, MMBench hints and circular evaluation, official token caps
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def mixed_mc(world, tmp_path) -> Path:
+    """Multiple choice with text-only questions among image ones (ScienceQA) and hints (MMBench)."""
+    _write_jsonl(tmp_path / "questions.jsonl", [
+        {"question_id": 1, "image": "000000000001.png", "question": "Which shape?", "choices": ["circle", "square"],
+         "answer": 0},
+        {"question_id": 2, "question": "Which of these is a mammal that lives in the sea?",
+         "choices": ["whale", "trout", "crab"], "answer": 0, "hint": "Mammals breathe air."},
+        {"question_id": 3, "image": "000000000002.png", "question": "Which color?", "choices": ["red", "blue", "green"],
+         "answer": 2, "hint": "nan"},
+        {"question_id": 4, "question": "Which is a number?", "choices": ["seven", "blue"], "answer": 0, "hint": None}])
+    return tmp_path
+
+
+def _load_mixed(world: Path, mixed_mc: Path) -> list:
+    return load_task("mc", world, "test", annotation_dir=mixed_mc)
+
+
+def test_text_only_questions_and_hints_load(world, mixed_mc):
+    samples = _load_mixed(world, mixed_mc)
+    assert [s.image is None for s in samples] == [False, True, False, True]
+    # model_vqa_mmbench.py: `if not is_none(hint): question = hint + '\n' + question`
+    # (is_none: None, a NaN float, "nan" or "none" in any case).
+    assert samples[1].text == "Mammals breathe air.\nWhich of these is a mammal that lives in the sea?"
+    assert [samples[i].text for i in (0, 2, 3)] == ["Which shape?", "Which color?", "Which is a number?"]
+    assert evaluation.question_with_hint("Q?", float("nan")) == "Q?" == evaluation.question_with_hint("Q?", "None")
+
+
+@pytest.mark.parametrize("style", ["llava15", "instructblip"])
+def test_text_only_prompts_have_no_image_tokens(tiny_model, style):
+    # model_vqa_science.py: `if 'image' in line:` prepends DEFAULT_IMAGE_TOKEN; else `images = None`.
+    model, tokenizer = tiny_model
+    evaluator = evaluation.Evaluator(model, tokenizer, evaluation.PROMPT_STYLES[style])
+    with_image, _ = evaluator.encode_dialogue([("Which?", None)], None)
+    text_only, _ = evaluator.encode_dialogue([("Which?", None)], None, with_image=False)
+    assert with_image.count(model.config.image_token_index) == model.num_image_tokens
+    assert model.config.image_token_index not in text_only
+    assert len(with_image) - len(text_only) >= model.num_image_tokens
+
+
+def test_mixed_batches_match_one_by_one(tiny_model, world, mixed_mc):
+    model, tokenizer = tiny_model
+    style = evaluation.PROMPT_STYLES["llava15"]
+    evaluator = evaluation.Evaluator(model, tokenizer, style)
+    samples = _load_mixed(world, mixed_mc)
+    assert evaluator.pixel_values(samples).shape[0] == 2  # images of the questions that have one
+    assert evaluator.pixel_values([samples[1], samples[3]]) is None
+    for kind in ("choice", "rank"):
+        dialogues = [[(evaluation.user_message(kind, s, style), None)] for s in samples]
+        if kind == "choice":
+            batched = evaluator.generate(samples, dialogues, max_new_tokens=4)
+            single = [evaluator.generate([s], [d], max_new_tokens=4)[0] for s, d in zip(samples, dialogues)]
+            assert batched == single
+        else:
+            batched = evaluator.rank_choices(samples, dialogues)
+            for scores, sample, dialogue in zip(batched, samples, dialogues):
+                assert scores == pytest.approx(evaluator.rank_choices([sample], [dialogue])[0], abs=1e-4)
+
+
+@pytest.mark.parametrize("task", ["mc", "mc-rank"])
+def test_run_eval_on_text_only_and_circular(tiny_model, world, mixed_mc, tmp_path, task):
+    model, tokenizer = tiny_model
+    common = dict(annotation_dir=mixed_mc, batch_size=3, max_new_tokens=3, progress=False, print_results=False)
+    plain = evaluation.run_eval(model, tokenizer, task, world, "test", out_dir=tmp_path / "plain", **common)
+    lines = (tmp_path / "plain" / f"{task}_test.predictions.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert plain["samples"] == 4 and [r["image"] is None for r in records] == [False, True, False, True]
+    # eval_science_qa.py: IMG-Accuracy over the questions whose prompt holds '<image>'.
+    right = [r["chosen"] == r["answer"] for r in records]
+    assert plain["img_accuracy"] == (right[0] + right[2]) / 2 and plain["accuracy"] == sum(right) / 4
+    circular = evaluation.run_eval(model, tokenizer, task, world, "test", out_dir=tmp_path / "circular", circular=True,
+                                   blind=True, **common)
+    assert circular["samples"] == 2 + 3 + 3 + 2 and circular["questions"] == 4
+    assert 0.0 <= circular["circular_accuracy"] <= 1.0 and 0.0 <= circular["accuracy"] <= 1.0
+    saved = json.loads((tmp_path / "circular" / f"{task}_test.metrics.json").read_text())
+    assert saved["circular"] is True and saved["metrics"] == pytest.approx(circular)
+
+
+def test_rotations_and_circular_scoring():
+    # model_vqa_mmbench.py --all-rounds: `options = options[1:] + options[:1]` after each round,
+    # lettered A, B, ... afresh.
+    sample = evaluation.Sample("7", None, "Which?", 2, choices=["cat", "dog", "bird"])
+    rotated = evaluation.rotate_choices([sample])
+    assert [r.choices for r in rotated] == [["cat", "dog", "bird"], ["dog", "bird", "cat"], ["bird", "cat", "dog"]]
+    assert [r.target for r in rotated] == [2, 1, 0] and {r.group for r in rotated} == {"7"}
+    assert [r.sample_id for r in rotated] == ["7/0", "7/1", "7/2"]
+    other = evaluation.rotate_choices([evaluation.Sample("8", None, "Which?", 0, choices=["red", "blue"])])
+    _, scored = evaluation.score_task("choice", rotated + other, ["C", "B", "A", "A", "A"], True, circular=True)
+    assert scored["accuracy"] == pytest.approx(4 / 5)
+    assert scored["circular_accuracy"] == 0.5 and scored["questions"] == 2
+
+
+def test_circular_is_for_multiple_choice_only(tiny_model, world):
+    model, tokenizer = tiny_model
+    with pytest.raises(ValueError, match="circular"):
+        evaluation.run_eval(model, tokenizer, "pope", world, "random", circular=True, progress=False)
+
+
+def test_official_token_caps_and_the_shapes_configs_own():
+    # model_vqa_loader.py: --max_new_tokens default 128 (vqav2.sh, pope.sh); model_vqa_science.py,
+    # model_vqa_mmbench.py: max_new_tokens=1024; lmms-eval coco_karpathy: 64, refcoco_bbox_rec: its
+    # LLaVA model's 1024.
+    assert evaluation.DEFAULT_MAX_NEW_TOKENS == {"rec": 1024, "vqa": 128, "caption": 64, "pope": 128, "choice": 1024}
+    import train
+    root = Path(__file__).resolve().parent.parent
+    for name in ("shapes_llava15.py", "shapes_llava.py"):
+        config, _ = train.load_config(str(root / "configs" / name), [])
+        caps = {task["task"]: task["max_new_tokens"] for task in config.eval_tasks}
+        assert caps == {"vqa": 16, "refcoco": 48, "pope": 8, "captions": 40}, name  # the main job's caps

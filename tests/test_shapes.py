@@ -85,11 +85,37 @@ def resolve(expression: str, objects: list[dict]) -> list[dict]:
     return matching
 
 
-def padded_box_text(box: list[int], width: int, height: int) -> str:
+def padded_box_text(box: list[int], width: int, height: int, style: str = "lion") -> str:
+    """The box as text in the world's box style: LION's "[0.525,0.000,0.675,0.394]" or
+    LLaVA-1.5's "[0.53, 0.0, 0.68, 0.39]"."""
     side = max(width, height)
     left, top = (side - width) // 2, (side - height) // 2
     values = [(box[0] + left) / side, (box[1] + top) / side, (box[2] + left) / side, (box[3] + top) / side]
+    if style == "llava15":
+        return "[" + ", ".join(str(round(v, 2)) for v in values) + "]"
     return "[" + ",".join(f"{v:.3f}" for v in values) + "]"
+
+
+def shoelace_area(polygon: list[float]) -> float:
+    xs, ys = np.array(polygon[0::2]), np.array(polygon[1::2])
+    return 0.5 * abs(float(np.dot(xs, np.roll(ys, -1)) - np.dot(ys, np.roll(xs, -1))))
+
+
+def rasterize(polygons: list[list[float]], x0: int, y0: int, width: int, height: int) -> np.ndarray:
+    """(height, width) mask of the pixels, from (x0, y0) on, whose centers lie inside any of the COCO
+    polygons (even-odd rule): pycocotools' reading of a polygon, with pixel (x, y) the square
+    [x, x+1] x [y, y+1], independent of shapes.py and of pycocotools."""
+    ys, xs = np.mgrid[y0:y0 + height, x0:x0 + width] + 0.5
+    mask = np.zeros((height, width), dtype=bool)
+    for polygon in polygons:
+        inside = np.zeros_like(mask)
+        vertices = np.array(polygon).reshape(-1, 2)
+        for (ax, ay), (bx, by) in zip(vertices, np.roll(vertices, -1, axis=0)):
+            if ay != by:
+                crosses = (ay > ys) != (by > ys)
+                inside ^= crosses & (xs < ax + (ys - ay) * (bx - ax) / (by - ay))
+        mask |= inside
+    return mask
 
 
 def answer(question: str, objects: list[dict]) -> str:
@@ -293,8 +319,16 @@ def test_training_files_load_with_data_loaders(world):
 
 def test_refcoco_pickle_and_instances(world):
     folder = world / "eval" / "refcoco"
-    refs = pickle.loads((folder / "refs(unc).p").read_bytes())
+    pickled = (folder / "refs(unc).p").read_bytes()
+    assert pickled[:2] == b"\x80\x02", "protocol 2, as the public RefCOCO pickles the refer toolkit reads"
+    with open(folder / "refs(unc).p", "rb") as file:
+        refs = pickle.load(file)
     instances = read_json(folder / "instances.json")
+    # What pycocotools' COCO.info() prints and what COCO images point to.
+    assert {"description", "version", "year", "date_created"} <= set(instances["info"])
+    license_ids = {entry["id"] for entry in instances["licenses"]}
+    assert all({"id", "name", "url"} <= set(entry) for entry in instances["licenses"]) and license_ids
+    assert all(image["license"] in license_ids for image in instances["images"])
     objects = scene_objects(world)
     annotations = {a["id"]: a for a in instances["annotations"]}
     images = {i["id"]: i for i in instances["images"]}
@@ -302,7 +336,8 @@ def test_refcoco_pickle_and_instances(world):
     assert set(images) == set(range(NUM_TRAIN + 1, NUM_TRAIN + NUM_EVAL + 1))
     for annotation in instances["annotations"]:
         x, y, w, h = annotation["bbox"]
-        assert annotation["iscrowd"] == 0 and annotation["area"] == w * h
+        assert annotation["iscrowd"] == 0 and 0 < annotation["area"] <= w * h
+        assert annotation["area"] == sum(shoelace_area(polygon) for polygon in annotation["segmentation"])
         assert [x, y, x + w, y + h] in [o["box"] for o in objects[annotation["image_id"]]]
     split_of_image, sentences_per_split = {}, Counter()
     for ref in refs:
@@ -326,6 +361,94 @@ def test_refcoco_pickle_and_instances(world):
             assert set(row) == {"image", "expression", "bbox", "width", "height"}
             (obj,) = resolve(row["expression"], objects[image_id_of(row["image"])])
             assert obj["box"] == row["bbox"]
+
+
+def test_refcoco_segmentations_are_the_drawn_pixels(world):
+    """Every annotation's polygons (what the refer toolkit's getMask and pycocotools' annToMask
+    rasterize) cover exactly the pixels of its shape in the PNG, wherever no other object's box
+    could cover or share them; the polygons' shoelace area is their pixel count."""
+    instances = read_json(world / "eval" / "refcoco" / "instances.json")
+    images = {image["id"]: image for image in instances["images"]}
+    colors = {tuple(o["box"]): o["color"] for scene in scene_objects(world).values() for o in scene}
+    boxes_of_image: dict[int, list[list[float]]] = {}
+    for annotation in instances["annotations"]:
+        boxes_of_image.setdefault(annotation["image_id"], []).append(annotation["bbox"])
+    worst, whole = 0.0, 0
+    for annotation in instances["annotations"]:
+        x, y, w, h = (int(v) for v in annotation["bbox"])
+        polygons = annotation["segmentation"]
+        assert polygons and all(len(p) % 2 == 0 and len(p) >= 6 for p in polygons)
+        # Inside the bbox and touching all four sides, as COCO's bbox is the segmentation's box.
+        xs, ys = [v for p in polygons for v in p[0::2]], [v for p in polygons for v in p[1::2]]
+        assert [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)] == [x, y, w, h]
+        mask = rasterize(polygons, x, y, w, h)
+        area = sum(shoelace_area(p) for p in polygons)
+        assert area == mask.sum() == annotation["area"]
+
+        image = images[annotation["image_id"]]
+        pixels = np.asarray(Image.open(world / "images" / image["file_name"]).convert("RGB"))[y:y + h, x:x + w]
+        drawn = (pixels == shapes.COLOR_RGB[colors[(x, y, x + w, y + h)]]).all(axis=-1)
+        contested = np.zeros_like(mask)
+        for other in boxes_of_image[annotation["image_id"]]:
+            if other != annotation["bbox"]:
+                ox, oy, ow, oh = (int(v) for v in other)
+                contested[max(0, oy - y):max(0, oy + oh - y), max(0, ox - x):max(0, ox + ow - x)] = True
+        assert (mask == drawn)[~contested].all(), annotation["id"]
+        if not contested.any():
+            worst = max(worst, abs(area - drawn.sum()) / drawn.sum())
+            whole += 1
+    assert whole >= 10 and worst == 0.0
+
+
+def test_traced_polygons_give_back_every_mask_size():
+    """mask_polygons over every shape at every side from 5 px (the smallest image_size's small
+    shapes, where a star's tips touch only at corners) to 40 px."""
+    for shape in shapes.SHAPES:
+        for side in range(5, 41):
+            obj = shapes.ShapeObject(shape, "red", "small", (3, 7, 3 + side, 7 + side))
+            mask = shapes.shape_mask(obj)
+            polygons = shapes.mask_polygons(mask, 3, 7)
+            assert (rasterize(polygons, 3, 7, side, side) == mask).all(), (shape, side)
+            assert sum(shoelace_area(p) for p in polygons) == mask.sum(), (shape, side)
+
+
+def test_box_style_is_a_world_setting(world, tmp_path):
+    """A llava15 world writes LLaVA-1.5's box text in every REC answer and REG question, records the
+    style in world.json (so switching styles regenerates a cached world) and changes nothing else
+    a lion world writes but the instruction text and the tokenizer learned from it."""
+    out = tmp_path / "styled"
+    shapes.build_world(out, seed=0, num_train_images=NUM_TRAIN, num_eval_images=NUM_EVAL, image_size=96)
+    assert read_json(out / shapes.MARKER_FILE)["arguments"]["box_style"] == "lion"
+    shapes.build_world(out, seed=0, num_train_images=NUM_TRAIN, num_eval_images=NUM_EVAL, image_size=96,
+                       box_style="llava15")
+    assert read_json(out / shapes.MARKER_FILE)["arguments"]["box_style"] == "llava15"
+    objects = scene_objects(out)
+    sizes = {i: Image.open(out / "images" / f"{i:012d}.png").size for i in objects}
+    checked = Counter()
+    for record in read_json(out / "train" / "instruct.json"):
+        if "image" not in record:
+            continue
+        image_id = image_id_of(record["image"])
+        turns = record["conversations"]
+        for question, reply in zip(turns[0::2], turns[1::2]):
+            text = question["value"].removeprefix("<image>\n")
+            if text.startswith(shapes.REC_PROMPT):
+                (obj,) = resolve(text.removeprefix(shapes.REC_PROMPT), objects[image_id])
+                assert reply["value"] == padded_box_text(obj["box"], *sizes[image_id], style="llava15")
+                checked["rec"] += 1
+            elif text.startswith(shapes.REG_PROMPT):
+                box = text.removeprefix(shapes.REG_PROMPT)
+                (obj,) = [o for o in objects[image_id]
+                          if padded_box_text(o["box"], *sizes[image_id], style="llava15") == box]
+                assert reply["value"] == f"{obj['size']} {obj['color']} {obj['shape']}"
+                checked["reg"] += 1
+    assert checked["rec"] > 20 and checked["reg"] > 5
+    lion, llava15 = tree_bytes(world), tree_bytes(out)
+    differing = {name for name in lion if lion[name] != llava15[name]}
+    instruction_files = {"train/instruct.json", "train/instruct_no_format_prompts.json", shapes.MARKER_FILE}
+    assert instruction_files <= differing <= instruction_files | {"tokenizer.json"}
+    with pytest.raises(ValueError, match="box_style"):
+        shapes.build_world(tmp_path / "unknown", box_style="shikra")
 
 
 def test_vqa_questions_and_ten_answers(world):

@@ -153,3 +153,17 @@ def test_two_processes_match_one(world, tiny_checkpoint, tmp_path):
         runs[processes] = losses(out_dir)
     assert len(runs[1]) == 3
     assert runs[2] == pytest.approx(runs[1], rel=1e-5, abs=1e-6)
+
+
+def test_image_aspect_ratio_is_a_stage_setting(world, tiny_checkpoint, tmp_path):
+    """LLaVA-1.5 center-crops in stage 1 and pads in stage 2: a stage's setting wins over the
+    model's, and a bad value is refused naming the key."""
+    tokenizer = data.load_tokenizer(str(world / "tokenizer.json"))
+    model = MLLM.from_pretrained(str(tiny_checkpoint))
+    for stage_setting, expected in (("", True), ("square", False), ("pad", True)):
+        config, stages = train.load_config(str(write_config(tmp_path / "c.py", world, tiny_checkpoint, tmp_path,
+                                                            image_aspect_ratio=stage_setting)), [])
+        assert train.build_dataset(stages[0], config, model, tokenizer).pad_to_square is expected
+    with pytest.raises(ValueError, match="finetune.image_aspect_ratio"):
+        train.load_config(str(write_config(tmp_path / "c.py", world, tiny_checkpoint, tmp_path,
+                                           image_aspect_ratio="crop")), [])
