@@ -50,8 +50,8 @@ class Sample:
     target: Any
     choices: list[str] = dataclasses.field(default_factory=list)
     image_size: tuple[int, int] | None = None    # (width, height): REC boxes are normalized with it
-    group: str = ""                              # the POPE split, the VQA question type, or the id of
-                                                 # the question a circular rotation asks
+    group: str = ""                              # the POPE split or the VQA question type
+    rotation_of: str = ""                        # circular evaluation: the id of the question rotated
     answer_type: str = ""                        # VQAv2's answer_type: "yes/no", "number", "other"
 
 
@@ -204,12 +204,12 @@ def load_multiple_choice(annotation_dir: Path, split: str, image_dir: Path) -> l
 def rotate_choices(samples: list[Sample]) -> list[Sample]:
     """MMBench's circular evaluation as LLaVA's model_vqa_mmbench.py --all-rounds asks it: each
     question once per rotation of its options (round r lists choices[r:] + choices[:r], lettered
-    A, B, ... afresh), the right answer following its option; `group` keeps the question's id."""
+    A, B, ... afresh), the right answer following its option; `rotation_of` keeps the question's id."""
     rotated = []
     for sample in samples:
         count = len(sample.choices)
         for shift in range(count):
-            rotated.append(dataclasses.replace(sample, sample_id=f"{sample.sample_id}/{shift}", group=sample.sample_id,
+            rotated.append(dataclasses.replace(sample, sample_id=f"{sample.sample_id}/{shift}", rotation_of=sample.sample_id,
                                                choices=sample.choices[shift:] + sample.choices[:shift],
                                                target=(sample.target - shift) % count))
     return rotated
@@ -511,7 +511,7 @@ def score_vqa(records: list[dict], samples: list[Sample], predictions: list[str]
     submitted = [evalai_answer(prediction) for prediction in predictions]
     scores = [vqa_accuracy(answer, sample.target) for sample, answer in zip(samples, submitted)]
     for record, sample, answer, score in zip(records, samples, submitted, scores):
-        record.update(answer=answer, answers=sample.target, accuracy=score)
+        record.update(submitted=answer, answers=sample.target, accuracy=score)
     per_question_type = _mean_per_key(scores, [sample.group for sample in samples])
     per_answer_type = _mean_per_key(scores, [sample.answer_type for sample in samples])
     return {"accuracy": sum(scores) / len(scores),
@@ -542,8 +542,8 @@ def score_choices(records: list[dict], samples: list[Sample], predictions: list[
     if with_image and len(with_image) < len(samples):  # eval_science_qa.py's IMG-Accuracy (ScienceQA-IMG)
         metrics["img_accuracy"] = sum(with_image) / len(with_image)
     if circular:
-        metrics.update(circular_accuracy=circular_accuracy([sample.group for sample in samples], correct),
-                       questions=len({sample.group for sample in samples}))
+        questions = [sample.rotation_of for sample in samples]
+        metrics.update(circular_accuracy=circular_accuracy(questions, correct), questions=len(set(questions)))
     return metrics
 
 
@@ -619,12 +619,15 @@ def answer_samples(evaluator: Evaluator, kind: str, samples: list[Sample], batch
             indices = order[start:start + batch_size]
             batch = [samples[index] for index in indices]
             histories: list[list[tuple[str, str | None]]] = [[] for _ in batch]
-            if describe_first:
-                described = evaluator.generate(batch, [[(style.describe, None)]] * len(batch),
+            with_image = [position for position, sample in enumerate(batch) if sample.image is not None]
+            if describe_first and with_image:
+                # Only an image can be described; a text-only question goes straight to its answer.
+                described = evaluator.generate([batch[position] for position in with_image],
+                                               [[(style.describe, None)]] * len(with_image),
                                                **{**decoding, "max_new_tokens": describe_max_new_tokens})
-                histories = [[(style.describe, description)] for description in described]
-                for index, description in zip(indices, described):
-                    descriptions[index] = description
+                for position, description in zip(with_image, described):
+                    histories[position] = [(style.describe, description)]
+                    descriptions[indices[position]] = description
             dialogues = [history + [(messages[index], None)] for history, index in zip(histories, indices)]
             if choice_scores is not None:
                 batch_answers = []
@@ -661,8 +664,10 @@ def run_eval(model: MLLM, tokenizer: Tokenizer, task: str, data_dir: str | Path,
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     kind, _, default_split = TASKS[task]
     split = split or default_split
-    if circular and kind not in ("choice", "rank"):
-        raise ValueError(f"circular rotates the options of multiple choice (mc, mc-rank), not {task!r}")
+    if circular and kind != "choice":
+        # mc-rank scores each option's text on its own, so rotating the letters changes nothing.
+        raise ValueError(f"circular rotates the lettered options of a multiple-choice prompt (kind 'choice'), "
+                         f"not {task!r}")
     samples = load_task(task, data_dir, split, annotation_dir, image_dir, image_template)[:limit]
     if circular:
         samples = rotate_choices(samples)

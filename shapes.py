@@ -18,8 +18,8 @@ format as the public dataset it stands in for, so one set of loaders and eval ta
   for the original-LLaVA ablation (configs/shapes_llava.py).
 - train/text.jsonl: {"text": ...} documents for pretraining the tiny LLaMA as a language model.
 - eval/refcoco: the refer toolkit's `refs(unc).p` (pickle protocol 2) + COCO `instances.json` (Yu
-  et al. 2016, Lin et al. 2014; polygon segmentations tracing each shape's drawn pixels, so getMask
-  and annToMask work), splits val / testA / testB, plus a jsonl form with pixel boxes.
+  et al. 2016, Lin et al. 2014; polygon segmentations tracing the pixels each shape is drawn
+  with, including any a later shape covers, so getMask and annToMask work), splits val / testA / testB, plus a jsonl form with pixel boxes.
 - eval/vqa: VQAv2 questions + annotations JSON with 10 human-like answers (Goyal et al. 2017).
 - eval/captions: the Karpathy-split JSON with 5 reference sentences per image.
 - eval/pope: POPE (Li et al. 2023) "Is there a {object} in the image?" with random, popular and

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
 import conversation
@@ -345,9 +346,11 @@ def build_model(stage: StageConfig, config: TrainConfig, previous: Path | None, 
     return model_class.from_pretrained(str(source))
 
 
-def build_dataset(stage: StageConfig, config: TrainConfig, model: torch.nn.Module, tokenizer):
+def build_dataset(stage: StageConfig, config: TrainConfig, model: torch.nn.Module,
+                  tokenizer: Tokenizer) -> torch.utils.data.Dataset:
     if stage.objective == "lm":
         return data.TextDataset(stage.data, tokenizer, stage.max_seq_len, on_error=config.on_data_error)
+    # An mllm stage's own choice is already in model.config (train_stage).
     model_aspect_ratio = (config.model.get("image_aspect_ratio", "pad") if stage.objective == "clip"
                           else model.config.image_aspect_ratio)
     pad_to_square = (stage.image_aspect_ratio or model_aspect_ratio) == "pad"
@@ -514,6 +517,10 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: Runtime, previ
     torch.manual_seed(config.seed)  # the same initial weights in every process
 
     model = build_model(stage, config, previous, stage_names, tokenizer)
+    if stage.objective == "mllm" and stage.image_aspect_ratio:
+        # As LLaVA's train.py does: the stage's choice goes into the saved config, so that eval
+        # and the next stage prepare images the way this stage trained on them.
+        model.config.image_aspect_ratio = stage.image_aspect_ratio
     if stage.lora:
         lora = dict(stage.lora)
         apply_lora(model, lora.pop("targets"), **lora)

@@ -390,7 +390,7 @@ def test_vqa_accuracy_per_question_and_answer_type(world):
     assert metrics["accuracy[how many]"] == pytest.approx(1.0)
     assert metrics["accuracy[answer_type=other]"] == pytest.approx(0.8)
     assert metrics["accuracy[answer_type=number]"] == pytest.approx(1.0)
-    assert records[0]["prediction"] == "Red." and records[0]["answer"] == "red"  # what LLaVA would upload
+    assert records[0]["prediction"] == "Red." and records[0]["submitted"] == "red"  # what LLaVA would upload
 
 
 def test_vqa_scores_the_processed_prediction_as_the_server_does():
@@ -398,7 +398,7 @@ def test_vqa_scores_the_processed_prediction_as_the_server_does():
     # LLaVA's upload is evalai_answer("Two") == "2", so the server scores 0.
     sample = evaluation.Sample("1", Path("x.png"), "How many?", ["Two"] * 10)
     records, metrics = evaluation.score_task("vqa", [sample], ["Two"], pad_to_square=True)
-    assert records[0]["answer"] == "2" and metrics["accuracy"] == 0.0
+    assert records[0]["submitted"] == "2" and metrics["accuracy"] == 0.0
 
 
 def test_batch_size_does_not_change_answers_or_their_order(tiny_model, world, tmp_path):
@@ -584,10 +584,21 @@ def test_run_eval_on_text_only_and_circular(tiny_model, world, mixed_mc, tmp_pat
     # eval_science_qa.py: IMG-Accuracy over the questions whose prompt holds '<image>'.
     right = [r["chosen"] == r["answer"] for r in records]
     assert plain["img_accuracy"] == (right[0] + right[2]) / 2 and plain["accuracy"] == sum(right) / 4
+    if task == "mc-rank":  # each option is scored on its own text: rotating its letter changes nothing
+        with pytest.raises(ValueError, match="circular"):
+            evaluation.run_eval(model, tokenizer, task, world, "test", circular=True, **common)
+        return
     circular = evaluation.run_eval(model, tokenizer, task, world, "test", out_dir=tmp_path / "circular", circular=True,
                                    blind=True, **common)
     assert circular["samples"] == 2 + 3 + 3 + 2 and circular["questions"] == 4
-    assert 0.0 <= circular["circular_accuracy"] <= 1.0 and 0.0 <= circular["accuracy"] <= 1.0
+    rotations = [json.loads(line) for line in
+                 (tmp_path / "circular" / f"{task}_test.predictions.jsonl").read_text().splitlines()]
+    right_every_time = {}
+    for record in rotations:
+        question = record["id"].rsplit("/", 1)[0]
+        right_every_time[question] = right_every_time.get(question, True) and record["chosen"] == record["answer"]
+    assert circular["circular_accuracy"] == sum(right_every_time.values()) / 4
+    assert circular["accuracy"] == sum(r["chosen"] == r["answer"] for r in rotations) / 10
     saved = json.loads((tmp_path / "circular" / f"{task}_test.metrics.json").read_text())
     assert saved["circular"] is True and saved["metrics"] == pytest.approx(circular)
 
@@ -598,7 +609,7 @@ def test_rotations_and_circular_scoring():
     sample = evaluation.Sample("7", None, "Which?", 2, choices=["cat", "dog", "bird"])
     rotated = evaluation.rotate_choices([sample])
     assert [r.choices for r in rotated] == [["cat", "dog", "bird"], ["dog", "bird", "cat"], ["bird", "cat", "dog"]]
-    assert [r.target for r in rotated] == [2, 1, 0] and {r.group for r in rotated} == {"7"}
+    assert [r.target for r in rotated] == [2, 1, 0] and {r.rotation_of for r in rotated} == {"7"}
     assert [r.sample_id for r in rotated] == ["7/0", "7/1", "7/2"]
     other = evaluation.rotate_choices([evaluation.Sample("8", None, "Which?", 0, choices=["red", "blue"])])
     _, scored = evaluation.score_task("choice", rotated + other, ["C", "B", "A", "A", "A"], True, circular=True)
@@ -612,14 +623,37 @@ def test_circular_is_for_multiple_choice_only(tiny_model, world):
         evaluation.run_eval(model, tokenizer, "pope", world, "random", circular=True, progress=False)
 
 
-def test_official_token_caps_and_the_shapes_configs_own():
-    # model_vqa_loader.py: --max_new_tokens default 128 (vqav2.sh, pope.sh); model_vqa_science.py,
-    # model_vqa_mmbench.py: max_new_tokens=1024; lmms-eval coco_karpathy: 64, refcoco_bbox_rec: its
-    # LLaVA model's 1024.
-    assert evaluation.DEFAULT_MAX_NEW_TOKENS == {"rec": 1024, "vqa": 128, "caption": 64, "pope": 128, "choice": 1024}
+def test_official_token_caps_and_the_shapes_configs_own(tiny_model, world, tmp_path):
+    # model_vqa_loader.py: --max_new_tokens default 128 (vqav2.sh, pope.sh); a caller's own cap wins.
+    model, tokenizer = tiny_model
+    common = dict(limit=1, progress=False, print_results=False)
+    evaluation.run_eval(model, tokenizer, "pope", world, "random", out_dir=tmp_path / "default", **common)
+    evaluation.run_eval(model, tokenizer, "pope", world, "random", out_dir=tmp_path / "own", max_new_tokens=2, **common)
+    caps = [json.loads((tmp_path / run / "pope_random.metrics.json").read_text())["decoding"]["max_new_tokens"]
+            for run in ("default", "own")]
+    assert caps == [128, 2]
     import train
     root = Path(__file__).resolve().parent.parent
     for name in ("shapes_llava15.py", "shapes_llava.py"):
         config, _ = train.load_config(str(root / "configs" / name), [])
         caps = {task["task"]: task["max_new_tokens"] for task in config.eval_tasks}
         assert caps == {"vqa": 16, "refcoco": 48, "pope": 8, "captions": 40}, name  # the main job's caps
+
+
+def test_describe_first_describes_only_questions_with_an_image(tiny_model, world, mixed_mc):
+    model, tokenizer = tiny_model
+    style = evaluation.PROMPT_STYLES["lynx"]
+    evaluator = evaluation.Evaluator(model, tokenizer, style)
+    asked = []
+    generate = evaluator.generate
+
+    def recording_generate(samples, dialogues, **decoding):
+        asked.extend((sample.sample_id, len(dialogue)) for sample, dialogue in zip(samples, dialogues))
+        return generate(samples, dialogues, **decoding)
+
+    evaluator.generate = recording_generate
+    samples = _load_mixed(world, mixed_mc)
+    _, descriptions, _ = evaluation.answer_samples(evaluator, "choice", samples, 4, True, 3, None, max_new_tokens=2)
+    # Each image question: one description (a one-turn dialogue), then the question after it (two turns).
+    assert sorted(asked) == [("1", 1), ("1", 2), ("2", 1), ("3", 1), ("3", 2), ("4", 1)]
+    assert descriptions[1] == descriptions[3] == ""

@@ -167,3 +167,8 @@ def test_image_aspect_ratio_is_a_stage_setting(world, tiny_checkpoint, tmp_path)
     with pytest.raises(ValueError, match="finetune.image_aspect_ratio"):
         train.load_config(str(write_config(tmp_path / "c.py", world, tiny_checkpoint, tmp_path,
                                            image_aspect_ratio="crop")), [])
+    # As LLaVA's train.py: the stage's choice is written into the model it saves.
+    out_dir = tmp_path / "square"
+    train.main([str(write_config(tmp_path / "s.py", world, tiny_checkpoint, out_dir, image_aspect_ratio="square",
+                                 max_steps=1)), "--save_every=1"])
+    assert MLLM.from_pretrained(str(out_dir / "finetune")).config.image_aspect_ratio == "square"
