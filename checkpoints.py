@@ -243,15 +243,34 @@ def join_three(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tensors:
     return (torch.cat([q, k, v], dim=0),)
 
 
-def key_bias_from_zero(q_bias: torch.Tensor, v_bias: torch.Tensor) -> Tensors:
-    """EVA stores q and v biases only: the key projection's bias is zero (BLIP-2's ViT-g)."""
-    return q_bias, torch.zeros_like(q_bias), v_bias
-
-
-def drop_zero_key_bias(q_bias: torch.Tensor, k_bias: torch.Tensor, v_bias: torch.Tensor) -> Tensors:
-    if k_bias.any():
-        raise CheckpointError("this layout stores no key bias, but the model's key bias is not zero")
+def split_folded_bias(qkv_bias: torch.Tensor) -> Tensors:
+    """EVA's attention bias as transformers folds it, cat(q_bias, 0, v_bias), into the query and
+    value biases (our EVA attention has no key bias). A nonzero middle third is dropped without
+    loss: a key bias adds q . b_k to every score of a query alike, which the softmax cancels."""
+    q_bias, _, v_bias = qkv_bias.chunk(3)
     return q_bias, v_bias
+
+
+def fold_bias(q_bias: torch.Tensor, v_bias: torch.Tensor) -> Tensors:
+    return (torch.cat([q_bias, torch.zeros_like(q_bias), v_bias]),)
+
+
+def flatten(tensor: torch.Tensor) -> Tensors:
+    """(1, 1, width) -> (width,): a class embedding stored with batch and token axes."""
+    return (tensor.flatten(),)
+
+
+def as_one_token(tensor: torch.Tensor) -> Tensors:
+    return (tensor.reshape(1, 1, -1),)
+
+
+def drop_batch_axis(tensor: torch.Tensor) -> Tensors:
+    """(1, positions, width) -> (positions, width): a position table stored as a batch of one."""
+    return (tensor[0],)
+
+
+def add_batch_axis(tensor: torch.Tensor) -> Tensors:
+    return (tensor[None],)
 
 
 def transpose(weight: torch.Tensor) -> Tensors:
@@ -275,19 +294,64 @@ def clip_tower_rules(theirs: str, ours: str) -> Layout:
     )
 
 
-def bert_layer_rules(theirs: str, ours: str) -> Layout:
-    """A transformers BertLayer under `theirs` (the Q-Former's layers are BERT's) -> our
-    layers.PostNormBlock under `ours`: BERT's query/key/value/dense onto Attention's projections,
-    its three output LayerNorms onto the block's norms, intermediate/output onto FeedForward."""
+def bert_layer_rules(theirs: str, ours: str, attention: str = "self") -> Layout:
+    """A BERT layer under `theirs` (the Q-Former's layers are BERT's) -> our layers.PostNormBlock
+    under `ours`: BERT's query/key/value/dense onto Attention's projections, its output LayerNorms
+    onto the block's norms, intermediate/output onto FeedForward, and the Q-Former's query
+    feed-forward (intermediate_query/output_query) onto `query_mlp`. `attention` is the name of
+    the level holding query/key/value: BERT's and LAVIS's "self", transformers' Q-Former "attention"."""
     rules: list[Rule] = []
     for bert, block in (("attention", "self_attn"), ("crossattention", "cross_attn")):
-        rules += [Rule(f"{theirs}{bert}.self.{name}.*", f"{ours}{block}.{projection}.*")
+        rules += [Rule(f"{theirs}{bert}.{attention}.{name}.*", f"{ours}{block}.{projection}.*")
                   for name, projection in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj"))]
         rules += [Rule(f"{theirs}{bert}.output.dense.*", f"{ours}{block}.o_proj.*"),
                   Rule(f"{theirs}{bert}.output.LayerNorm.*", f"{ours}{block}_norm.*")]
-    return tuple(rules) + (Rule(f"{theirs}intermediate.dense.*", f"{ours}mlp.fc1.*"),
-                           Rule(f"{theirs}output.dense.*", f"{ours}mlp.fc2.*"),
-                           Rule(f"{theirs}output.LayerNorm.*", f"{ours}mlp_norm.*"))
+    for suffix, mlp in (("", "mlp"), ("_query", "query_mlp")):
+        rules += [Rule(f"{theirs}intermediate{suffix}.dense.*", f"{ours}{mlp}.fc1.*"),
+                  Rule(f"{theirs}output{suffix}.dense.*", f"{ours}{mlp}.fc2.*"),
+                  Rule(f"{theirs}output{suffix}.LayerNorm.*", f"{ours}{mlp}_norm.*")]
+    return tuple(rules)
+
+
+def eva_tower_rules(theirs: str, ours: str) -> Layout:
+    """transformers' Blip2VisionModel / InstructBlipVisionModel (BLIP-2's EVA ViT-g) under
+    `theirs` -> our VisionTransformer under `ours`. The attention is fused (`qkv.weight`, split
+    in three) with its bias in either hub form: folded into one `qkv.bias` (what transformers
+    writes now, and so what we write) or separate `q_bias` / `v_bias` (older uploads)."""
+    return (
+        Rule(f"{theirs}embeddings.class_embedding", f"{ours}embeddings.class_embedding",
+             to_ours=flatten, to_theirs=as_one_token),
+        Rule(f"{theirs}embeddings.position_embedding", f"{ours}embeddings.position_embedding.weight",
+             to_ours=drop_batch_axis, to_theirs=add_batch_axis),
+        Rule(f"{theirs}*.self_attn.qkv.weight",
+             tuple(f"{ours}*.self_attn.{name}_proj.weight" for name in "qkv"), to_ours=split_in_three,
+             to_theirs=join_three),
+        Rule(f"{theirs}*.self_attn.qkv.bias", (f"{ours}*.self_attn.q_proj.bias", f"{ours}*.self_attn.v_proj.bias"),
+             to_ours=split_folded_bias, to_theirs=fold_bias),
+        Rule(f"{theirs}*.self_attn.q_bias", f"{ours}*.self_attn.q_proj.bias"),
+        Rule(f"{theirs}*.self_attn.v_bias", f"{ours}*.self_attn.v_proj.bias"),
+        Rule(f"{theirs}*.self_attn.projection.*", f"{ours}*.self_attn.o_proj.*"),
+        Rule(f"{theirs}*.layer_norm1.*", f"{ours}*.input_layernorm.*"),
+        Rule(f"{theirs}*.layer_norm2.*", f"{ours}*.post_attention_layernorm.*"),
+        Rule(f"{theirs}*", f"{ours}*"),
+    )
+
+
+def qformer_rules(theirs: str, ours: str, embeddings: str) -> Layout:
+    """transformers' Q-Former under `theirs` -> our connectors.QFormer under `ours`. Where its
+    word/position embeddings and their LayerNorm live differs by model: `embeddings` is
+    "qformer" for InstructBLIP (`qformer.embeddings.{word,position}_embeddings`,
+    `qformer.embeddings.layernorm`), "root" for Blip2ForImageTextRetrieval (top-level
+    `embeddings.*`, `qformer.layernorm`), "none" for BLIP-2 generation (`qformer.layernorm` only)."""
+    if embeddings not in ("qformer", "root", "none"):
+        raise ValueError(f"qformer_rules: embeddings must be 'qformer', 'root' or 'none', not {embeddings!r}")
+    home = {"qformer": f"{theirs}embeddings.", "root": "embeddings.", "none": None}[embeddings]
+    layernorm = f"{theirs}embeddings.layernorm.*" if embeddings == "qformer" else f"{theirs}layernorm.*"
+    rules = (Rule(layernorm, f"{ours}layernorm.*"),)
+    if home is not None:
+        rules += tuple(Rule(f"{home}{table}.*", f"{ours}{table}.*")
+                       for table in ("word_embeddings", "position_embeddings"))
+    return rules + bert_layer_rules(f"{theirs}encoder.layer.*.", f"{ours}layers.*.", attention="attention")
 
 
 # transformers' CLIPModel (our vision.CLIPModel); the arange `position_ids` buffer older
@@ -327,12 +391,42 @@ ORIGINAL_LLAVA_LAYOUT = clip_tower_rules("model.vision_tower.vision_tower.vision
     Rule("lm_head.*", "language_model.lm_head.*"),
 )
 
+# BLIP-2 / InstructBLIP with a LLaMA-family LLM, as on the hub and as transformers 5 saves them:
+# vision_model.* (EVA), query_tokens, qformer.*, language_projection.*, language_model.* (a
+# LlamaForCausalLM). Ours: the Q-Former is the connector (multi_modal_projector).
+BLIP2_CONNECTOR_AND_LLM: Layout = (
+    Rule("query_tokens", "multi_modal_projector.query_tokens"),
+    Rule("language_projection.*", "multi_modal_projector.language_projection.*"),
+    Rule("language_model.*", "language_model.*"),
+)
+BLIP2_LAYOUT = (eva_tower_rules("vision_model.", "vision_tower.") + BLIP2_CONNECTOR_AND_LLM
+                + qformer_rules("qformer.", "multi_modal_projector.qformer.", embeddings="none"))
+INSTRUCTBLIP_LAYOUT = (eva_tower_rules("vision_model.", "vision_tower.") + BLIP2_CONNECTOR_AND_LLM
+                       + qformer_rules("qformer.", "multi_modal_projector.qformer.", embeddings="qformer"))
+# Blip2ForImageTextRetrieval (BLIP-2 stage 1, connectors.QFormerStage1): the Q-Former with text
+# input, its projections to the 256-d contrastive space and the ITM head, as transformers has
+# them; the ITG head and the temperature, which transformers leaves out, under LAVIS's names.
+BLIP2_RETRIEVAL_LAYOUT = eva_tower_rules("vision_model.", "vision_tower.") + (
+    Rule("query_tokens", "query_tokens"),
+    Rule("cls.predictions.transform.dense.*", "itg_head.dense.*"),
+    Rule("cls.predictions.transform.LayerNorm.*", "itg_head.layer_norm.*"),
+    Rule("cls.predictions.bias", "itg_head.bias"),
+    Rule("temp", "temperature"),
+    Rule("vision_projection.*", "vision_projection.*"),
+    Rule("text_projection.*", "text_projection.*"),
+    Rule("itm_head.*", "itm_head.*"),
+) + qformer_rules("qformer.", "qformer.", embeddings="root")
+
 # Keys that hold no weights in any layout: older transformers saved CLIP's arange position ids.
 IGNORED_KEY_SUFFIXES: tuple[str, ...] = ("embeddings.position_ids",)
 
-# The LLaVA-family layouts MLLM.from_pretrained reads, each recognised by a key prefix only it
-# has, checked in this order.
-LLAVA_LAYOUTS: dict[str, tuple[str, Layout]] = {
+# The layouts MLLM.from_pretrained reads, each recognised by a key prefix only it has, checked
+# in this order.
+MLLM_LAYOUTS: dict[str, tuple[str, Layout]] = {
+    "BLIP-2 (vision_model.*, query_tokens, qformer.layernorm, language_projection.*, language_model.*)":
+        ("qformer.layernorm.", BLIP2_LAYOUT),
+    "InstructBLIP (vision_model.*, query_tokens, qformer.embeddings.*, language_projection.*, language_model.*)":
+        ("qformer.embeddings.", INSTRUCTBLIP_LAYOUT),
     "llava-hf (vision_tower.vision_model.*, multi_modal_projector.*, language_model.model.*)":
         ("vision_tower.vision_model.", LLAVA_HF_LAYOUT),
     "transformers 5 in memory (model.vision_tower.*, model.language_model.*, lm_head.weight)":

@@ -3,7 +3,7 @@
 A vision tower, a language model and a connector differ in how they stack these pieces, not in
 the pieces: one attention (through F.scaled_dot_product_attention), one rotary embedding, one
 RMSNorm, two feed-forward shapes, and two block layouts (pre-LN as in CLIP and LLaMA, post-LN as
-in BERT and so the BLIP-2 Q-Former). Submodule names are the ones the state dicts use; each
+in BERT and the BLIP-2 Q-Former). Submodule names are the ones the state dicts use; each
 checkpoint layout's table in checkpoints.py translates a public layout's names to these.
 
 Contents, top to bottom: activations, RMSNorm, rotary position embedding, Attention, the
@@ -107,8 +107,8 @@ class Attention(nn.Module):
     """Multi-head attention through F.scaled_dot_product_attention, with the options the papers need.
 
     - self-attention (`context=None`) or cross-attention (keys and values from `context`, whose
-      width is `context_dim`), as the Q-Former, the resampler, LION's vision aggregator and T5's
-      decoder use it (all planned);
+      width is `context_dim`), as the Q-Former uses it (and, planned, the resampler, LION's
+      vision aggregator and T5's decoder);
     - grouped-query attention (`num_key_value_heads < num_heads`): LLaMA-family LLMs;
     - biases on/off (CLIP has them, LLaMA has none, EVA has q and v biases but no k bias);
     - rotary embedding, given as (cos, sin) by the caller, applied to queries and keys;
@@ -267,29 +267,60 @@ class PreNormBlock(nn.Module):
 class PostNormBlock(nn.Module):
     """The post-LN transformer block of BERT (Devlin et al. 2019; Vaswani et al. 2017, sec. 3.1),
     norm(x + attn(x)), then optionally norm(x + cross_attn(x, context)), then norm(x + mlp(x)):
-    the layer the BLIP-2 Q-Former and LION's vision aggregator are made of (both planned). BERT's dropout
-    (0.1) is left out, as everywhere in this codebase: the recipes here do not use it."""
+    the layer of the BLIP-2 Q-Former (connectors.QFormer) and of LION's vision aggregator (planned).
+
+    The Q-Former's variant (BLIP-2, sec. 3.1, Figure 2: "the image transformer and the text
+    transformer share the same self-attention layers"): the first `num_queries` positions are
+    learned queries, the rest text; self-attention mixes both, but only the queries cross-attend
+    to the image and they have their own feed-forward (`query_mlp`, BLIP-2 initializes it as a
+    copy of BERT's); the text keeps BERT's (`mlp`). A Q-Former that never reads text (BLIP-2's
+    generation checkpoints) has no `mlp`. BERT's dropout (0.1) is left out, as everywhere in this
+    codebase: the recipes here do not use it."""
 
     def __init__(self, width: int, num_heads: int, intermediate_size: int, activation: str = "gelu",
-                 layer_norm_eps: float = 1e-12, context_dim: int | None = None):
+                 layer_norm_eps: float = 1e-12, context_dim: int | None = None, query_mlp: bool = False,
+                 text_mlp: bool = True):
         super().__init__()
         self.self_attn = Attention(width, num_heads)
         self.self_attn_norm = nn.LayerNorm(width, eps=layer_norm_eps)
         self.cross_attn = Attention(width, num_heads, context_dim=context_dim) if context_dim else None
         self.cross_attn_norm = nn.LayerNorm(width, eps=layer_norm_eps) if context_dim else None
-        self.mlp = FeedForward(width, intermediate_size, activation)
-        self.mlp_norm = nn.LayerNorm(width, eps=layer_norm_eps)
+        self.mlp = FeedForward(width, intermediate_size, activation) if text_mlp else None
+        self.mlp_norm = nn.LayerNorm(width, eps=layer_norm_eps) if text_mlp else None
+        self.query_mlp = FeedForward(width, intermediate_size, activation) if query_mlp else None
+        self.query_mlp_norm = nn.LayerNorm(width, eps=layer_norm_eps) if query_mlp else None
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, T, width); context: (B, S, context_dim), required exactly when the block has a
-        cross-attention; masks as Attention's."""
-        if (context is None) != (self.cross_attn is None):
-            raise ValueError("a PostNormBlock with cross-attention needs `context`, one without takes none")
-        x = self.self_attn_norm(x + self.self_attn(x, attn_mask=attn_mask))
-        if self.cross_attn is not None:
-            x = self.cross_attn_norm(x + self.cross_attn(x, context=context, attn_mask=context_mask))
-        return self.mlp_norm(x + self.mlp(x))
+                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+                num_queries: int | None = None, cache: KVCacheLike | None = None) -> torch.Tensor:
+        """x: (B, T, width); context: (B, S, context_dim); masks and `cache` as Attention's.
+
+        num_queries None: a BERT layer, every position alike; the context is required exactly when
+        the block has a cross-attention. num_queries = Q: x is Q queries then T - Q text tokens;
+        the context is needed when Q > 0 and the block cross-attends (a text-only pass, Q = 0,
+        takes none: BLIP-2's text encoder and its image-grounded text decoder, whose queries come
+        in through `cache` instead)."""
+        x = self.self_attn_norm(x + self.self_attn(x, attn_mask=attn_mask, cache=cache))
+        if num_queries is None:
+            if (context is None) != (self.cross_attn is None):
+                raise ValueError("a PostNormBlock with cross-attention needs `context`, one without takes none")
+            if self.cross_attn is not None:
+                x = self.cross_attn_norm(x + self.cross_attn(x, context=context, attn_mask=context_mask))
+            return self.mlp_norm(x + self.mlp(x))
+        queries, text = x[:, :num_queries], x[:, num_queries:]  # (B, Q, width), (B, T - Q, width)
+        parts = []
+        if num_queries > 0:
+            if self.cross_attn is not None:
+                if context is None:
+                    raise ValueError("the queries of a cross-attention layer need `context` (the image features)")
+                queries = self.cross_attn_norm(queries + self.cross_attn(queries, context=context,
+                                                                         attn_mask=context_mask))
+            parts.append(self.query_mlp_norm(queries + self.query_mlp(queries)))
+        if text.shape[1] > 0:
+            if self.mlp is None:
+                raise ValueError("this block has no text feed-forward (a Q-Former built without text input)")
+            parts.append(self.mlp_norm(text + self.mlp(text)))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
 def initialize_blocks(blocks: nn.ModuleList, width: int) -> None:

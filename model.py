@@ -29,13 +29,13 @@ from torch.utils.checkpoint import checkpoint
 
 import decoding
 from adapters import merged_state_dict
-from checkpoints import (LLAMA_LAYOUT, LLAVA_HF_LAYOUT, LLAVA_LAYOUTS, ORIGINAL_LLAVA_LAYOUT, JsonConfig, Layout,
-                         detect_layout, load_state_strict, read_checkpoint, state_to_ours, state_to_theirs,
-                         write_checkpoint)
-from connectors import build_connector
+from checkpoints import (BLIP2_LAYOUT, INSTRUCTBLIP_LAYOUT, LLAMA_LAYOUT, LLAVA_HF_LAYOUT, MLLM_LAYOUTS,
+                         ORIGINAL_LLAVA_LAYOUT, JsonConfig, Layout, detect_layout, load_state_strict, read_checkpoint,
+                         state_to_ours, state_to_theirs, write_checkpoint)
+from connectors import QFormerConfig, build_connector
 from layers import (IGNORE_INDEX, Attention, GatedFeedForward, PreNormBlock, RMSNorm, causal_attention_mask,
                     rotary_cos_sin)
-from vision import VisionConfig, VisionTransformer
+from vision import VisionConfig, VisionTransformer, vision_config_from_dict
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,10 +251,15 @@ def row_log_likelihoods(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
 
 @dataclass
 class MLLMConfig:
-    """LLaVA / LLaVA-1.5 composition. Field names follow transformers' LlavaConfig where it has them."""
+    """The composition: vision tower, connector, LLM. Field names follow transformers' LlavaConfig
+    (and Blip2Config for the Q-Former's) where it has them."""
     vision_config: VisionConfig = field(default_factory=VisionConfig)
     text_config: TextConfig = field(default_factory=TextConfig)
-    projector_type: str = "mlp2x_gelu"  # LLaVA-1.5 (section 4.3); "linear" = LLaVA (eq. 3.1)
+    # LLaVA-1.5's "mlp2x_gelu" (section 4.3); "linear" = LLaVA (eq. 3.1); "qformer" = BLIP-2 /
+    # InstructBLIP (qformer_config.use_qformer_text_input), which read the tower their own way.
+    projector_type: str = "mlp2x_gelu"
+    qformer_config: QFormerConfig | None = None
+    num_query_tokens: int = 32  # BLIP-2, sec. 3.1: 32 queries of 768
     image_token_index: int = 32000  # llava-1.5-hf; an id >= the vocabulary is fine, it is never embedded
     pad_token_id: int = 32001
     vision_feature_layer: int = -2  # LLaVA-1.5; -1 = last layer (LLaVA's ablation, 0.96 points worse)
@@ -265,7 +270,9 @@ class MLLMConfig:
 class MLLM(nn.Module):
     """LLaVA: vision tower -> connector -> LLaMA, reading the projected features in place of the
     image tokens (section 3.4, Figure 3.1; LLaVA-1.5: section 4.3). The connector decides which
-    tower features it reads and how many tokens it makes; `embed` is the same for every connector."""
+    tower features it reads and how many tokens it makes; `embed` is the same for every connector.
+    BLIP-2 / InstructBLIP are the same class with EVA ViT-g and the Q-Former as the connector
+    (Li et al. 2023, Figure 3: the query outputs are "soft visual prompts" before the text)."""
 
     def __init__(self, config: MLLMConfig):
         super().__init__()
@@ -273,25 +280,48 @@ class MLLM(nn.Module):
         self.vision_tower = VisionTransformer(config.vision_config)
         self.multi_modal_projector = build_connector(
             config.projector_type, config.vision_config, config.text_config.hidden_size,
-            config.vision_feature_layer, config.vision_feature_select_strategy)
+            config.vision_feature_layer, config.vision_feature_select_strategy, config.qformer_config,
+            config.num_query_tokens)
         self.language_model = LanguageModel(config.text_config)
 
     @property
     def num_image_tokens(self) -> int:
         return self.multi_modal_projector.num_image_tokens
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def image_features(self, pixel_values: torch.Tensor, qformer_input_ids: torch.Tensor | None = None,
+                       qformer_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """H_v of eq. 3.1: (num_images, num_image_tokens, text width). The tower runs only up to the
-        layer the connector reads (LLaVA-1.5's layer -2: the last block would be wasted)."""
+        layer the connector reads (LLaVA-1.5's layer -2: the last block would be wasted).
+        InstructBLIP's Q-Former also reads each image's instruction (qformer_input_ids, one row per image)."""
+        connector = self.multi_modal_projector
+        self.check_instruction(qformer_input_ids, has_images=True)
         dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
-        hidden_states = self.vision_tower(pixel_values.to(dtype),
-                                          num_layers=self.multi_modal_projector.num_vision_layers_used)
-        return self.multi_modal_projector(hidden_states)
+        hidden_states = self.vision_tower(pixel_values.to(dtype), num_layers=connector.num_vision_layers_used,
+                                          normalize_last=connector.normalizes_last_layer)
+        if not connector.takes_instruction:
+            return connector(hidden_states)
+        if qformer_input_ids.shape[0] != pixel_values.shape[0]:
+            raise ValueError(f"qformer_input_ids has {qformer_input_ids.shape[0]} rows but pixel_values "
+                             f"{pixel_values.shape[0]} images (one instruction per image)")
+        return connector(hidden_states, qformer_input_ids, qformer_attention_mask)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def check_instruction(self, qformer_input_ids: torch.Tensor | None, has_images: bool) -> None:
+        """InstructBLIP's Q-Former needs the instruction of every image; any other connector must
+        not get one."""
+        if self.multi_modal_projector.takes_instruction and has_images and qformer_input_ids is None:
+            raise ValueError("qformer_input_ids is required: this model's Q-Former reads the instruction "
+                             "(InstructBLIP), one row per image")
+        if not self.multi_modal_projector.takes_instruction and qformer_input_ids is not None:
+            raise ValueError(f"qformer_input_ids given, but this model's connector ({self.config.projector_type}"
+                             f"{', BLIP-2' if self.config.projector_type == 'qformer' else ''}) reads no instruction; "
+                             f"only InstructBLIP's Q-Former takes one")
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+              qformer_input_ids: torch.Tensor | None = None,
+              qformer_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Word embeddings with each image's features written over its num_image_tokens image
         tokens, images taken in batch order (transformers' convention); text-only samples have no
-        image tokens and need no image."""
+        image tokens and need no image (nor an instruction)."""
         is_image = input_ids == self.config.image_token_index
         images_per_sample = is_image.sum(1).tolist()
         bad = [f"sample {index}: {count} image tokens" for index, count in enumerate(images_per_sample)
@@ -306,41 +336,47 @@ class MLLM(nn.Module):
                                 for index, count in enumerate(images_per_sample) if count)
             raise ValueError(f"input_ids hold {images_needed} images ({holders or 'none'}) "
                              f"but pixel_values has {images_given}")
+        self.check_instruction(qformer_input_ids, images_needed > 0)
         # The image token id may lie outside the vocabulary (original LLaVA), so embed a harmless id there.
         embeds = self.language_model.model.embed_tokens(input_ids.masked_fill(is_image, 0))
         if images_needed == 0:
             return embeds
-        features = self.image_features(pixel_values).to(embeds.dtype)
+        features = self.image_features(pixel_values, qformer_input_ids, qformer_attention_mask).to(embeds.dtype)
         return embeds.masked_scatter(is_image[..., None], features)
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                qformer_input_ids: torch.Tensor | None = None,
+                qformer_attention_mask: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (batch, length, vocab); with labels, (logits, mean cross-entropy over shifted
-        labels != -100). pixel_values: (num_images, 3, H, W) for the samples holding images only."""
-        return self.language_model(inputs_embeds=self.embed(input_ids, pixel_values),
-                                   attention_mask=attention_mask, labels=labels)
+        labels != -100). pixel_values: (num_images, 3, H, W) for the samples holding images only;
+        qformer_input_ids / qformer_attention_mask: InstructBLIP's instruction, one row per image."""
+        embeds = self.embed(input_ids, pixel_values, qformer_input_ids, qformer_attention_mask)
+        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, **options) -> torch.Tensor:
+                 attention_mask: torch.Tensor | None = None, qformer_input_ids: torch.Tensor | None = None,
+                 qformer_attention_mask: torch.Tensor | None = None, **options) -> torch.Tensor:
         """New tokens only, (batch, new_length), padded with pad_token_id after the end; the batch
         is LEFT-padded. Options: decoding.DecodingOptions."""
         options.setdefault("pad_token_id", self.config.pad_token_id)
-        return decoding.generate(self.language_model, input_ids, self.embed(input_ids, pixel_values),
-                                 attention_mask, **options)
+        embeds = self.embed(input_ids, pixel_values, qformer_input_ids, qformer_attention_mask)
+        return decoding.generate(self.language_model, input_ids, embeds, attention_mask, **options)
 
     @classmethod
     def from_pretrained(cls, path: str, vision_tower_path: str | None = None,
                         dtype: torch.dtype = torch.float32) -> MLLM:
-        """Load a LLaVA checkpoint directory in any layout of checkpoints.LLAVA_LAYOUTS; dims from
-        config.json. The original LLaVA layout takes its vision tower from the CLIP checkpoint
-        `vision_tower_path` (its config's `mm_vision_tower` names the public one). Nothing
-        tokenizer-related is attached."""
+        """Load a checkpoint directory in any layout of checkpoints.MLLM_LAYOUTS (LLaVA's, BLIP-2's,
+        InstructBLIP's); dims from config.json. The original LLaVA layout takes its vision tower from
+        the CLIP checkpoint `vision_tower_path` (its config's `mm_vision_tower` names the public one).
+        Nothing tokenizer-related is attached."""
         values, state = read_checkpoint(path)
-        name, layout = detect_layout(state, LLAVA_LAYOUTS, path)
+        name, layout = detect_layout(state, MLLM_LAYOUTS, path)
         if layout is not ORIGINAL_LLAVA_LAYOUT:
-            model = build_without_init(cls, llava_hf_config_to_ours(values), dtype)
+            qformer = layout in (BLIP2_LAYOUT, INSTRUCTBLIP_LAYOUT)
+            config = blip2_config_to_ours(values) if qformer else llava_hf_config_to_ours(values)
+            model = build_without_init(cls, config, dtype)
             load_state(model, state, layout, f"{path} (layout: {name})")
             return model
         state = state_to_ours(state, layout)
@@ -373,12 +409,21 @@ class MLLM(nn.Module):
         model.vision_tower, model.language_model = vision_tower, language_model
         model.multi_modal_projector = build_connector(
             config.projector_type, config.vision_config, config.text_config.hidden_size,
-            config.vision_feature_layer, config.vision_feature_select_strategy)
+            config.vision_feature_layer, config.vision_feature_select_strategy, config.qformer_config,
+            config.num_query_tokens)
         return model
 
     def save_pretrained(self, path: str) -> None:
-        """llava-hf layout + config.json: transformers' LlavaForConditionalGeneration loads it (for the
-        "mlp2x_gelu" projector; transformers has no single-linear one). LoRA is saved merged."""
+        """The hub layout + config.json of transformers' class for this composition:
+        LlavaForConditionalGeneration (for the "mlp2x_gelu" projector; transformers has no
+        single-linear one), Blip2ForConditionalGeneration or InstructBlipForConditionalGeneration
+        (with an EVA tower; a Q-Former over a CLIP tower, as in the shapes world, keeps the same
+        layout, which only this codebase reads). LoRA is saved merged."""
+        if self.config.projector_type == "qformer":
+            instruct = self.multi_modal_projector.takes_instruction
+            write_checkpoint(path, our_config_to_blip2(self.config),
+                             save_state(self, INSTRUCTBLIP_LAYOUT if instruct else BLIP2_LAYOUT))
+            return
         write_checkpoint(path, our_config_to_llava_hf(self.config, self.num_image_tokens),
                          save_state(self, LLAVA_HF_LAYOUT))
 
@@ -459,6 +504,52 @@ def our_config_to_llava_hf(config: MLLMConfig, num_image_tokens: int) -> dict:
         "image_seq_length": num_image_tokens,
         "tie_word_embeddings": config.text_config.tie_word_embeddings,
         "projector_type": config.projector_type, "image_aspect_ratio": config.image_aspect_ratio,
+    }
+
+
+def blip2_config_to_ours(values: dict) -> MLLMConfig:
+    """MLLMConfig from a transformers Blip2Config / InstructBlipConfig config.json. The Q-Former's
+    cross-attention width is the tower's (transformers overwrites encoder_hidden_size the same
+    way); InstructBLIP's Q-Former always reads text. The LLM must be LLaMA-family."""
+    instruct = values.get("model_type") == "instructblip"
+    text_values = values.get("text_config", {})
+    if text_values.get("model_type", "llama") != "llama":
+        raise ValueError(f"text_config.model_type {text_values['model_type']!r}: only LLaMA-family language models "
+                         f"load here (BLIP-2's OPT does not; Flan-T5 is planned)")
+    image_token_index = values.get("image_token_index", values.get("image_token_id"))
+    if image_token_index is None:
+        raise ValueError("config.json has no image_token_index: transformers >= 4.47 writes num_query_tokens image "
+                         "tokens before BOS and fills them with the query outputs; set it to the image token's id")
+    vision_config = vision_config_from_dict({"model_type": "blip_2_vision_model", **values.get("vision_config", {})})
+    qformer_values = values.get("qformer_config", {})
+    qformer_config = QFormerConfig.from_dict({
+        **qformer_values, "encoder_hidden_size": vision_config.hidden_size,
+        "use_qformer_text_input": instruct or qformer_values.get("use_qformer_text_input", False)})
+    text_config = TextConfig.from_dict(text_values)
+    return MLLMConfig(
+        vision_config=vision_config, text_config=text_config, projector_type="qformer", qformer_config=qformer_config,
+        num_query_tokens=values.get("num_query_tokens", 32), image_token_index=image_token_index,
+        pad_token_id=text_config.pad_token_id if text_config.pad_token_id is not None else 0,
+        vision_feature_layer=-1, vision_feature_select_strategy="full",
+        image_aspect_ratio=values.get("image_aspect_ratio", "square"))
+
+
+def our_config_to_blip2(config: MLLMConfig) -> dict:
+    """A config.json transformers' Blip2ForConditionalGeneration (or InstructBLIP's) reads."""
+    instruct = config.qformer_config.use_qformer_text_input
+    family = "instructblip" if instruct else "blip_2"
+    vision = config.vision_config.to_dict()
+    if vision["model_type"] == "blip_2_vision_model":
+        vision["model_type"] = f"{family}_vision_model"
+    return {
+        "architectures": ["InstructBlipForConditionalGeneration" if instruct else "Blip2ForConditionalGeneration"],
+        "model_type": "instructblip" if instruct else "blip-2",
+        "vision_config": vision,
+        "qformer_config": {**config.qformer_config.to_dict(), "model_type": f"{family}_qformer"},
+        "text_config": {**config.text_config.to_dict(), "pad_token_id": config.pad_token_id},
+        "num_query_tokens": config.num_query_tokens, "image_token_index": config.image_token_index,
+        "use_decoder_only_language_model": True, "tie_word_embeddings": config.text_config.tie_word_embeddings,
+        "image_aspect_ratio": config.image_aspect_ratio,
     }
 
 

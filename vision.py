@@ -32,10 +32,11 @@ from layers import Attention, FeedForward, PreNormBlock, initialize_blocks
 
 
 def clip_block(width: int, num_heads: int, intermediate_size: int, activation: str,
-               layer_norm_eps: float) -> PreNormBlock:
+               layer_norm_eps: float, key_bias: bool = True) -> PreNormBlock:
     """CLIP's encoder layer in both towers (Radford et al. 2021, section 2.4): a pre-LN block with
-    biased attention, LayerNorms and a plain feed-forward (quick_gelu in the OpenAI checkpoints)."""
-    return PreNormBlock(Attention(width, num_heads), FeedForward(width, intermediate_size, activation),
+    biased attention, LayerNorms and a plain feed-forward (quick_gelu in the OpenAI checkpoints).
+    EVA's blocks are the same with no key bias (`key_bias=False`) and exact GELU."""
+    return PreNormBlock(Attention(width, num_heads, key_bias=key_bias), FeedForward(width, intermediate_size, activation),
                         nn.LayerNorm(width, eps=layer_norm_eps), nn.LayerNorm(width, eps=layer_norm_eps))
 
 
@@ -59,9 +60,49 @@ class VisionConfig(JsonConfig):
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"
 
+    # Where CLIP and EVA differ; class-level, since config.json names the kind by model_type.
+    pre_layernorm: ClassVar[bool] = True   # CLIP normalizes the embedded patches, EVA does not
+    patch_bias: ClassVar[bool] = False     # EVA's patch convolution has a bias, CLIP's none
+    key_bias: ClassVar[bool] = True        # EVA has q and v biases only
+
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class EVAVisionConfig(VisionConfig):
+    """EVA ViT-g/14 as BLIP-2 builds it (Li et al. 2023, "BLIP-2", section 3.3: "we remove the
+    last layer of the ViT and use the second last layer's output features"): EVA-CLIP-g's 40 blocks
+    minus the last = 39, width 1408, 16 heads, FFN 6144, exact GELU, LayerNorm eps 1e-6, q and v
+    biases with none on k, a biased patch convolution, no LayerNorm before the blocks and none of
+    its own after them. Field names and defaults are transformers' Blip2VisionConfig's."""
+
+    model_type: ClassVar[str] = "blip_2_vision_model"
+    hidden_size: int = 1408
+    intermediate_size: int = 6144
+    num_hidden_layers: int = 39
+    num_attention_heads: int = 16
+    image_size: int = 224
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu"
+    qkv_bias: bool = True  # transformers' name for "q and v biases"; EVA without them is not supported
+
+    pre_layernorm: ClassVar[bool] = False
+    patch_bias: ClassVar[bool] = True
+    key_bias: ClassVar[bool] = False
+
+    def __post_init__(self):
+        if not self.qkv_bias:
+            raise ValueError("EVA vision config: qkv_bias=False is not supported (BLIP-2's ViT-g has q and v biases)")
+
+
+def vision_config_from_dict(values: dict[str, Any]) -> VisionConfig:
+    """A tower's config from its config.json dict: EVA for BLIP-2 / InstructBLIP's vision
+    model_types, CLIP otherwise."""
+    eva = values.get("model_type") in ("blip_2_vision_model", "instructblip_vision_model")
+    return (EVAVisionConfig if eva else VisionConfig).from_dict(values)
 
 
 class VisionEmbeddings(nn.Module):
@@ -72,7 +113,7 @@ class VisionEmbeddings(nn.Module):
         super().__init__()
         self.class_embedding = nn.Parameter(torch.randn(config.hidden_size))
         self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=config.patch_size,
-                                         stride=config.patch_size, bias=False)
+                                         stride=config.patch_size, bias=config.patch_bias)
         self.position_embedding = nn.Embedding(config.num_patches + 1, config.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -83,27 +124,34 @@ class VisionEmbeddings(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """The CLIP image encoder: embeddings -> pre_layrnorm (CLIP's extra LayerNorm on the embedded
-    patches; the misspelling is CLIP's key name) -> pre-LN blocks. `post_layernorm` only normalizes
-    the pooled class token (`pool`); LLaVA's patch features skip it (LLaVA's `CLIPVisionTower.feature_select`)."""
+    """The ViT image encoder, CLIP's or EVA's (the config says which): embeddings -> pre_layrnorm
+    (CLIP's extra LayerNorm on the embedded patches; the misspelling is CLIP's key name; EVA has
+    none) -> pre-LN blocks. `post_layernorm` normalizes CLIP's pooled class token (`pool`); LLaVA's
+    patch features skip it (LLaVA's `CLIPVisionTower.feature_select`), while BLIP-2 applies it to
+    every token of the last layer (its `ln_vision`, `normalize_last`)."""
 
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.config = config
         self.embeddings = VisionEmbeddings(config)
-        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.pre_layrnorm = (nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pre_layernorm
+                             else nn.Identity())
         self.encoder = nn.ModuleDict({"layers": nn.ModuleList(
             clip_block(config.hidden_size, config.num_attention_heads, config.intermediate_size,
-                       config.hidden_act, config.layer_norm_eps)
+                       config.hidden_act, config.layer_norm_eps, key_bias=config.key_bias)
             for _ in range(config.num_hidden_layers))})
+        # LAVIS's ln_vision is an nn.LayerNorm with eps 1e-5; transformers' port (the layout the
+        # checkpoints here come in) uses the tower's 1e-6, and so do we.
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, pixel_values: torch.Tensor, num_layers: int | None = None) -> list[torch.Tensor]:
+    def forward(self, pixel_values: torch.Tensor, num_layers: int | None = None,
+                normalize_last: bool = False) -> list[torch.Tensor]:
         """pixel_values: (batch, channels, image_size, image_size). Returns the hidden states of
         every layer, num_hidden_layers + 1 tensors of shape (batch, 1 + num_patches, hidden_size):
         [0] is the output of pre_layrnorm, [i] the output of block i, so [-2] is LLaVA-1.5's.
         `num_layers` runs only the first blocks (num_layers + 1 states): LLaVA-1.5 reads layer -2,
-        so the last block would be computed for nothing."""
+        so the last block would be computed for nothing. `normalize_last`: the last state returned
+        goes through post_layernorm (BLIP-2's ln_vision on the Q-Former's input)."""
         height, width = pixel_values.shape[-2:]
         if height != self.config.image_size or width != self.config.image_size:
             raise ValueError(f"images are {height}x{width} but the vision tower expects "
@@ -114,6 +162,8 @@ class VisionTransformer(nn.Module):
         for block in self.encoder["layers"][:num_layers]:
             hidden = block(hidden)
             hidden_states.append(hidden)
+        if normalize_last:
+            hidden_states[-1] = self.post_layernorm(hidden_states[-1])
         return hidden_states
 
     def pool(self, last_hidden_state: torch.Tensor) -> torch.Tensor:

@@ -56,6 +56,17 @@ def tiny_hf_llava(seed: int = 0) -> transformers.LlavaForConditionalGeneration:
     return model
 
 
+def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every parameter random (transformers starts biases, query tokens and norms at 0 or 1,
+    where a wrong wiring would not show), the k third of EVA's folded bias included."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            parameter.copy_(1 + 0.2 * noise if "norm" in name.lower() and name.endswith("weight") else 0.2 * noise)
+    return model.eval()
+
+
 def text_with_images(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of 3: sample 0 has one image, sample 1 none, sample 2 two images; 2 + 1 images."""
     generator = torch.Generator().manual_seed(seed)

@@ -7,19 +7,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from checkpoints import (CheckpointError, Rule, convert_keys, convert_pickle, drop_zero_key_bias, join_three,
-                         key_bias_from_zero, split_in_three, transpose)
+from checkpoints import (CheckpointError, Rule, convert_keys, convert_pickle, fold_bias, join_three, split_folded_bias,
+                         split_in_three, transpose)
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# An EVA-style attention (fused qkv weight, q and v biases only, an output projection stored
-# transposed) against ours (separate q/k/v with a zero key bias).
+# An EVA-style attention (fused qkv weight, q and v biases folded around a zero k third, an output
+# projection stored transposed) against ours (separate q/k/v, no key bias).
 EVA_LIKE = (
     Rule("blocks.*.attn.qkv.weight", ("layers.*.q_proj.weight", "layers.*.k_proj.weight", "layers.*.v_proj.weight"),
          to_ours=split_in_three, to_theirs=join_three),
-    Rule(("blocks.*.attn.q_bias", "blocks.*.attn.v_bias"),
-         ("layers.*.q_proj.bias", "layers.*.k_proj.bias", "layers.*.v_proj.bias"),
-         to_ours=key_bias_from_zero, to_theirs=drop_zero_key_bias),
+    Rule("blocks.*.attn.qkv.bias", ("layers.*.q_proj.bias", "layers.*.v_proj.bias"),
+         to_ours=split_folded_bias, to_theirs=fold_bias),
     Rule("blocks.*.attn.proj_t", "layers.*.o_proj.weight", to_ours=transpose, to_theirs=transpose),
     Rule("blocks.*", "layers.*"),
 )
@@ -27,33 +26,28 @@ EVA_LIKE = (
 
 def eva_like_state() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    return {"blocks.3.attn.qkv.weight": torch.randn(12, 4), "blocks.3.attn.q_bias": torch.randn(4),
-            "blocks.3.attn.v_bias": torch.randn(4), "blocks.3.attn.proj_t": torch.randn(4, 6),
-            "blocks.3.norm.weight": torch.randn(4), "cls_token": torch.randn(4)}
+    return {"blocks.3.attn.qkv.weight": torch.randn(12, 4),
+            "blocks.3.attn.qkv.bias": torch.cat([torch.randn(4), torch.zeros(4), torch.randn(4)]),
+            "blocks.3.attn.proj_t": torch.randn(4, 6), "blocks.3.norm.weight": torch.randn(4), "cls_token": torch.randn(4)}
 
 
 def test_rules_split_fold_transpose_and_round_trip():
     theirs = eva_like_state()
     ours = convert_keys(theirs, EVA_LIKE, to="ours")
-    assert sorted(ours) == ["cls_token", "layers.3.k_proj.bias", "layers.3.k_proj.weight", "layers.3.norm.weight",
-                            "layers.3.o_proj.weight", "layers.3.q_proj.bias", "layers.3.q_proj.weight",
-                            "layers.3.v_proj.bias", "layers.3.v_proj.weight"]
+    assert sorted(ours) == ["cls_token", "layers.3.k_proj.weight", "layers.3.norm.weight", "layers.3.o_proj.weight",
+                            "layers.3.q_proj.bias", "layers.3.q_proj.weight", "layers.3.v_proj.bias",
+                            "layers.3.v_proj.weight"]
     assert torch.equal(ours["layers.3.k_proj.weight"], theirs["blocks.3.attn.qkv.weight"][4:8])
-    assert torch.equal(ours["layers.3.k_proj.bias"], torch.zeros(4))
-    assert torch.equal(ours["layers.3.v_proj.bias"], theirs["blocks.3.attn.v_bias"])
+    assert torch.equal(ours["layers.3.v_proj.bias"], theirs["blocks.3.attn.qkv.bias"][8:])
     assert torch.equal(ours["layers.3.o_proj.weight"], theirs["blocks.3.attn.proj_t"].t())
     back = convert_keys(ours, EVA_LIKE, to="theirs")
     assert sorted(back) == sorted(theirs) and all(torch.equal(back[key], theirs[key]) for key in theirs)
 
 
-def test_rules_name_a_missing_part_and_a_nonzero_key_bias():
-    theirs = eva_like_state()
-    del theirs["blocks.3.attn.v_bias"]
-    with pytest.raises(CheckpointError, match=r"\['blocks.3.attn.q_bias'\] need \['blocks.3.attn.v_bias'\]"):
-        convert_keys(theirs, EVA_LIKE, to="ours")
+def test_rules_name_a_missing_part():
     ours = convert_keys(eva_like_state(), EVA_LIKE, to="ours")
-    ours["layers.3.k_proj.bias"] += 1
-    with pytest.raises(CheckpointError, match="key bias is not zero"):
+    del ours["layers.3.v_proj.bias"]
+    with pytest.raises(CheckpointError, match=r"\['layers.3.q_proj.bias'\] need \['layers.3.v_proj.bias'\]"):
         convert_keys(ours, EVA_LIKE, to="theirs")
 
 
