@@ -357,9 +357,6 @@ def qformer_rules(theirs: str, ours: str, embeddings: str) -> Layout:
 # transformers' CLIPModel (our vision.CLIPModel); the arange `position_ids` buffer older
 # transformers saved holds no weights and is dropped before conversion (IGNORED_KEY_SUFFIXES).
 CLIP_LAYOUT = clip_tower_rules("vision_model.", "vision_model.") + clip_tower_rules("text_model.", "text_model.")
-# A CLIPVisionModel on its own: hub files keep `vision_model.`, transformers 5 writes no prefix.
-CLIP_VISION_LAYOUT = clip_tower_rules("vision_model.", "")
-CLIP_VISION_ROOT_LAYOUT = clip_tower_rules("", "")
 # LlamaForCausalLM: our LanguageModel uses its names.
 LLAMA_LAYOUT: Layout = (Rule("model.*", "model.*"), Rule("lm_head.*", "lm_head.*"))
 # llava-hf on disk: the hub's llava-1.5-*-hf checkpoints (CLIPVisionModel keeps `vision_model.`);

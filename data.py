@@ -102,6 +102,48 @@ def load_tokenizer(path: str) -> Tokenizer:
 
 
 
+# The Q-Former's own tokenizer (BLIP-2, sec. 3.1): bert-base-uncased's WordPiece, "[CLS] text [SEP]",
+# plus "[DEC]", the token LAVIS adds to start image-grounded text generation.
+QFORMER_PAD_TOKEN, QFORMER_CLASS_TOKEN, QFORMER_SEPARATOR_TOKEN = "[PAD]", "[CLS]", "[SEP]"
+QFORMER_DECODER_TOKEN = "[DEC]"
+
+
+def load_qformer_tokenizer(path: str) -> Tokenizer:
+    """The Q-Former's tokenizer.json (a file, or a directory holding qformer_tokenizer.json or
+    tokenizer.json), checked for the tokens the Q-Former's text paths need."""
+    file = path
+    if os.path.isdir(path):
+        file = next((os.path.join(path, name) for name in ("qformer_tokenizer.json", "tokenizer.json")
+                     if os.path.isfile(os.path.join(path, name))), os.path.join(path, "qformer_tokenizer.json"))
+    tokenizer = load_tokenizer(file)
+    for token in (QFORMER_PAD_TOKEN, QFORMER_CLASS_TOKEN, QFORMER_SEPARATOR_TOKEN, QFORMER_DECODER_TOKEN):
+        if tokenizer.token_to_id(token) is None:
+            raise ValueError(f"{file}: the Q-Former tokenizer has no {token!r} (bert-base-uncased's, with [DEC] added)")
+    return tokenizer
+
+
+def encode_qformer_texts(tokenizer: Tokenizer, texts: Sequence[str], max_length: int,
+                         truncation_side: Literal["left", "right"] = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) (B, T) of "[CLS] text [SEP]" rows, right-padded with [PAD].
+    A text longer than `max_length` loses words on `truncation_side`, keeping [CLS] and [SEP]:
+    BLIP-2's captions are cut at the end (max 32), InstructBLIP's instructions at the start (max
+    128; LAVIS sets the Q-Former tokenizer's truncation_side to "left")."""
+    if truncation_side not in ("left", "right"):
+        raise ValueError(f"truncation_side must be 'left' or 'right', got {truncation_side!r}")
+    if max_length < 2:
+        raise ValueError(f"max_length {max_length} leaves no room between [CLS] and [SEP]")
+    cls_id = require_token_id(tokenizer, QFORMER_CLASS_TOKEN)
+    sep_id = require_token_id(tokenizer, QFORMER_SEPARATOR_TOKEN)
+    room = max_length - 2
+    rows = []
+    for encoding in tokenizer.encode_batch(list(texts), add_special_tokens=False):
+        words = encoding.ids
+        if len(words) > room:
+            words = words[len(words) - room:] if truncation_side == "left" else words[:room]
+        rows.append([cls_id, *words, sep_id])
+    return pad_sequences(rows, require_token_id(tokenizer, QFORMER_PAD_TOKEN))
+
+
 # --------------------------------------------------------------------------------------------
 # Images
 # --------------------------------------------------------------------------------------------
@@ -333,11 +375,16 @@ class InstructionDataset(_ImageRecordDataset):
     through an image, whose features must fill exactly `num_image_tokens` positions.
     `problems` counts what was skipped, `num_truncated` what was cut.
     Items: input_ids, labels (LongTensor), pixel_values (3, S, S) or None, length, has_image.
+
+    With `qformer_tokenizer` (InstructBLIP, sec. 2.2: the Q-Former reads the instruction), an item
+    with an image also has `qformer_input_ids`: its first question without the image placeholder,
+    "[CLS] question [SEP]" in the Q-Former's tokenizer, cut from the left to `qformer_max_length`.
     """
 
     def __init__(self, json_path: str, image_folder: str, tokenizer: Tokenizer,
                  template: str, image_token_index: int, num_image_tokens: int, image_size: int,
-                 pad_to_square: bool, max_seq_len: int, on_error: str = "skip"):
+                 pad_to_square: bool, max_seq_len: int, on_error: str = "skip",
+                 qformer_tokenizer: Tokenizer | None = None, qformer_max_length: int = 128):
         self.image_folder = image_folder
         self.tokenizer = tokenizer
         self.template = get_template(template)
@@ -368,6 +415,13 @@ class InstructionDataset(_ImageRecordDataset):
             self.sources.append(where)
             self.lengths.append(kept_length)
             self.has_image.append("image" in record)
+        self.qformer_input_ids: list[list[int] | None] = [None] * len(self.records)
+        if qformer_tokenizer is not None:
+            with_image = [index for index, record in enumerate(self.records) if "image" in record]
+            questions = [first_question(self.records[index]["conversations"]) for index in with_image]
+            ids, mask = encode_qformer_texts(qformer_tokenizer, questions, qformer_max_length, truncation_side="left")
+            for index, row, length in zip(with_image, ids, mask.sum(1).tolist()):
+                self.qformer_input_ids[index] = row[:length].tolist()
 
     def _validate(self, record: Any) -> tuple[str, list[tuple[int, int]]]:
         """The rendered text and spans of a usable record, or a DataError saying what is wrong."""
@@ -423,9 +477,17 @@ class InstructionDataset(_ImageRecordDataset):
                                                 self.tokenizer, self.image_token_index,
                                                 self.num_image_tokens)
         input_ids, labels = input_ids[:self.max_seq_len], labels[:self.max_seq_len]
-        return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
-                "pixel_values": pixel_values, "length": len(input_ids),
-                "has_image": pixel_values is not None}
+        sample = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
+                  "pixel_values": pixel_values, "length": len(input_ids), "has_image": pixel_values is not None}
+        if self.qformer_input_ids[index] is not None:
+            sample["qformer_input_ids"] = torch.tensor(self.qformer_input_ids[index])
+        return sample
+
+
+def first_question(conversations: list[dict]) -> str:
+    """The text of the first human turn, without the image placeholder (InstructBLIP's Q-Former input)."""
+    text = next(turn["value"] for turn in conversations if turn.get("from") == "human")
+    return text.replace(IMAGE_PLACEHOLDER, "").strip()
 
 
 class CaptionDataset(_ImageRecordDataset):
@@ -449,12 +511,6 @@ class CaptionDataset(_ImageRecordDataset):
         self.pad_to_square = pad_to_square
         self.with_regions = with_regions
         self.problems = DataProblems(on_error)
-        bos_id = require_token_id(tokenizer, BOS_TOKEN)
-        eos_id = require_token_id(tokenizer, EOS_TOKEN)
-
-        def clip_text(encoding) -> list[int]:
-            return [bos_id] + encoding.ids[:max_text_len - 2] + [eos_id]
-
         self.sources = []
         self.image_paths: list[str] = []
         captions = []
@@ -466,14 +522,21 @@ class CaptionDataset(_ImageRecordDataset):
             captions.append(caption)
             self.region_boxes.append([region["box"] for region in regions])
             phrases.append([region["phrase"] for region in regions])
-        self.token_ids = [clip_text(encoding) for encoding in tokenizer.encode_batch(captions, add_special_tokens=False)]
-        flat_phrases = tokenizer.encode_batch([p for image_phrases in phrases for p in image_phrases],
-                                              add_special_tokens=False)
+        self.token_ids = self.encode_texts(tokenizer, captions, max_text_len)
+        flat_phrases = self.encode_texts(tokenizer, [p for image_phrases in phrases for p in image_phrases],
+                                         max_text_len)
         offsets = np.cumsum([0] + [len(image_phrases) for image_phrases in phrases])
-        self.region_phrases = [[tuple(clip_text(encoding)) for encoding in flat_phrases[begin:end]]
+        self.region_phrases = [[tuple(ids) for ids in flat_phrases[begin:end]]
                                for begin, end in zip(offsets[:-1], offsets[1:])]
         self.lengths = [len(ids) for ids in self.token_ids]
         self.has_image = [True] * len(self.token_ids)
+
+    @staticmethod
+    def encode_texts(tokenizer: Tokenizer, texts: list[str], max_text_len: int) -> list[list[int]]:
+        """CLIP's text: BOS + tokens + EOS, cut to `max_text_len` with the EOS kept."""
+        bos_id, eos_id = require_token_id(tokenizer, BOS_TOKEN), require_token_id(tokenizer, EOS_TOKEN)
+        return [[bos_id] + encoding.ids[:max_text_len - 2] + [eos_id]
+                for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)]
 
     def _validate(self, record: Any) -> tuple[str, str, list[dict]]:
         if not isinstance(record, dict) or not isinstance(record.get("image"), str):
@@ -512,6 +575,21 @@ class CaptionDataset(_ImageRecordDataset):
                                                    for box in self.region_boxes[index]])
             sample["region_phrases"] = self.region_phrases[index]
         return sample
+
+
+class QFormerCaptionDataset(CaptionDataset):
+    """Image-caption pairs for BLIP-2's stage 1 (sec. 3.2), from the same LLaVA JSON captions file:
+    each caption as the Q-Former reads it, "[CLS] caption [SEP]" in its own tokenizer, cut to 32
+    tokens (LAVIS's max_txt_len). Batches pad with the tokenizer's [PAD] (make_dataloader's pad id)."""
+
+    def __init__(self, json_path: str, image_folder: str, qformer_tokenizer: Tokenizer, image_size: int,
+                 pad_to_square: bool = False, max_text_len: int = 32, on_error: str = "skip"):
+        super().__init__(json_path, image_folder, qformer_tokenizer, image_size, pad_to_square, max_text_len, on_error)
+
+    @staticmethod
+    def encode_texts(tokenizer: Tokenizer, texts: list[str], max_text_len: int) -> list[list[int]]:
+        ids, mask = encode_qformer_texts(tokenizer, texts, max_text_len)
+        return [row[:length].tolist() for row, length in zip(ids, mask.sum(1).tolist())]
 
 
 class TextDataset(torch.utils.data.Dataset):
@@ -592,7 +670,8 @@ def collate(batch: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
     or None for samples without labels (captions); attention_mask (B, T), 1 on tokens;
     pixel_values (num_images, 3, S, S) stacked only for the samples that have an image, in batch
     order (transformers convention), or None; problems: the (kind, message) of samples skipped
-    in the workers. When every sample was skipped, B is 0.
+    in the workers. When every sample was skipped, B is 0. Samples with an instruction for the
+    Q-Former (InstructBLIP) add qformer_input_ids / qformer_attention_mask, one row per image.
     """
     problems = [sample["problem"] for sample in batch if "problem" in sample]
     samples = [sample for sample in batch if "problem" not in sample]
@@ -605,6 +684,10 @@ def collate(batch: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
              "pixel_values": torch.stack(images) if images else None, "problems": problems}
     if samples and "region_boxes" in samples[0]:
         batch["regions"] = collate_regions(samples, pad_token_id)
+    instructions = [sample["qformer_input_ids"] for sample in samples if "qformer_input_ids" in sample]
+    if instructions:
+        # Padding is masked, so its id only has to exist: 0 is [PAD] in BERT's vocabulary.
+        batch["qformer_input_ids"], batch["qformer_attention_mask"] = pad_sequences(instructions, 0)
     return batch
 
 

@@ -29,8 +29,8 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from conversation import EOS_TOKEN, IMAGE_PLACEHOLDER, TEMPLATES, render_conversation
-from data import (REC_PROMPT, box_from_padded_square, load_image, load_tokenizer, pad_sequences, padded_square_box,
-                  preprocess_image, read_json, read_json_lines)
+from data import (REC_PROMPT, box_from_padded_square, encode_qformer_texts, load_image, load_tokenizer, pad_sequences,
+                  padded_square_box, preprocess_image, read_json, read_json_lines)
 from layers import IGNORE_INDEX
 from metrics import (box_iou, caption_tokens, cider_d, circular_accuracy, evalai_answer, parse_box, parse_choice,
                      pope_answer, pope_metrics, vqa_accuracy)
@@ -266,6 +266,9 @@ class PromptStyle:
     caption: str
     describe: str          # Lynx's plug-and-play first question
     lowercase: bool = False
+    # BLIP-2 / InstructBLIP as transformers' processors build them: the query tokens come before
+    # BOS ("BLIP expects image tokens to be at the beginning even before BOS").
+    image_before_bos: bool = False
 
 
 REFERRING_PROMPT = REC_PROMPT + "{expression}"  # the REC turns of LLaVA-1.5's (and the shapes world's) data
@@ -286,7 +289,14 @@ PROMPT_STYLES = {
         template=None, turn="{}", short_answer="Question: {question} Short answer:",
         multiple_choice="Question: {question} Options: {options} Short answer:",
         referring="Identify the position of {expression} in image and share its coordinates.",
-        caption="A short image caption.", describe="Describe the image in detail."),
+        caption="A short image caption.", describe="Describe the image in detail.", image_before_bos=True),
+    # BLIP-2 zero-shot (Li et al. 2023, sec. 4.2): VQA "Question: {} Answer:" (OPT; its Flan-T5
+    # models use "Question: {} Short answer:"), captions continue the prompt "a photo of".
+    "blip2": PromptStyle(
+        template=None, turn="{}", short_answer="Question: {question} Answer:",
+        multiple_choice="Question: {question} Options: {options} Answer:",
+        referring="Identify the position of {expression} in image and share its coordinates.",
+        caption="a photo of", describe="a photo of", image_before_bos=True),
     # Lynx: "User: {question}\nBot:", lowercased text, its training prompts (Lynx appendix tables).
     "lynx": PromptStyle(
         template=None, turn="User: {}\nBot:", short_answer="{question} Give a short answer.",
@@ -316,9 +326,13 @@ class Evaluator:
     """A model, its tokenizer and a prompt style, turned into batched answers to Samples."""
 
     def __init__(self, model: MLLM, tokenizer: Tokenizer, style: PromptStyle, blind: bool = False,
-                 stop_strings: list[str] | None = None):
+                 stop_strings: list[str] | None = None, qformer_tokenizer: Tokenizer | None = None):
         self.model, self.tokenizer, self.style, self.blind = model, tokenizer, style, blind
         self.stop_strings = stop_strings or []
+        if model.multi_modal_projector.takes_instruction and qformer_tokenizer is None:
+            raise ValueError("this model's Q-Former reads the instruction (InstructBLIP): give its tokenizer "
+                             "(qformer_tokenizer, --qformer-tokenizer)")
+        self.qformer_tokenizer = qformer_tokenizer
         config = model.config
         self.pad_to_square = config.image_aspect_ratio == "pad"
         self.image_size = config.vision_config.image_size
@@ -352,7 +366,8 @@ class Evaluator:
         text = "".join(self.style.turn.format(question) + (f" {reply}\n" if reply is not None else "")
                        for question, reply in turns)
         image_tokens = [self.image_token_index] * self.model.num_image_tokens if with_image else []
-        prompt = [self.bos_token_id] + image_tokens + self._encode(text)
+        start = image_tokens + [self.bos_token_id] if self.style.image_before_bos else [self.bos_token_id] + image_tokens
+        prompt = start + self._encode(text)
         if answer is None:
             return prompt, [IGNORE_INDEX] * len(prompt)
         answer_ids = self._encode(" " + answer) + self.eos_token_ids[:1]
@@ -360,6 +375,17 @@ class Evaluator:
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def instructions(self, samples: list[Sample], dialogues: list[list[tuple[str, str | None]]]) -> dict:
+        """InstructBLIP's Q-Former input: each image's question (the dialogue's last), through the
+        Q-Former's own tokenizer, left-truncated to 128 tokens as LAVIS does; {} for other models."""
+        if not self.model.multi_modal_projector.takes_instruction:
+            return {}
+        questions = [dialogue[-1][0] for sample, dialogue in zip(samples, dialogues) if sample.image is not None]
+        if not questions:
+            return {}
+        ids, mask = encode_qformer_texts(self.qformer_tokenizer, questions, max_length=128, truncation_side="left")
+        return {"qformer_input_ids": ids.to(self.device), "qformer_attention_mask": mask.to(self.device)}
 
     def pixel_values(self, samples: list[Sample]) -> torch.Tensor | None:
         """One preprocessed image per sample that has one, in batch order (model.MLLM.embed takes
@@ -383,7 +409,8 @@ class Evaluator:
         if self.stop_strings:
             decoding["stop_token_sequences"] = [self._encode(stop) for stop in self.stop_strings]
         generated = self.model.generate(input_ids.to(self.device), pixel_values=self.pixel_values(samples),
-                                        attention_mask=attention_mask.to(self.device), **decoding)
+                                        attention_mask=attention_mask.to(self.device),
+                                        **self.instructions(samples, dialogues), **decoding)
         return [self.decode(row.tolist()) for row in generated]
 
     def decode(self, token_ids: list[int]) -> str:
@@ -403,9 +430,10 @@ class Evaluator:
         (LAVIS `predict_class`: the candidate with the lowest summed loss wins). One forward pass
         over every (sample, candidate) row of the batch, right-padded; a row of a sample with an
         image gets that image, a text-only sample's rows none."""
-        rows, owners = [], []
+        rows, owners, row_dialogues = [], [], []
         for index, (sample, dialogue) in enumerate(zip(samples, dialogues)):
             for choice in sample.choices:
+                row_dialogues.append(dialogue)
                 rows.append(self.encode_dialogue(dialogue, choice.lower() if self.style.lowercase else choice,
                                                  sample.image is not None))
                 owners.append(index)
@@ -413,7 +441,8 @@ class Evaluator:
         labels, _ = pad_sequences([row_labels for _, row_labels in rows], IGNORE_INDEX)
         pixel_values = self._row_images(samples, owners)
         logits = self.model(input_ids.to(self.device), pixel_values=pixel_values,
-                            attention_mask=attention_mask.to(self.device))
+                            attention_mask=attention_mask.to(self.device),
+                            **self.instructions([samples[owner] for owner in owners], row_dialogues))
         totals, _ = row_log_likelihoods(logits, labels.to(self.device))
         per_sample: list[list[float]] = [[] for _ in samples]
         for owner, total in zip(owners, totals.tolist()):
@@ -581,7 +610,8 @@ def prompt_style_name(model: MLLM, prompt_style: str | None) -> str:
 
 
 def build_evaluator(model: MLLM, tokenizer: Tokenizer, prompt_style: str | None = None, template: str | None = None,
-                    blind: bool = False, stop_strings: list[str] | None = None) -> Evaluator:
+                    blind: bool = False, stop_strings: list[str] | None = None,
+                    qformer_tokenizer: Tokenizer | None = None) -> Evaluator:
     """An Evaluator in the model's prompt style: `prompt_style` (a key of PROMPT_STYLES) or
     `model.config.prompt_style`, else "llava15"; the chat template `template` or
     `model.config.template`, else the style's. A template whose answers end in a stop string
@@ -597,7 +627,7 @@ def build_evaluator(model: MLLM, tokenizer: Tokenizer, prompt_style: str | None 
     if style.template is not None and TEMPLATES[style.template].stop != EOS_TOKEN:
         # "###" of vicuna_v0 ends an answer the way EOS does for vicuna_v1.
         stop_strings = [*(stop_strings or []), TEMPLATES[style.template].stop]
-    return Evaluator(model, tokenizer, style, blind, stop_strings)
+    return Evaluator(model, tokenizer, style, blind, stop_strings, qformer_tokenizer)
 
 
 def answer_samples(evaluator: Evaluator, kind: str, samples: list[Sample], batch_size: int,
@@ -648,7 +678,8 @@ def run_eval(model: MLLM, tokenizer: Tokenizer, task: str, data_dir: str | Path,
              image_dir: str | Path | None = None, image_template: str = COCO_IMAGE_TEMPLATE,
              describe_first: bool = False, describe_max_new_tokens: int = 128, visualize: int = 0,
              blind: bool = False, stop_strings: list[str] | None = None, circular: bool = False,
-             progress: bool = True, print_results: bool = True, **decoding) -> dict[str, float]:
+             qformer_tokenizer: Tokenizer | None = None, progress: bool = True, print_results: bool = True,
+             **decoding) -> dict[str, float]:
     """Evaluate `model` on one task and split; returns the metrics (and writes
     `{task}_{split}.predictions.jsonl` / `.metrics.json` to `out_dir` when given).
 
@@ -658,8 +689,9 @@ def run_eval(model: MLLM, tokenizer: Tokenizer, task: str, data_dir: str | Path,
     the model's own detailed description goes into the dialogue before the question. blind:
     images replaced by zeros (the no-vision baseline). stop_strings: generation stops after one
     and the answer is cut before it. circular: multiple choice asked once per rotation of the
-    options, scored per question too (MMBench's circular evaluation). `decoding` goes to
-    `model.generate` (max_new_tokens defaults per task kind: DEFAULT_MAX_NEW_TOKENS)."""
+    options, scored per question too (MMBench's circular evaluation). qformer_tokenizer: the
+    Q-Former's own tokenizer, for a model whose Q-Former reads the question (InstructBLIP).
+    `decoding` goes to `model.generate` (max_new_tokens defaults per task kind: DEFAULT_MAX_NEW_TOKENS)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     kind, _, default_split = TASKS[task]
@@ -680,7 +712,7 @@ def run_eval(model: MLLM, tokenizer: Tokenizer, task: str, data_dir: str | Path,
         raise ValueError("visualize draws boxes: only the REC tasks (refcoco, refcoco+, refcocog) have them")
     if kind in DEFAULT_MAX_NEW_TOKENS:
         decoding = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS[kind], **decoding}
-    evaluator = build_evaluator(model, tokenizer, prompt_style, template, blind, stop_strings)
+    evaluator = build_evaluator(model, tokenizer, prompt_style, template, blind, stop_strings, qformer_tokenizer)
 
     was_training = model.training
     model.eval()
@@ -726,6 +758,13 @@ def format_table(task: str, split: str, metrics: dict[str, float]) -> str:
 # ---------------------------------------------------------------------------------------------
 # Command line
 
+# Named decoding presets: LAVIS's InstructBLIP generate() defaults (beam search of 5, at most 256
+# tokens, repetition penalty 1.5; its top_p 0.9 acts only with sampling, off by default).
+DECODING_PRESETS: dict[str, dict[str, Any]] = {
+    "instructblip": dict(num_beams=5, max_new_tokens=256, min_new_tokens=1, repetition_penalty=1.5,
+                         length_penalty=1.0, top_p=0.9, temperature=1.0),
+}
+
 DECODING_OPTIONS = ("max_new_tokens", "min_new_tokens", "num_beams", "length_penalty", "no_repeat_ngram_size",
                     "do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
 
@@ -733,6 +772,8 @@ DECODING_OPTIONS = ("max_new_tokens", "min_new_tokens", "num_beams", "length_pen
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     """The decoding options of model.generate as flags (eval.py and sample.py share them)."""
     decoding = parser.add_argument_group("decoding (passed to model.generate)")
+    decoding.add_argument("--decoding-preset", choices=list(DECODING_PRESETS),
+                          help="a family's published defaults; the flags below override them")
     decoding.add_argument("--max-new-tokens", type=int)
     decoding.add_argument("--min-new-tokens", type=int)
     decoding.add_argument("--num-beams", type=int)
@@ -747,8 +788,9 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def decoding_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The decoding flags that were given, as model.generate's keyword arguments."""
-    return {name: getattr(args, name) for name in DECODING_OPTIONS if getattr(args, name) is not None}
+    """The decoding flags that were given, over the preset's, as model.generate's keyword arguments."""
+    preset = DECODING_PRESETS[args.decoding_preset] if getattr(args, "decoding_preset", None) else {}
+    return {**preset, **{name: getattr(args, name) for name in DECODING_OPTIONS if getattr(args, name) is not None}}
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -763,6 +805,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--image-template", default=COCO_IMAGE_TEMPLATE,
                         help="VQA image file name from image_id and split (shapes world: '{image_id:012d}.png')")
     parser.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's, else DATA/tokenizer.json)")
+    parser.add_argument("--qformer-tokenizer", help="InstructBLIP: the Q-Former's tokenizer.json (default: the "
+                                                    "checkpoint's qformer_tokenizer.json, else DATA's)")
     parser.add_argument("--out", default="out/eval", help="directory for predictions and metrics")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--limit", type=int, help="evaluate only the first N samples")
@@ -782,12 +826,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     checkpoint_tokenizer = Path(args.ckpt) / "tokenizer.json"
     tokenizer = load_tokenizer(str(args.tokenizer or (checkpoint_tokenizer if checkpoint_tokenizer.is_file()
                                                       else Path(args.data) / "tokenizer.json")))
+    qformer_tokenizer = None
+    if model.multi_modal_projector.takes_instruction:
+        own = Path(args.ckpt) / "qformer_tokenizer.json"
+        qformer_tokenizer = load_tokenizer(str(args.qformer_tokenizer or (
+            own if own.is_file() else Path(args.data) / "qformer_tokenizer.json")))
     options = decoding_options(args)
     return run_eval(model, tokenizer, args.task, args.data, args.split, batch_size=args.batch_size, limit=args.limit,
                     out_dir=args.out, prompt_style=args.prompt_style, template=args.template,
                     annotation_dir=args.annotation_dir, image_dir=args.image_dir, image_template=args.image_template,
                     describe_first=args.describe_first, visualize=args.visualize, blind=args.blind,
-                    stop_strings=args.stop, circular=args.circular, **options)
+                    stop_strings=args.stop, circular=args.circular, qformer_tokenizer=qformer_tokenizer,
+                    **options)
 
 
 if __name__ == "__main__":

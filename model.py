@@ -32,7 +32,7 @@ from adapters import merged_state_dict
 from checkpoints import (BLIP2_LAYOUT, INSTRUCTBLIP_LAYOUT, LLAMA_LAYOUT, LLAVA_HF_LAYOUT, MLLM_LAYOUTS,
                          ORIGINAL_LLAVA_LAYOUT, JsonConfig, Layout, detect_layout, load_state_strict, read_checkpoint,
                          state_to_ours, state_to_theirs, write_checkpoint)
-from connectors import QFormerConfig, build_connector
+from connectors import QFormerConfig, QFormerStage1, bert_initialization, build_connector
 from layers import (IGNORE_INDEX, Attention, GatedFeedForward, PreNormBlock, RMSNorm, causal_attention_mask,
                     rotary_cos_sin)
 from vision import VisionConfig, VisionTransformer, vision_config_from_dict
@@ -411,6 +411,35 @@ class MLLM(nn.Module):
             config.projector_type, config.vision_config, config.text_config.hidden_size,
             config.vision_feature_layer, config.vision_feature_select_strategy, config.qformer_config,
             config.num_query_tokens)
+        return model
+
+    @classmethod
+    def from_qformer_and_language(cls, qformer_path: str, language_path: str, instruction_aware: bool = False,
+                                  **config_overrides) -> MLLM:
+        """The start of BLIP-2's second stage (sec. 3.3) and of InstructBLIP's instruction tuning:
+        the stage-1 checkpoint (connectors.QFormerStage1: tower, queries, Q-Former), a
+        LlamaForCausalLM and a fresh `language_projection`. BLIP-2's generation Q-Former reads no
+        text, so the stage-1 text parts (embeddings, text feed-forwards) are left behind;
+        InstructBLIP's (`instruction_aware`) keeps them, as it starts from the stage-1 Q-Former
+        (InstructBLIP, sec. 2.3). The vocabulary grows for image_token_index / pad_token_id as in
+        from_vision_and_language."""
+        stage1 = QFormerStage1.from_pretrained(qformer_path)
+        language_model = LanguageModel.from_pretrained(language_path)
+        qformer_config = dataclasses.replace(stage1.config.qformer_config, use_qformer_text_input=instruction_aware)
+        config = MLLMConfig(vision_config=stage1.config.vision_config, text_config=language_model.config,
+                            projector_type="qformer", qformer_config=qformer_config,
+                            num_query_tokens=stage1.config.num_query_tokens, vision_feature_layer=-1,
+                            vision_feature_select_strategy="full", **config_overrides)
+        needed_vocab = max(config.image_token_index, config.pad_token_id) + 1
+        if needed_vocab > language_model.config.vocab_size:
+            language_model.resize_token_embeddings(needed_vocab)
+        model = build_without_init(cls, config, torch.float32)  # every part is set below
+        model.vision_tower, model.language_model = stage1.vision_tower, language_model
+        connector = model.multi_modal_projector
+        connector.query_tokens = stage1.query_tokens
+        kept = {key: value for key, value in stage1.qformer.state_dict().items() if key in connector.qformer.state_dict()}
+        load_state_strict(connector.qformer, kept, f"{qformer_path} (the Q-Former)")
+        connector.language_projection.apply(bert_initialization)
         return model
 
     def save_pretrained(self, path: str) -> None:

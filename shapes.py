@@ -27,6 +27,7 @@ format as the public dataset it stands in for, so one set of loaders and eval ta
 - tags.json: per-image tags and object boxes, the ground-truth stand-ins for LION's RAM tags and
   Lyrics' visual refiner (LION section 3.3; Lyrics section 3.1).
 - tokenizer.json: a byte-level BPE trained with `tokenizers` on the world's text, digits split.
+- qformer_tokenizer.json: the Q-Former's own, a BERT-style WordPiece with "[DEC]" (BLIP-2 / InstructBLIP).
 
 Every image lives in images/{image_id:012d}.png (train ids 1..N, eval ids after them); every
 "image" / "file_name" field in the annotations is that file name, relative to images/. Box text is
@@ -58,7 +59,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from data import BOX_STYLES, REC_PROMPT, format_box, padded_square, padded_square_box
 
@@ -69,7 +70,7 @@ SMALL_WORLD = {"num_train_images": 40, "num_eval_images": 12}  # the CI smoke wo
 DEFAULT_IMAGE_SIZE = 96
 MARKER_FILE = "world.json"
 # Everything build_world writes; a stale world is removed entry by entry, never the whole folder.
-WORLD_ENTRIES = ("images", "train", "eval", "tags.json", "tokenizer.json", MARKER_FILE)
+WORLD_ENTRIES = ("images", "train", "eval", "tags.json", "tokenizer.json", "qformer_tokenizer.json", MARKER_FILE)
 
 # ---------------------------------------------------------------------------------------------
 # The world's vocabulary
@@ -963,6 +964,24 @@ def train_tokenizer(texts: list[str]) -> Tokenizer:
     return tokenizer
 
 
+def train_qformer_tokenizer(texts: list[str]) -> Tokenizer:
+    """The Q-Former's own tokenizer in bert-base-uncased's form (BLIP-2 sec. 3.1 starts the
+    Q-Former from BERT-base): lowercasing BERT normalizer and pre-tokenizer, WordPiece, "[CLS] text
+    [SEP]"; [PAD] is 0 as in BERT, and "[DEC]" comes last, as LAVIS adds it to BERT's vocabulary."""
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=TOKENIZER_VOCAB_SIZE, show_progress=False,
+                                        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.add_special_tokens(["[DEC]"])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tokenizer.token_to_id("[CLS]")),
+                                                 ("[SEP]", tokenizer.token_to_id("[SEP]"))])
+    return tokenizer
+
+
 # ---------------------------------------------------------------------------------------------
 # Building and caching the world
 # ---------------------------------------------------------------------------------------------
@@ -1080,7 +1099,7 @@ def build_world(out_dir: str | Path = DEFAULT_WORLD_DIR, seed: int = 0,
     out_dir = Path(out_dir)
     arguments = generator_arguments(seed, num_train_images, num_eval_images, image_size, box_style)
     marker = out_dir / MARKER_FILE
-    if marker_arguments(marker) == arguments:
+    if marker_arguments(marker) == arguments and all((out_dir / entry).exists() for entry in WORLD_ENTRIES):
         return out_dir
     for entry in WORLD_ENTRIES:
         path = out_dir / entry
@@ -1138,6 +1157,7 @@ def build_world(out_dir: str | Path = DEFAULT_WORLD_DIR, seed: int = 0,
     tokenizer_texts += documents[len(train_scenes):]  # the text-only samples
     tokenizer = train_tokenizer(tokenizer_texts)
     tokenizer.save(str(out_dir / "tokenizer.json"))
+    train_qformer_tokenizer(tokenizer_texts).save(str(out_dir / "qformer_tokenizer.json"))
     write_json(marker, {"arguments": arguments,
                         "counts": {"train_images": len(train_scenes), "eval_images": len(eval_scenes),
                                    "pretrain_samples": len(pretrain), "instruct_samples": len(instruct),

@@ -43,8 +43,9 @@ from tqdm import tqdm
 import conversation
 import data
 from adapters import apply_lora, set_trainable
+from connectors import QFormerConfig, QFormerStage1, QFormerStage1Config
 from model import MLLM, LanguageModel, MLLMConfig, TextConfig
-from vision import CLIPConfig, CLIPModel
+from vision import CLIPConfig, CLIPModel, VisionTransformer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -54,12 +55,15 @@ from vision import CLIPConfig, CLIPModel
 class StageConfig:
     """One stage of a recipe. Defaults are LLaVA-1.5's stage 2 (the official scripts/v1_5/finetune.sh)."""
     name: str = ""
-    objective: str = "mllm"  # "mllm" (LLaVA stages), "clip" (contrastive pretraining), "lm" (text pretraining)
+    # "mllm" (LLaVA / BLIP-2 stage 2 / InstructBLIP stages), "clip" (contrastive pretraining),
+    # "lm" (text pretraining), "qformer" (BLIP-2 stage 1: ITC + ITM + ITG, connectors.QFormerStage1)
+    objective: str = "mllm"
     # Where the model starts: "previous" (the last stage's output), "components" (vision_path +
-    # language_path + a fresh connector: LLaVA stage 1), "scratch" (`architecture`, random init),
-    # or a checkpoint directory.
+    # language_path + a fresh connector: LLaVA stage 1; for a "qformer" model.projector_type,
+    # vision_path is the stage-1 Q-Former; for the qformer objective, a tower + a fresh Q-Former of
+    # `architecture`), "scratch" (`architecture`, random init), or a checkpoint directory.
     init: str = "previous"
-    vision_path: str = ""  # a CLIP checkpoint, or the name of an earlier stage that produced one
+    vision_path: str = ""  # a CLIP / EVA checkpoint (or Q-Former stage), or the name of an earlier stage
     language_path: str = ""  # a LlamaForCausalLM checkpoint, or the name of an earlier stage
     architecture: dict = field(default_factory=dict)  # config.json-style dims for init="scratch"
     data: str = ""  # LLaVA instruction JSON / jsonl (mllm, clip) or {"text"} jsonl (lm)
@@ -95,6 +99,7 @@ class TrainConfig:
     out_dir: str = "out"
     seed: int = 1337
     tokenizer: str = ""  # tokenizer.json, or a directory holding one
+    qformer_tokenizer: str = ""  # the Q-Former's own (BERT WordPiece + [DEC]): the qformer objective, InstructBLIP
     model: dict = field(default_factory=dict)  # MLLMConfig overrides for init="components"
     stages: list = field(default_factory=list)
     world: dict = field(default_factory=dict)  # shapes.build_world(**world) before the first stage
@@ -200,7 +205,7 @@ def check_choice(key: str, value, choices: tuple) -> None:
 def check_stage(stage: StageConfig) -> None:
     """What the types alone do not catch, before any work starts."""
     where = f"stage {stage.name!r}"
-    check_choice(f"{stage.name}.objective", stage.objective, ("mllm", "clip", "lm"))
+    check_choice(f"{stage.name}.objective", stage.objective, ("mllm", "clip", "lm", "qformer"))
     check_choice(f"{stage.name}.template", stage.template, tuple(conversation.TEMPLATES))
     check_choice(f"{stage.name}.image_aspect_ratio", stage.image_aspect_ratio, ("", "pad", "square"))
     if stage.region_loss and stage.objective != "clip":
@@ -309,7 +314,7 @@ def build_model(stage: StageConfig, config: TrainConfig, previous: Path | None, 
                 tokenizer) -> torch.nn.Module:
     """The stage's starting model: from the previous stage, from components, from scratch or a path."""
     out_dir = Path(config.out_dir)
-    model_class = {"mllm": MLLM, "clip": CLIPModel, "lm": LanguageModel}[stage.objective]
+    model_class = {"mllm": MLLM, "clip": CLIPModel, "lm": LanguageModel, "qformer": QFormerStage1}[stage.objective]
     if stage.init == "scratch":
         architecture = {"vocab_size": tokenizer.get_vocab_size(), **stage.architecture}
         if stage.objective == "clip":
@@ -326,9 +331,11 @@ def build_model(stage: StageConfig, config: TrainConfig, previous: Path | None, 
                 **architecture, "bos_token_id": tokenizer.token_to_id(conversation.BOS_TOKEN),
                 "eos_token_id": tokenizer.token_to_id(conversation.EOS_TOKEN), "pad_token_id": tokenizer.token_to_id("<pad>")}))
         raise ValueError(f"stage {stage.name!r}: init='scratch' is for the clip and lm objectives")
+    if stage.init == "components" and stage.objective == "qformer":
+        return new_qformer_stage1(stage, config, resolve_path(stage.vision_path, out_dir, stage_names))
     if stage.init == "components":
         if stage.objective != "mllm":
-            raise ValueError(f"stage {stage.name!r}: init='components' builds an MLLM")
+            raise ValueError(f"stage {stage.name!r}: init='components' builds an MLLM or a stage-1 Q-Former")
         overrides = dict(config.model)
         for key, token in (("image_token_index", conversation.IMAGE_PLACEHOLDER), ("pad_token_id", "<pad>")):
             if key not in overrides and tokenizer.token_to_id(token) is not None:
@@ -337,6 +344,12 @@ def build_model(stage: StageConfig, config: TrainConfig, previous: Path | None, 
         for path in paths:
             if not (Path(path) / "config.json").is_file():
                 raise FileNotFoundError(f"stage {stage.name!r}: no checkpoint at {path!r} (vision_path / language_path)")
+        if overrides.get("projector_type") == "qformer":
+            # The Q-Former's dims come from its stage-1 checkpoint; only whether it reads the
+            # instruction (InstructBLIP) is this stage's choice.
+            qformer = overrides.pop("qformer_config", {}) or {}
+            overrides.pop("projector_type")
+            return MLLM.from_qformer_and_language(*paths, qformer.get("use_qformer_text_input", False), **overrides)
         return MLLM.from_vision_and_language(*paths, **overrides)
     source = previous if stage.init == "previous" else Path(resolve_path(stage.init, out_dir, stage_names))
     if source is None:
@@ -346,31 +359,60 @@ def build_model(stage: StageConfig, config: TrainConfig, previous: Path | None, 
     return model_class.from_pretrained(str(source))
 
 
+def new_qformer_stage1(stage: StageConfig, config: TrainConfig, vision_path: str) -> QFormerStage1:
+    """BLIP-2 stage 1's start: the tower of `vision_path` (CLIP or EVA), a fresh Q-Former of
+    `stage.architecture` (qformer_config dims, num_query_tokens, image_text_hidden_size) with BERT's
+    initialization, its vocabulary and [DEC] token from the Q-Former tokenizer."""
+    if not (Path(vision_path) / "config.json").is_file():
+        raise FileNotFoundError(f"stage {stage.name!r}: no checkpoint at {vision_path!r} (vision_path)")
+    qformer_tokenizer = data.load_qformer_tokenizer(config.qformer_tokenizer)
+    tower = VisionTransformer.from_pretrained(vision_path)
+    architecture = dict(stage.architecture)
+    qformer_values = {**architecture.pop("qformer_config", {}), "vocab_size": qformer_tokenizer.get_vocab_size(),
+                      "encoder_hidden_size": tower.config.hidden_size, "use_qformer_text_input": True}
+    stage1_config = QFormerStage1Config(vision_config=tower.config, qformer_config=QFormerConfig(**qformer_values),
+                                        decoder_bos_token_id=qformer_tokenizer.token_to_id(data.QFORMER_DECODER_TOKEN),
+                                        **architecture)
+    model = QFormerStage1(stage1_config)
+    model.initialize_weights()
+    model.vision_tower = tower
+    return model
+
+
 def build_dataset(stage: StageConfig, config: TrainConfig, model: torch.nn.Module,
                   tokenizer: Tokenizer) -> torch.utils.data.Dataset:
     if stage.objective == "lm":
         return data.TextDataset(stage.data, tokenizer, stage.max_seq_len, on_error=config.on_data_error)
     # An mllm stage's own choice is already in model.config (train_stage).
-    model_aspect_ratio = (config.model.get("image_aspect_ratio", "pad") if stage.objective == "clip"
+    model_aspect_ratio = (config.model.get("image_aspect_ratio", "pad") if stage.objective in ("clip", "qformer")
                           else model.config.image_aspect_ratio)
     pad_to_square = (stage.image_aspect_ratio or model_aspect_ratio) == "pad"
+    if stage.objective == "qformer":
+        return data.QFormerCaptionDataset(stage.data, stage.image_folder, data.load_qformer_tokenizer(config.qformer_tokenizer),
+                                          model.config.vision_config.image_size, pad_to_square=pad_to_square,
+                                          on_error=config.on_data_error)
     if stage.objective == "clip":
         vision = model.config.vision_config
-        # CLIP sees the images as the LLaVA stages will (padded to square or center-cropped).
+        # CLIP (and BLIP-2's stage 1) see the images as the later stages will (padded or center-cropped).
         return data.CaptionDataset(stage.data, stage.image_folder, tokenizer, vision.image_size,
                                    pad_to_square=pad_to_square,
                                    max_text_len=model.config.text_config.max_position_embeddings,
                                    on_error=config.on_data_error, with_regions=stage.region_loss)
+    instruction_aware = model.multi_modal_projector.takes_instruction  # InstructBLIP: the Q-Former reads it
     return data.InstructionDataset(stage.data, stage.image_folder, tokenizer, stage.template,
                                    model.config.image_token_index, model.num_image_tokens,
                                    model.config.vision_config.image_size, pad_to_square,
-                                   stage.max_seq_len, on_error=config.on_data_error)
+                                   stage.max_seq_len, on_error=config.on_data_error,
+                                   qformer_tokenizer=data.load_qformer_tokenizer(config.qformer_tokenizer)
+                                   if instruction_aware else None)
 
 
 def model_inputs(batch: dict, objective: str, device: torch.device) -> dict:
     """The arguments of the stage's model.forward; every model returns (output, loss)."""
-    names = {"mllm": ("input_ids", "pixel_values", "attention_mask", "labels"),
+    names = {"mllm": ("input_ids", "pixel_values", "attention_mask", "labels", "qformer_input_ids",
+                      "qformer_attention_mask"),
              "clip": ("pixel_values", "input_ids", "attention_mask", "regions"),
+             "qformer": ("pixel_values", "input_ids", "attention_mask"),
              "lm": ("input_ids", "attention_mask", "labels")}[objective]
 
     def to_device(value):
@@ -402,7 +444,8 @@ def split_batch(batch: dict, num_chunks: int, image_token_index: int | None) -> 
         chunk = {key: batch[key][part, :length] if batch.get(key) is not None else None
                  for key in ("input_ids", "labels", "attention_mask")}
         images = image_slot[part][has_image[part]]
-        chunk["pixel_values"] = batch["pixel_values"][images] if len(images) else None
+        for key in ("pixel_values", "qformer_input_ids", "qformer_attention_mask"):  # one row per image
+            chunk[key] = batch[key][images] if len(images) and batch.get(key) is not None else None
         chunks.append(chunk)
     return chunks
 
@@ -455,15 +498,17 @@ def restore_rng_states(states: dict) -> None:
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer, step: int, epoch: int,
-                    batches_done: int, rng: list[dict], tokenizer_path: str) -> None:
+                    batches_done: int, rng: list[dict], tokenizer_path: str, qformer_tokenizer_path: str = "") -> None:
     """Weights via save_pretrained (the layout every tool reads) plus train_state.pt: the optimizer,
     step, data position, every process's RNG states and the trainable tensors as they are in memory (LoRA factors
-    unmerged: save_pretrained merges them, so exact resume needs them separately)."""
+    unmerged: save_pretrained merges them, so exact resume needs them separately). The tokenizers
+    go along (the Q-Former's as qformer_tokenizer.json), so eval.py needs only the directory."""
     with atomic_directory(path) as directory:
         model.save_pretrained(str(directory))
-        if tokenizer_path:
-            source = Path(tokenizer_path)
-            shutil.copy(source / "tokenizer.json" if source.is_dir() else source, directory / "tokenizer.json")
+        for source_path, name in ((tokenizer_path, "tokenizer.json"), (qformer_tokenizer_path, "qformer_tokenizer.json")):
+            if source_path:
+                source = Path(source_path)
+                shutil.copy(source / name if source.is_dir() else source, directory / name)
         trainable = {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
         torch.save({"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
                     "batches_done": batches_done, "rng": rng, "trainable": trainable},
@@ -539,10 +584,16 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: Runtime, previ
     if stage.objective == "clip" and accumulation * runtime.world_size > 1:
         raise ValueError(f"stage {stage.name!r}: the contrastive loss takes its negatives from the whole batch, "
                          f"so it needs global_batch_size == micro_batch_size and one process")
+    if stage.objective == "qformer" and accumulation > 1:
+        raise ValueError(f"stage {stage.name!r}: ITC and ITM take their negatives from the batch (gathered across "
+                         f"processes), so it needs global_batch_size == micro_batch_size x processes")
     # One loader batch = one process's share of one optimizer step, so the samples of every step
     # are the same for any number of processes (data.ModalityLengthGroupedSampler).
-    loader = data.make_dataloader(dataset, stage.micro_batch_size * accumulation,
-                                  conversation.require_token_id(tokenizer, "<pad>"), num_workers=config.num_workers,
+    pad_token_id = (conversation.require_token_id(data.load_qformer_tokenizer(config.qformer_tokenizer),
+                                                  data.QFORMER_PAD_TOKEN) if stage.objective == "qformer"
+                    else conversation.require_token_id(tokenizer, "<pad>"))
+    loader = data.make_dataloader(dataset, stage.micro_batch_size * accumulation, pad_token_id,
+                                  num_workers=config.num_workers,
                                   seed=config.seed, world_size=runtime.world_size, rank=runtime.rank,
                                   pin_memory=runtime.device.type == "cuda")
     # Worker seeds from the loader's own generator, not the global RNG, so resuming does not shift it.
@@ -602,7 +653,7 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: Runtime, previ
         if not any(p.requires_grad for p in module.parameters()):
             module.eval()
     progress = tqdm(total=total_steps, initial=step, desc=stage.name, disable=not runtime.is_main, dynamic_ncols=True)
-    steps_this_run, started, stop = 0, time.time(), step >= total_steps
+    steps_this_run, started, stop, untrainable_batches = 0, time.time(), step >= total_steps, 0
     while not stop:
         loader.batch_sampler.set_epoch(epoch)
         loader.batch_sampler.skip_batches(batches_done)
@@ -612,7 +663,7 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: Runtime, previ
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * (factor if group["schedule"] == "cosine" else 1.0)
             chunks = split_batch(batch, accumulation, image_token_index) if batch["input_ids"].shape[0] else []
-            step_started, loss_sum, tokens = time.time(), 0.0, 0
+            step_started, loss_sum, tokens, loss_parts = time.time(), 0.0, 0, {}
             if not chunks:  # every sample of this step was skipped: a zero gradient keeps DDP in step
                 sum(p.sum() for p in trainable_parameters).mul(0.0).backward()
             for index, chunk in enumerate(chunks):
@@ -620,9 +671,17 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: Runtime, previ
                 sync = index == len(chunks) - 1 or runtime.world_size == 1
                 with nullcontext() if sync else train_model.no_sync():
                     with autocast:
-                        loss = train_model(**model_inputs(chunk, stage.objective, runtime.device))[1]
-                    (loss / len(chunks)).backward()  # a short last batch has fewer micro-batches
+                        output, loss = train_model(**model_inputs(chunk, stage.objective, runtime.device))
+                    if loss.requires_grad:
+                        (loss / len(chunks)).backward()  # a short last batch has fewer micro-batches
+                    else:  # text-only samples before a frozen LLM (BLIP-2): nothing here can learn from them
+                        untrainable_batches += 1
+                        if runtime.world_size > 1:  # DDP's gradient hooks still expect this step: zeros
+                            sum(p.sum() for p in trainable_parameters).mul(0.0).backward()
                 loss_sum += loss.item()
+                if isinstance(output, dict):  # the named losses of a multi-objective stage (BLIP-2 stage 1)
+                    for name, value in output.items():
+                        loss_parts[name] = loss_parts.get(name, 0.0) + value.item() / len(chunks)
                 tokens += int(chunk["attention_mask"].sum())
             loss_value = mean_over_processes(loss_sum / max(1, len(chunks)), runtime)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters, stage.grad_clip or math.inf)
@@ -638,12 +697,14 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: Runtime, previ
                 log_step(log_path, progress, stage.name, config.log_every, total_steps, {
                     "step": step, "loss": loss_value, "lr": stage.learning_rate * factor,
                     "grad_norm": float(grad_norm),
+                    **{name: mean_over_processes(value, runtime) for name, value in loss_parts.items()},
                     "tokens_per_second": tokens * runtime.world_size / max(1e-9, time.time() - step_started)})
             stop = step >= total_steps or steps_this_run == config.stop_after_steps
             if step % config.save_every == 0 or stop:
                 rng = gather_from_processes(rng_states(), runtime)
                 if runtime.is_main:
-                    save_checkpoint(checkpoint_dir, model, optimizer, step, epoch, batches_done, rng, config.tokenizer)
+                    save_checkpoint(checkpoint_dir, model, optimizer, step, epoch, batches_done, rng, config.tokenizer,
+                                    config.qformer_tokenizer)
                 barrier(runtime)
             if stop:
                 break
@@ -659,6 +720,10 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: Runtime, previ
                         out_dir / "logs" / f"{stage.name}_loss.png", f"{stage.name}: training loss")
         print(f"[{stage.name}] {steps_this_run} steps in {time.time() - started:.0f}s; "
               f"{dataset.problems.summary()}")
+        if untrainable_batches:
+            # AdamW leaves a parameter without a gradient untouched, so such a step changes nothing.
+            print(f"[{stage.name}] {untrainable_batches} micro-batches reached no trainable parameter "
+                  f"(text-only samples while the LLM is frozen) and taught nothing")
     if step < total_steps:
         raise SystemExit(f"[{stage.name}] stopped after {steps_this_run} steps as asked (stop_after_steps); "
                          f"continue with --resume")
@@ -682,6 +747,8 @@ def evaluate(config: TrainConfig, model_dir: Path) -> dict:
     import eval as evaluation
     model = MLLM.from_pretrained(str(model_dir))
     tokenizer = data.load_tokenizer(config.tokenizer)
+    qformer_tokenizer = (data.load_qformer_tokenizer(config.qformer_tokenizer)
+                         if model.multi_modal_projector.takes_instruction else None)
     results: dict = {}
     for blind in ([False, True] if config.eval_blind else [False]):
         reported, per_task = {}, {}
@@ -689,7 +756,8 @@ def evaluate(config: TrainConfig, model_dir: Path) -> dict:
             task = dict(task)
             report, name = task.pop("report", {}), task.pop("name", task["task"])
             out = Path(config.out_dir) / "eval" / (("blind_" if blind else "") + name)
-            per_task[name] = evaluation.run_eval(model, tokenizer, out_dir=str(out), blind=blind, **task)
+            per_task[name] = evaluation.run_eval(model, tokenizer, out_dir=str(out), blind=blind,
+                                                 qformer_tokenizer=qformer_tokenizer, **task)
             reported.update({key: per_task[name][metric] for key, metric in report.items()})
         if blind:
             results["blind"] = {**reported, "tasks": per_task}

@@ -25,9 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import (CLIP_LAYOUT, CLIP_VISION_LAYOUT, CLIP_VISION_ROOT_LAYOUT, WEIGHTS_NAME, JsonConfig,
-                         load_safetensors, load_state_strict, read_config_json, save_safetensors, state_to_ours,
-                         state_to_theirs, write_config_json)
+from checkpoints import (CLIP_LAYOUT, WEIGHTS_NAME, JsonConfig, clip_tower_rules, eva_tower_rules, load_safetensors,
+                         load_state_strict, read_config_json, save_safetensors, state_to_ours, state_to_theirs,
+                         write_config_json)
 from layers import Attention, FeedForward, PreNormBlock, initialize_blocks
 
 
@@ -190,18 +190,19 @@ class VisionTransformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> VisionTransformer:
-        """Load a transformers CLIPVisionModel or CLIPModel checkpoint directory: dims from
-        config.json (its `vision_config` when it holds a full CLIP), weights from the keys under
-        `vision_model.` (CLIPModel, hub CLIPVisionModel checkpoints) or at the root (what
-        transformers 5 writes for a CLIPVisionModel)."""
+        """Load the tower of a checkpoint directory: a transformers CLIPVisionModel or CLIPModel
+        (weights under `vision_model.`, or at the root as transformers 5 writes a CLIPVisionModel),
+        or the EVA ViT-g of a BLIP-2 / InstructBLIP checkpoint (its `vision_model.*`). Dims from
+        config.json, its `vision_config` when the checkpoint holds more than the tower."""
         values = read_config_json(path)
-        model = cls(VisionConfig.from_dict(values.get("vision_config", values)))
+        config = vision_config_from_dict(values.get("vision_config", values))
+        model = cls(config)
         state = load_safetensors(path)
-        layout = CLIP_VISION_ROOT_LAYOUT
-        if any(key.startswith("vision_model.") for key in state):  # a CLIPModel: its vision tower only
+        within = any(key.startswith("vision_model.") for key in state)
+        if within:  # a whole model: its vision tower only
             state = {key: value for key, value in state.items() if key.startswith("vision_model.")}
-            layout = CLIP_VISION_LAYOUT
-        load_state_strict(model, state_to_ours(state, layout), str(path))
+        rules = eva_tower_rules if isinstance(config, EVAVisionConfig) else clip_tower_rules
+        load_state_strict(model, state_to_ours(state, rules("vision_model." if within else "", "")), str(path))
         return model
 
 

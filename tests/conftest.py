@@ -1,9 +1,7 @@
 """Shared test helpers: tiny transformers references for the parity tests, and the tiny
 LLaVA-1.5 that the training and probe tests start from. Test modules import from here, never
 from each other."""
-import os
 
-import safetensors.torch
 import torch
 import transformers
 from tokenizers import Tokenizer
@@ -90,11 +88,3 @@ def our_logits(model, input_ids, pixel_values=None, attention_mask=None) -> torc
         if pixel_values is None:
             return model(input_ids, attention_mask=attention_mask)
         return model(input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
-
-
-def rewrite_checkpoint(directory: str, rename) -> None:
-    """Rename (or drop, when rename returns None) the keys of directory/model.safetensors."""
-    path = os.path.join(directory, "model.safetensors")
-    state = safetensors.torch.load_file(path)
-    state = {rename(key): value for key, value in state.items() if rename(key) is not None}
-    safetensors.torch.save_file(state, path, metadata={"format": "pt"})

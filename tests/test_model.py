@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from checkpoints import CheckpointError
-from conftest import (IMAGE_TOKEN, NUM_IMAGE_TOKENS, PAD_TOKEN, hf_logits, our_logits, rewrite_checkpoint,
+from conftest import (IMAGE_TOKEN, NUM_IMAGE_TOKENS, PAD_TOKEN, hf_logits, our_logits,
                       text_with_images, tiny_clip_vision_config, tiny_hf_llava, tiny_llama_config)
 from model import MLLM, LanguageModel, TextConfig
 

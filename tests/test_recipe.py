@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import train
 from model import LanguageModel, MLLM
@@ -21,7 +22,11 @@ def smoke_config(name: str, world: Path, out: Path, tmp_path: Path) -> Path:
     moves = {"shapes_llava15.py": {'"data/shapes"': f'"{world}"', '"out/shapes_llava15"': f'"{out}"'},
              # shapes_llava.py execs smoke_shapes_llava15.py beside it, then starts from its towers.
              "shapes_llava.py": {'"out/shapes_llava"': f'"{out.with_name("llava")}"',
-                                 '"out/shapes_llava15/': f'"{out}/'}}[name]
+                                 '"out/shapes_llava15/': f'"{out}/'},
+             # The Q-Former recipes start from the main job's towers too; instructblip execs blip2.
+             "shapes_blip2.py": {'"out/shapes_blip2"': f'"{out.with_name("blip2")}"',
+                                 '"out/shapes_llava15/': f'"{out}/'},
+             "shapes_instructblip.py": {'"out/shapes_instructblip"': f'"{out.with_name("instructblip")}"'}}[name]
     for original, moved in moves.items():
         assert original in text, f"configs/{name} no longer holds {original}"
         text = text.replace(original, moved)
@@ -70,3 +75,22 @@ def test_llava_recipe_reuses_the_pretrained_towers(recipe):
     check_results(results)
     model = MLLM.from_pretrained(str(recipe / "llava" / "finetune"))
     assert model.config.projector_type == "linear" and model.config.vision_feature_layer == -1
+
+
+@pytest.mark.parametrize("name", ["blip2", "instructblip"])
+def test_qformer_recipes_reuse_the_towers(recipe, name):
+    """BLIP-2's stage 1 (ITC + ITM + ITG, logged apart) on the main job's tiny CLIP, then the
+    Q-Former before its frozen LLaMA; both write results with the blind baseline."""
+    smoke_config("shapes_blip2.py", recipe / "world", recipe / "llava15", recipe)
+    config = smoke_config(f"shapes_{name}.py", recipe / "world", recipe / "llava15", recipe)
+    train.main([str(config), *SMOKE])
+    out = recipe / name
+    check_results(json.loads((out / "results.json").read_text()))
+    first_step = json.loads((out / "logs" / "qformer.jsonl").read_text().splitlines()[0])
+    assert first_step["loss"] == pytest.approx(first_step["itc"] + first_step["itm"] + first_step["itg"], rel=1e-5)
+    model = MLLM.from_pretrained(str(out / "finetune"))
+    assert model.config.projector_type == "qformer"
+    assert model.multi_modal_projector.takes_instruction is (name == "instructblip")
+    assert (out / "finetune" / "qformer_tokenizer.json").is_file()
+    pretrained = LanguageModel.from_pretrained(str(recipe / "llava15" / "lm")).state_dict()
+    assert all(torch.equal(value, pretrained[key]) for key, value in model.language_model.state_dict().items())

@@ -172,3 +172,23 @@ def test_image_aspect_ratio_is_a_stage_setting(world, tiny_checkpoint, tmp_path)
     train.main([str(write_config(tmp_path / "s.py", world, tiny_checkpoint, out_dir, image_aspect_ratio="square",
                                  max_steps=1)), "--save_every=1"])
     assert MLLM.from_pretrained(str(out_dir / "finetune")).config.image_aspect_ratio == "square"
+
+
+def test_text_only_batches_before_a_frozen_llm_teach_nothing_and_do_not_fail(world, tiny_checkpoint, tmp_path, capsys):
+    """BLIP-2 keeps its LLM frozen: a text-only batch then reaches no trainable parameter. The
+    step runs (and is counted, and reported), and changes nothing."""
+    records = json.loads((world / "train" / "instruct.json").read_text())
+    with_image = [r for r in records if "image" in r][:4]
+    text_only = [r for r in records if "image" not in r][:1]
+    assert text_only, "the world's mixture has text-only samples"
+    (tmp_path / "mixed.json").write_text(json.dumps(with_image + text_only))
+    out_dir = tmp_path / "frozen"
+    train.main([str(write_config(tmp_path / "f.py", world, tiny_checkpoint, out_dir, data=str(tmp_path / "mixed.json"),
+                                 trainable=[r"^multi_modal_projector\."], global_batch_size=4, micro_batch_size=4,
+                                 max_steps=2, warmup_steps=0))])
+    assert "micro-batches reached no trainable parameter" in capsys.readouterr().out
+    assert len(losses(out_dir)) == 2
+    before, after = MLLM.from_pretrained(str(tiny_checkpoint)), MLLM.from_pretrained(str(out_dir / "finetune"))
+    assert all(torch.equal(value, before.language_model.state_dict()[key])
+               for key, value in after.language_model.state_dict().items())
+    assert not torch.equal(after.multi_modal_projector.linear_1.weight, before.multi_modal_projector.linear_1.weight)

@@ -4,7 +4,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from checkpoints import (CLIP_VISION_ROOT_LAYOUT, CheckpointError, load_safetensors, state_to_ours, state_to_theirs,
+from checkpoints import (CheckpointError, clip_tower_rules, load_safetensors, state_to_ours, state_to_theirs,
                          write_config_json)
 from connectors import build_connector
 from vision import CLIPConfig, CLIPModel, CLIPTextConfig, VisionConfig, VisionTransformer, contrastive_loss
@@ -79,7 +79,7 @@ def test_vision_loads_prefixed_keys_and_ignores_position_ids(tmp_path):
     torch.manual_seed(0)
     source = VisionTransformer(VisionConfig(**VISION))
     write_config_json(CLIPConfig(vision_config=VisionConfig(**VISION)).to_dict(), tmp_path)
-    state = {f"vision_model.{key}": value for key, value in state_to_theirs(source.state_dict(), CLIP_VISION_ROOT_LAYOUT).items()}
+    state = {f"vision_model.{key}": value for key, value in state_to_theirs(source.state_dict(), clip_tower_rules("", "")).items()}
     state["vision_model.embeddings.position_ids"] = torch.arange(26)[None]
     save_file(state, tmp_path / "model.safetensors")
     loaded = VisionTransformer.from_pretrained(tmp_path)
@@ -91,7 +91,7 @@ def test_position_interpolation_matches_transformers():
     reference = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION)).eval()
     randomize(reference)
     ours = VisionTransformer(VisionConfig(**VISION)).eval()
-    ours.load_state_dict(state_to_ours(reference.state_dict(), CLIP_VISION_ROOT_LAYOUT))
+    ours.load_state_dict(state_to_ours(reference.state_dict(), clip_tower_rules("", "")))
     original = ours.embeddings.position_embedding.weight.clone()
     ours.interpolate_position_embedding(30)
     torch.testing.assert_close(ours.embeddings.position_embedding.weight, original, atol=1e-6, rtol=0)
