@@ -967,15 +967,20 @@ def train_tokenizer(texts: list[str]) -> Tokenizer:
 def train_qformer_tokenizer(texts: list[str]) -> Tokenizer:
     """The Q-Former's own tokenizer in bert-base-uncased's form (BLIP-2 sec. 3.1 starts the
     Q-Former from BERT-base): lowercasing BERT normalizer and pre-tokenizer, WordPiece, "[CLS] text
-    [SEP]"; [PAD] is 0 as in BERT, and "[DEC]" comes last, as LAVIS adds it to BERT's vocabulary."""
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=TOKENIZER_VOCAB_SIZE, show_progress=False,
-                                        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    tokenizer.add_special_tokens(["[DEC]"])
+    [SEP]"; [PAD] is 0 as in BERT, and "[DEC]" comes last, as LAVIS adds it to BERT's vocabulary.
+
+    The vocabulary is every word of the world whole (as bert-base holds common English words),
+    plus each character alone and as a "##" continuation for anything else, in sorted order:
+    `tokenizers`' WordPiece trainer breaks ties between equally frequent merges differently from
+    run to run, and the world must come out byte-identical."""
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = {word for text in texts for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))}
+    characters = sorted({character for word in words for character in word})
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocabulary = [*special, *characters, *(f"##{c}" for c in characters), *sorted(words - set(characters))]
+    tokenizer = Tokenizer(models.WordPiece({token: index for index, token in enumerate(vocabulary)}, unk_token="[UNK]"))
+    tokenizer.normalizer, tokenizer.pre_tokenizer, tokenizer.decoder = normalizer, pre_tokenizer, decoders.WordPiece()
+    tokenizer.add_special_tokens(special + ["[DEC]"])
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tokenizer.token_to_id("[CLS]")),
                                                  ("[SEP]", tokenizer.token_to_id("[SEP]"))])
