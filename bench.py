@@ -2,15 +2,17 @@
 
     python bench.py model [--threads N] [--repeats R]     # ours vs transformers' LLaVA, on the CPU
     python bench.py model --threads 1 --clock cpu          # robust when other jobs share the cores
+    python bench.py t5 [--threads N] [--repeats R]        # ours vs transformers' T5, greedy, on the CPU
     python bench.py data                                   # configs/shapes_llava15.py, stage finetune
     python bench.py data --num-workers 0 1 2 --steps 8
     python bench.py eval [--samples 64] [--new-tokens 8,32] [--width 128] [--threads 1] [--device cpu]
 
 model: a training step and greedy generation of our MLLM against transformers'
-LlavaForConditionalGeneration, same weights, same inputs. data: the input pipeline against the
+LlavaForConditionalGeneration, same weights, same inputs. t5: greedy generation of our T5
+against transformers' T5ForConditionalGeneration. data: the input pipeline against the
 training step (the loader must never be the bottleneck). eval: batched eval generation against
 one sample at a time (the floor is a 3x speedup). `python bench.py SUBCOMMAND --help` says more.
-Only `model` needs transformers (a dev dependency); it is imported there alone.
+Only `model` and `t5` need transformers (a dev dependency); it is imported there alone.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ import shapes
 import train
 from adapters import set_trainable
 from eval import run_eval
-from model import MLLM, MLLMConfig, TextConfig
+from model import MLLM, MLLMConfig, T5LanguageModel, TextConfig
 from probe import add_command
 from vision import VisionConfig
 
@@ -153,6 +155,56 @@ def bench_model(args: argparse.Namespace) -> None:
         ["measurement", "nanoMLLM tokens/s", "transformers tokens/s", "ratio"],
         [[name, f"{mine:.1f}", f"{theirs:.1f}", f"{mine / theirs:.2f}x"]
          for name, (mine, theirs) in results.items()])
+
+
+# t5: ours against transformers' T5ForConditionalGeneration
+
+T5_NEW_TOKENS = 64
+T5_PROMPT_TOKENS = 256
+
+
+def bench_t5(args: argparse.Namespace) -> None:
+    """Greedy generation of 64 tokens after a 256-token encoder input (batch 1 and --batch), our
+    T5LanguageModel against transformers' T5ForConditionalGeneration with the same weights, in
+    T5 v1.1-small's shape (8 + 8 layers of width 512, 6 heads of 64, gated-GELU 1024, vocabulary
+    32128). The time includes the encoder pass. Runs alternate, median of --repeats."""
+    import transformers
+
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    torch.set_num_threads(args.threads)
+    config = transformers.T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6,
+                                   feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    reference = transformers.T5ForConditionalGeneration(config).eval()
+    reference.lm_head.weight = torch.nn.Parameter(torch.randn(32128, 512) * 0.05)
+    reference.config.tie_word_embeddings = False
+    with tempfile.TemporaryDirectory() as directory:
+        reference.save_pretrained(directory)
+        ours = T5LanguageModel.from_pretrained(directory).eval()
+    prompts = torch.randint(2, 32000, (args.batch, T5_PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
+
+    def generate(model, rows: int) -> torch.Tensor:
+        with torch.inference_mode():
+            if model is reference:
+                return model.generate(input_ids=prompts[:rows], max_new_tokens=T5_NEW_TOKENS,
+                                      min_new_tokens=T5_NEW_TOKENS, do_sample=False)[:, 1:]
+            return model.generate(prompts[:rows], max_new_tokens=T5_NEW_TOKENS, min_new_tokens=T5_NEW_TOKENS)
+
+    rows_out = []
+    for rows in (1, args.batch):
+        same = torch.equal(generate(ours, rows), generate(reference, rows))  # also the warm-up
+        timings = {"ours": [], "transformers": []}
+        for _ in range(args.repeats):
+            for model, key in ((ours, "ours"), (reference, "transformers")):
+                timings[key].append(seconds(lambda: generate(model, rows), clock))
+        mine, theirs = (rows * T5_NEW_TOKENS / statistics.median(timings[key]) for key in ("ours", "transformers"))
+        rows_out.append([f"greedy, {T5_PROMPT_TOKENS}-token encoder input, {T5_NEW_TOKENS} new tokens, batch {rows}",
+                         f"{mine:.1f}", f"{theirs:.1f}", f"{mine / theirs:.2f}x", "yes" if same else "NO"])
+    print_table(
+        f"CPU, {args.threads} threads, {args.clock} clock, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}; T5 v1.1-small shape (8 + 8 layers x 512, vocabulary 32128); "
+        f"median of {args.repeats}",
+        ["measurement", "nanoMLLM tokens/s", "transformers tokens/s", "ratio", "same tokens"], rows_out)
 
 
 # data: the input pipeline against the training step
@@ -313,6 +365,13 @@ def main(argv: list[str] | None = None) -> None:
     model.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                        help="cpu = this process's CPU time: robust when other jobs share the cores; "
                             "use it with --threads 1 (idle OpenMP threads spin and would count)")
+
+    t5 = add_command(commands, "t5", bench_t5)
+    t5.add_argument("--threads", type=int, default=torch.get_num_threads())
+    t5.add_argument("--repeats", type=int, default=3)
+    t5.add_argument("--batch", type=int, default=4, help="the second generation batch")
+    t5.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu = this process's CPU time (use with --threads 1 on a shared CPU)")
 
     loader = add_command(commands, "data", bench_data)
     loader.add_argument("--config", default="configs/shapes_llava15.py")

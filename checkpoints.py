@@ -354,11 +354,36 @@ def qformer_rules(theirs: str, ours: str, embeddings: str) -> Layout:
     return rules + bert_layer_rules(f"{theirs}encoder.layer.*.", f"{ours}layers.*.", attention="attention")
 
 
+def t5_rules(theirs: str, ours: str) -> Layout:
+    """transformers' T5ForConditionalGeneration under `theirs` -> our model.T5LanguageModel under
+    `ours`. T5 numbers the sublayers of a block (`layer.0` self-attention, in the decoder `layer.1`
+    cross-attention, then the feed-forward) where ours name them; the relative position bias,
+    which T5 keeps in the first block, belongs to the stack here."""
+    rules = [Rule(f"{theirs}shared.*", f"{ours}shared.*"), Rule(f"{theirs}lm_head.*", f"{ours}lm_head.*")]
+    for stack, feed_forward in (("encoder", 1), ("decoder", 2)):
+        block, ours_block = f"{theirs}{stack}.block.*.layer.", f"{ours}{stack}.layers.*."
+        rules += [Rule(f"{theirs}{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                       f"{ours}{stack}.relative_attention_bias.weight"),
+                  Rule(f"{theirs}{stack}.final_layer_norm.weight", f"{ours}{stack}.norm.weight"),
+                  Rule(f"{block}0.layer_norm.weight", f"{ours_block}input_layernorm.weight"),
+                  Rule(f"{block}{feed_forward}.layer_norm.weight", f"{ours_block}post_attention_layernorm.weight")]
+        rules += [Rule(f"{block}{feed_forward}.DenseReluDense.{name}.weight", f"{ours_block}mlp.{projection}.weight")
+                  for name, projection in (("wi_0", "gate_proj"), ("wi_1", "up_proj"), ("wo", "down_proj"))]
+        attentions = [("0.SelfAttention", "self_attn")] + ([("1.EncDecAttention", "cross_attn")] if stack == "decoder" else [])
+        for theirs_attention, ours_attention in attentions:
+            rules += [Rule(f"{block}{theirs_attention}.{name}.weight", f"{ours_block}{ours_attention}.{name}_proj.weight")
+                      for name in "qkvo"]
+        if stack == "decoder":
+            rules.append(Rule(f"{block}1.layer_norm.weight", f"{ours_block}cross_attn_layernorm.weight"))
+    return tuple(rules)
+
+
 # transformers' CLIPModel (our vision.CLIPModel); the arange `position_ids` buffer older
 # transformers saved holds no weights and is dropped before conversion (IGNORED_KEY_SUFFIXES).
 CLIP_LAYOUT = clip_tower_rules("vision_model.", "vision_model.") + clip_tower_rules("text_model.", "text_model.")
 # LlamaForCausalLM: our LanguageModel uses its names.
 LLAMA_LAYOUT: Layout = (Rule("model.*", "model.*"), Rule("lm_head.*", "lm_head.*"))
+T5_LAYOUT = t5_rules("", "")
 # llava-hf on disk: the hub's llava-1.5-*-hf checkpoints (CLIPVisionModel keeps `vision_model.`);
 # our save_pretrained writes this one. Projector and LLM keep their names.
 LLAVA_HF_PROJECTOR_AND_LLM: Layout = (
@@ -388,14 +413,14 @@ ORIGINAL_LLAVA_LAYOUT = clip_tower_rules("model.vision_tower.vision_tower.vision
     Rule("lm_head.*", "language_model.lm_head.*"),
 )
 
-# BLIP-2 / InstructBLIP with a LLaMA-family LLM, as on the hub and as transformers 5 saves them:
-# vision_model.* (EVA), query_tokens, qformer.*, language_projection.*, language_model.* (a
-# LlamaForCausalLM). Ours: the Q-Former is the connector (multi_modal_projector).
+# BLIP-2 / InstructBLIP, as on the hub and as transformers 5 saves them: vision_model.* (EVA),
+# query_tokens, qformer.*, language_projection.*, language_model.* (a LlamaForCausalLM, whose
+# names are ours, or a T5ForConditionalGeneration, whose T5 rules match only T5 keys on either
+# side). Ours: the Q-Former is the connector (multi_modal_projector).
 BLIP2_CONNECTOR_AND_LLM: Layout = (
     Rule("query_tokens", "multi_modal_projector.query_tokens"),
     Rule("language_projection.*", "multi_modal_projector.language_projection.*"),
-    Rule("language_model.*", "language_model.*"),
-)
+) + t5_rules("language_model.", "language_model.") + (Rule("language_model.*", "language_model.*"),)
 BLIP2_LAYOUT = (eva_tower_rules("vision_model.", "vision_tower.") + BLIP2_CONNECTOR_AND_LLM
                 + qformer_rules("qformer.", "multi_modal_projector.qformer.", embeddings="none"))
 INSTRUCTBLIP_LAYOUT = (eva_tower_rules("vision_model.", "vision_tower.") + BLIP2_CONNECTOR_AND_LLM
@@ -414,8 +439,11 @@ BLIP2_RETRIEVAL_LAYOUT = eva_tower_rules("vision_model.", "vision_tower.") + (
     Rule("itm_head.*", "itm_head.*"),
 ) + qformer_rules("qformer.", "qformer.", embeddings="root")
 
-# Keys that hold no weights in any layout: older transformers saved CLIP's arange position ids.
-IGNORED_KEY_SUFFIXES: tuple[str, ...] = ("embeddings.position_ids",)
+# Keys that hold no weights of their own in any layout: older transformers saved CLIP's arange
+# position ids, T5 checkpoints may repeat the shared embedding under each stack's name, and old
+# ones carry an unused position bias in the first cross-attention (transformers ignores it too).
+IGNORED_KEY_SUFFIXES: tuple[str, ...] = ("embeddings.position_ids", "encoder.embed_tokens.weight",
+                                         "decoder.embed_tokens.weight", "EncDecAttention.relative_attention_bias.weight")
 
 # The layouts MLLM.from_pretrained reads, each recognised by a key prefix only it has, checked
 # in this order.

@@ -2,9 +2,9 @@
 
 The searches know nothing of the model's architecture. A language model offers three methods:
 - `new_cache(batch, max_length, device)`: its cache, any object with `length`,
-  `reorder(rows)` and `repeat_rows(times)` (KVCache for a decoder; an encoder-decoder's cache
-  holds the decoder's self-attention keys/values plus the encoder outputs its cross-attention
-  reads, computed once by the prefill);
+  `reorder(rows)` and `repeat_rows(times)` (KVCache for a decoder; EncoderDecoderCache holds the
+  decoder's self-attention keys/values plus the keys/values of the encoder output its
+  cross-attention reads, computed once by the prefill);
 - `prefill(input_ids, inputs_embeds, attention_mask, cache)`: the prompt once, the next-token
   logits of its last position;
 - `decode_step(tokens, attention_mask, cache)`: one new token per row, its next-token logits.
@@ -73,6 +73,36 @@ class KVCache:
             layer.values = layer.values.repeat_interleave(times, dim=0)
 
 
+class EncoderDecoderCache:
+    """An encoder-decoder's cache (T5): the decoder's self-attention KVCache, and what every
+    decoding step's cross-attention reads, set once by the prefill: the encoder output's keys and
+    values per decoder layer, and the encoder's padding mask (B, 1, 1, S)."""
+
+    def __init__(self, self_attention: KVCache):
+        self.self_attention = self_attention
+        self.cross_keys_values: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.encoder_mask: torch.Tensor | None = None
+
+    @property
+    def layers(self) -> list[LayerKVCache]:
+        return self.self_attention.layers
+
+    @property
+    def length(self) -> int:
+        return self.self_attention.length
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Beam search only moves rows among the beams of one prompt, which share one encoder
+        output: the cross-attention keys / values stay as they are."""
+        self.self_attention.reorder(rows)
+
+    def repeat_rows(self, times: int) -> None:
+        self.self_attention.repeat_rows(times)
+        self.cross_keys_values = [(k.repeat_interleave(times, dim=0), v.repeat_interleave(times, dim=0))
+                                  for k, v in self.cross_keys_values]
+        self.encoder_mask = self.encoder_mask.repeat_interleave(times, dim=0)
+
+
 # ----------------------------------------------------------------------------------------------
 # Options and state
 
@@ -127,10 +157,10 @@ class DecodingOptions:
 class DecodingState:
     """What a search carries from step to step."""
     model: nn.Module  # offers new_cache / prefill / decode_step (module docstring)
-    cache: KVCache  # or an encoder-decoder's cache with the same three methods
+    cache: KVCache | EncoderDecoderCache
     full_mask: torch.Tensor  # (B, prompt + max_new_tokens): grows one real column per step, preallocated
     logits: torch.Tensor  # (B, vocab) fp32: the next-token logits of the last position
-    context: torch.Tensor  # (B, prompt) prompt ids for the penalties; padding = the scratch id vocab_size
+    context: torch.Tensor  # (B, prompt) ids the penalties see before the new ones; padding = the scratch id vocab_size
     eos_ids: torch.Tensor
     stop_sequences: list[torch.Tensor]
     pad_token_id: int
@@ -246,11 +276,16 @@ def start_decoding(model: nn.Module, input_ids: torch.Tensor | None, inputs_embe
     device = reference.device
     if attention_mask is None:
         attention_mask = torch.ones(batch, prompt_length, dtype=torch.long, device=device)
-    # Context for the penalties: prompt ids, with padding (and ids outside the vocabulary, e.g.
-    # the image token of original LLaVA) mapped to the scratch id vocab_size.
-    context = torch.full((batch, prompt_length), config.vocab_size, dtype=torch.long, device=device)
-    if input_ids is not None:
-        context = torch.where(attention_mask.bool() & (input_ids < config.vocab_size), input_ids, context)
+    # Context for the penalties: what transformers' processors see as input_ids. A decoder's
+    # prompt ids, with padding (and ids outside the vocabulary, e.g. the image token of original
+    # LLaVA) mapped to the scratch id vocab_size; an encoder-decoder's decoder start token (the
+    # encoder's prompt is not part of what is generated).
+    if getattr(config, "is_encoder_decoder", False):
+        context = torch.full((batch, 1), config.decoder_start_token_id, dtype=torch.long, device=device)
+    else:
+        context = torch.full((batch, prompt_length), config.vocab_size, dtype=torch.long, device=device)
+        if input_ids is not None:
+            context = torch.where(attention_mask.bool() & (input_ids < config.vocab_size), input_ids, context)
     cache = model.new_cache(batch, prompt_length + options.max_new_tokens, device)
     full_mask = torch.cat([attention_mask.long(), attention_mask.new_ones(batch, options.max_new_tokens).long()], 1)
     logits = model.prefill(None if inputs_embeds is not None else input_ids, inputs_embeds,

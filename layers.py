@@ -7,7 +7,7 @@ in BERT and the BLIP-2 Q-Former). Submodule names are the ones the state dicts u
 checkpoint layout's table in checkpoints.py translates a public layout's names to these.
 
 Contents, top to bottom: activations, RMSNorm, rotary position embedding, Attention, the
-attention mask of a decoder, the feed-forward family, PreNormBlock, PostNormBlock, and
+attention masks of a decoder, the feed-forward family, PreNormBlock, PostNormBlock, and
 initialize_blocks (CLIP's initialization of a stack of blocks).
 """
 from __future__ import annotations
@@ -107,8 +107,8 @@ class Attention(nn.Module):
     """Multi-head attention through F.scaled_dot_product_attention, with the options the papers need.
 
     - self-attention (`context=None`) or cross-attention (keys and values from `context`, whose
-      width is `context_dim`), as the Q-Former uses it (and, planned, the resampler, LION's
-      vision aggregator and T5's decoder);
+      width is `context_dim`), as the Q-Former and T5's decoder use it (and, planned, the
+      resampler and LION's vision aggregator);
     - grouped-query attention (`num_key_value_heads < num_heads`): LLaMA-family LLMs;
     - biases on/off (CLIP has them, LLaMA has none, EVA has q and v biases but no k bias);
     - rotary embedding, given as (cos, sin) by the caller, applied to queries and keys;
@@ -134,19 +134,26 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(context_dim, self.num_key_value_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(num_heads * self.head_dim, dim, bias=bias if out_bias is None else out_bias)
 
+    def project_keys_values(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `source` (B, S, width), each (B, nkv, S, hs). A decoder computes its
+        cross-attention's once per prompt with this and passes them as `keys_values`."""
+        B, S, _ = source.shape
+        k = self.k_proj(source).view(B, S, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(source).view(B, S, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        return k, v
+
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None, is_causal: bool = False,
                 rotary: tuple[torch.Tensor, torch.Tensor] | None = None, cache: KVCacheLike | None = None,
-                position_bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, T, dim); context: (B, S, context_dim) or None (S = T).
+                position_bias: torch.Tensor | None = None,
+                keys_values: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x: (B, T, dim); context: (B, S, context_dim) or None (S = T); keys_values: the context's
+        keys and values already projected (project_keys_values), instead of the context.
         attn_mask: boolean (True = may attend) or additive float, broadcastable to (B, nh, T, S).
         position_bias: additive float, broadcastable to (B, nh, T, S), added to the scores."""
         B, T, _ = x.shape
-        source = x if context is None else context
-        S = source.shape[1]
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(source).view(B, S, self.num_key_value_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hs)
-        v = self.v_proj(source).view(B, S, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        k, v = keys_values if keys_values is not None else self.project_keys_values(x if context is None else context)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
@@ -242,25 +249,40 @@ class GatedFeedForward(nn.Module):
 
 class PreNormBlock(nn.Module):
     """The pre-LN transformer block, x + attn(norm(x)) then x + mlp(norm(x)): CLIP's encoder layer
-    in both towers (Radford et al. 2021, section 2.4) and the LLaMA decoder layer. The caller
-    gives the parts (LayerNorm or RMSNorm, plain or gated feed-forward); the names are LLaMA's
-    (`input_layernorm`, `self_attn`, `post_attention_layernorm`, `mlp`), and the CLIP layout table
-    maps CLIP's `layer_norm1` / `layer_norm2` onto them."""
+    in both towers (Radford et al. 2021, section 2.4), the LLaMA decoder layer and T5's encoder
+    layer. With `cross_attn`, x + cross_attn(norm(x), context) comes between the two: T5's decoder
+    layer (Raffel et al. 2020, sec. 2.1). The caller gives the parts (LayerNorm or RMSNorm, plain
+    or gated feed-forward); the names are LLaMA's (`input_layernorm`, `self_attn`,
+    `post_attention_layernorm`, `mlp`), and the layout tables map CLIP's `layer_norm1` /
+    `layer_norm2` and T5's `layer.N` onto them."""
 
     def __init__(self, self_attn: Attention, mlp: nn.Module, input_layernorm: nn.Module,
-                 post_attention_layernorm: nn.Module):
+                 post_attention_layernorm: nn.Module, cross_attn: Attention | None = None,
+                 cross_attn_layernorm: nn.Module | None = None):
         super().__init__()
+        if (cross_attn is None) != (cross_attn_layernorm is None):
+            raise ValueError("a cross-attention needs its own norm (cross_attn and cross_attn_layernorm together)")
         self.input_layernorm = input_layernorm
         self.self_attn = self_attn
+        self.cross_attn_layernorm = cross_attn_layernorm
+        self.cross_attn = cross_attn
         self.post_attention_layernorm = post_attention_layernorm
         self.mlp = mlp
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
-                rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: KVCacheLike | None = None) -> torch.Tensor:
-        """x: (B, T, width); the options are Attention's."""
+                rotary: tuple[torch.Tensor, torch.Tensor] | None = None, cache: KVCacheLike | None = None,
+                position_bias: torch.Tensor | None = None, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None,
+                context_keys_values: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x: (B, T, width); the options are Attention's. A block with cross-attention needs the
+        context (B, S, width) or its projected keys and values, and its mask (B, 1, 1, S)."""
         x = x + self.self_attn(self.input_layernorm(x), attn_mask=attn_mask, is_causal=is_causal,
-                               rotary=rotary, cache=cache)
+                               rotary=rotary, cache=cache, position_bias=position_bias)
+        if self.cross_attn is not None:
+            if context is None and context_keys_values is None:
+                raise ValueError("this block cross-attends: give `context` or `context_keys_values`")
+            x = x + self.cross_attn(self.cross_attn_layernorm(x), context=context, attn_mask=context_mask,
+                                    keys_values=context_keys_values)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

@@ -19,6 +19,7 @@ Reading order of this file:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -30,11 +31,12 @@ from torch.utils.checkpoint import checkpoint
 import decoding
 from adapters import merged_state_dict
 from checkpoints import (BLIP2_LAYOUT, INSTRUCTBLIP_LAYOUT, LLAMA_LAYOUT, LLAVA_HF_LAYOUT, MLLM_LAYOUTS,
-                         ORIGINAL_LLAVA_LAYOUT, JsonConfig, Layout, detect_layout, load_state_strict, read_checkpoint,
+                         ORIGINAL_LLAVA_LAYOUT, T5_LAYOUT, JsonConfig, Layout, detect_layout, load_state_strict, read_checkpoint,
+                         read_config_json,
                          state_to_ours, state_to_theirs, write_checkpoint)
 from connectors import QFormerConfig, QFormerStage1, bert_initialization, build_connector
-from layers import (IGNORE_INDEX, Attention, GatedFeedForward, PreNormBlock, RMSNorm, causal_attention_mask,
-                    rotary_cos_sin)
+from layers import (IGNORE_INDEX, Attention, GatedFeedForward, PreNormBlock, RMSNorm, activation_named,
+                    causal_attention_mask, rotary_cos_sin)
 from vision import VisionConfig, VisionTransformer, vision_config_from_dict
 
 
@@ -46,6 +48,7 @@ class TextConfig(JsonConfig):
     """LLaMA / Vicuna dimensions. Field names are transformers' LlamaConfig's so config.json maps 1:1;
     the defaults are Vicuna-7B v1.5's."""
     model_type: ClassVar[str] = "llama"
+    is_encoder_decoder: ClassVar[bool] = False
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -102,6 +105,7 @@ def llama_block(config: TextConfig) -> PreNormBlock:
 class LanguageModel(nn.Module):
     """LLaMA decoder with its language-model head: transformers' LlamaForCausalLM, same state-dict
     keys (`model.embed_tokens`, `model.layers.N.*`, `model.norm`, `lm_head`)."""
+    embedding_key: ClassVar[str] = "model.embed_tokens.weight"  # what a tied head is, in a checkpoint
 
     def __init__(self, config: TextConfig):
         super().__init__()
@@ -126,6 +130,9 @@ class LanguageModel(nn.Module):
         """LLaMA's initialization (normal, std 0.02), used for fresh models in tests and stage 0."""
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
 
     def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -166,22 +173,12 @@ class LanguageModel(nn.Module):
         """Grow the vocabulary (new special tokens such as <image> / <pad>). New rows start at the
         mean of the existing ones, as LLaVA's `smart_tokenizer_and_embedding_resize` does, so a
         new token's first logits are ordinary instead of random."""
-        old_size = self.config.vocab_size
-        if vocab_size < old_size:
-            raise ValueError(f"resize_token_embeddings only grows the vocabulary ({old_size} -> {vocab_size})")
-        matrices = [self.model.embed_tokens.weight]
-        if not self.config.tie_word_embeddings:
-            matrices.append(self.lm_head.weight)
-        grown = []
-        for weight in matrices:
-            new = weight.data.new_empty(vocab_size, weight.shape[1])
-            new[:old_size] = weight.data
-            new[old_size:] = weight.data.mean(0)
-            grown.append(nn.Parameter(new, requires_grad=weight.requires_grad))
-        self.model.embed_tokens.weight = grown[0]
-        self.lm_head.weight = grown[-1]
-        self.model.embed_tokens.num_embeddings = self.lm_head.out_features = vocab_size
-        self.config.vocab_size = vocab_size
+        self.model.embed_tokens.weight = grown_rows(self.model.embed_tokens.weight, vocab_size)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        else:
+            self.lm_head.weight = grown_rows(self.lm_head.weight, vocab_size)
+        self.model.embed_tokens.num_embeddings = self.lm_head.out_features = self.config.vocab_size = vocab_size
 
     def new_cache(self, batch: int, max_length: int, device: torch.device) -> decoding.KVCache:
         config = self.config
@@ -219,16 +216,321 @@ class LanguageModel(nn.Module):
         write_checkpoint(path, config, save_state(self, LLAMA_LAYOUT))
 
 
+def grown_rows(weight: nn.Parameter, vocab_size: int) -> nn.Parameter:
+    """An embedding or head matrix with rows added up to vocab_size, each the mean of the old ones."""
+    old_size = weight.shape[0]
+    if vocab_size < old_size:
+        raise ValueError(f"resize_token_embeddings only grows the vocabulary ({old_size} -> {vocab_size})")
+    new = weight.data.new_empty(vocab_size, weight.shape[1])
+    new[:old_size] = weight.data
+    new[old_size:] = weight.data.mean(0)
+    return nn.Parameter(new, requires_grad=weight.requires_grad)
+
+
 # ----------------------------------------------------------------------------------------------
-# 2. Losses
+# 2. T5: the encoder-decoder LLM of BLIP-2-FlanT5, InstructBLIP-FlanT5 and LION
+
+@dataclass
+class T5Config(JsonConfig):
+    """T5 v1.1 / Flan-T5 dimensions (Raffel et al. 2020; Chung et al. 2022). Field names are
+    transformers' T5Config's so config.json maps 1:1; the defaults are Flan-T5-XL's."""
+    model_type: ClassVar[str] = "t5"
+    is_encoder_decoder: ClassVar[bool] = True
+    vocab_size: int = 32128
+    d_model: int = 2048
+    d_kv: int = 64  # head width; need not be d_model / num_heads
+    d_ff: int = 5120
+    num_layers: int = 24  # encoder
+    num_decoder_layers: int | None = None  # None = num_layers
+    num_heads: int = 32
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "gated-gelu"  # T5 v1.1's GeGLU; the original T5's "relu" is not implemented
+    dense_act_fn: str | None = None  # None = what feed_forward_proj says ("gelu_new"); BLIP-2 and LION set "gelu"
+    tie_word_embeddings: bool = False  # v1.1 / Flan-T5 have their own head; the original T5 shares it
+    scale_decoder_outputs: bool | None = None  # d_model**-0.5 before the head; None = tie_word_embeddings
+    decoder_start_token_id: int = 0  # T5 starts decoding from <pad>
+    pad_token_id: int = 0
+    eos_token_id: int | list[int] = 1
+
+    def __post_init__(self):
+        if not self.feed_forward_proj.startswith("gated-"):
+            raise ValueError(f"text config: feed_forward_proj={self.feed_forward_proj!r} is not supported "
+                             f"(only the gated feed-forward of T5 v1.1 / Flan-T5, 'gated-gelu')")
+        if self.num_decoder_layers is None:
+            self.num_decoder_layers = self.num_layers
+        if self.dense_act_fn is None:
+            activation = self.feed_forward_proj.removeprefix("gated-")
+            self.dense_act_fn = "gelu_new" if activation == "gelu" else activation  # transformers' legacy rule
+        activation_named(self.dense_act_fn)
+        if self.scale_decoder_outputs is None:
+            self.scale_decoder_outputs = self.tie_word_embeddings
+
+    @property
+    def hidden_size(self) -> int:
+        """The width the connectors project to (the encoder's input embeddings)."""
+        return self.d_model
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "T5Config":
+        """From a T5Config dict (config.json); missing fields take transformers' T5Config defaults
+        (t5-small's), which is what they mean there."""
+        t5_defaults = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8,
+                           feed_forward_proj="relu", tie_word_embeddings=True)
+        values = {**t5_defaults, **{f.name: config[f.name] for f in dataclasses.fields(cls) if f.name in config}}
+        return cls(**values)
+
+
+def relative_position_buckets(relative_position: torch.Tensor, bidirectional: bool, num_buckets: int,
+                              max_distance: int) -> torch.Tensor:
+    """T5's bucket of each key-minus-query offset (Raffel et al. 2020, sec. 2.1, "Model"): one
+    bucket per offset for the nearest num_buckets / 2, then logarithmically wider ones up to
+    max_distance, beyond which all offsets share the last bucket. Bidirectional (the encoder):
+    half the buckets are for keys after the query. Causal (the decoder): only offsets <= 0 count.
+    The arithmetic (float log, truncation to int) is mesh-tensorflow's, so buckets equal the
+    checkpoints'."""
+    buckets = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).long() * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = (-relative_position).clamp(min=0)
+    exact = num_buckets // 2
+    logarithmic = exact + (torch.log(distance.float() / exact) / math.log(max_distance / exact)
+                           * (num_buckets - exact)).long()  # distance 0 gives -inf here; torch.where drops it
+    return buckets + torch.where(distance < exact, distance, logarithmic.clamp(max=num_buckets - 1))
+
+
+def t5_block(config: T5Config, cross_attention: bool) -> PreNormBlock:
+    """One T5 layer (Raffel et al. 2020, sec. 2.1): RMSNorm ("simplified layer normalization ...
+    no additive bias"), bias-free attention with no 1/sqrt(d) scale (Mesh TensorFlow folds it into
+    the initialization), in the decoder a cross-attention on the encoder output, and the gated
+    feed-forward wo(act(wi_0 x) * wi_1 x) of T5 v1.1."""
+    def attention() -> Attention:
+        return Attention(config.d_model, config.num_heads, head_dim=config.d_kv, bias=False, scale=1.0)
+
+    def norm() -> RMSNorm:
+        return RMSNorm(config.d_model, config.layer_norm_epsilon)
+
+    return PreNormBlock(attention(), GatedFeedForward(config.d_model, config.d_ff, config.dense_act_fn), norm(), norm(),
+                        cross_attn=attention() if cross_attention else None,
+                        cross_attn_layernorm=norm() if cross_attention else None)
+
+
+class T5Stack(nn.Module):
+    """T5's encoder (bidirectional) or decoder (causal, cross-attending): layers, a final RMSNorm,
+    and one relative position bias table per stack, computed once and added in every layer (the
+    hub layout keeps it in the first layer, `block.0.layer.0.SelfAttention.relative_attention_bias`)."""
+
+    def __init__(self, config: T5Config, num_layers: int, is_decoder: bool):
+        super().__init__()
+        self.config, self.is_decoder = config, is_decoder
+        self.layers = nn.ModuleList(t5_block(config, cross_attention=is_decoder) for _ in range(num_layers))
+        self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
+        self.norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
+
+    def position_bias(self, query_positions: torch.Tensor, key_length: int) -> torch.Tensor:
+        """(1, nh, T, S): the learned scalar of each (query, key) offset's bucket, per head."""
+        offsets = torch.arange(key_length, device=query_positions.device)[None, :] - query_positions[:, None]
+        buckets = relative_position_buckets(offsets, not self.is_decoder, self.config.relative_attention_num_buckets,
+                                            self.config.relative_attention_max_distance)
+        return self.relative_attention_bias(buckets).permute(2, 0, 1)[None]
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None, context: torch.Tensor | None = None,
+                cache: decoding.EncoderDecoderCache | None = None, checkpointing: bool = False) -> torch.Tensor:
+        """x: (B, T, d_model) embeddings. Encoder: attention_mask (B, T), 1 = real token. Decoder:
+        causal; `context` (B, S, d_model) is the encoder output and context_mask (B, S) its
+        padding, or, while decoding, the cache holds both (its cross-attention keys / values)."""
+        past_length = cache.length if cache is not None else 0
+        length = x.shape[1]
+        query_positions = torch.arange(past_length, past_length + length, device=x.device)
+        bias = self.position_bias(query_positions, past_length + length).to(x.dtype)  # (1, nh, T, S)
+        if self.is_decoder:
+            mask = torch.arange(past_length + length, device=x.device)[None, :] <= query_positions[:, None]
+            if cache is not None:
+                context_mask = cache.encoder_mask
+            elif context_mask is not None:
+                context_mask = context_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
+        else:
+            mask = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None
+        for index, layer in enumerate(self.layers):
+            arguments = dict(attn_mask=mask, position_bias=bias, context=context, context_mask=context_mask)
+            if cache is not None:
+                arguments.update(cache=cache.layers[index], context_keys_values=cache.cross_keys_values[index])
+            if checkpointing and self.training:
+                x = checkpoint(layer, x, use_reentrant=False, **arguments)
+            else:
+                x = layer(x, **arguments)
+        return self.norm(x)
+
+
+class T5LanguageModel(nn.Module):
+    """T5 v1.1 / Flan-T5 with its head: transformers' T5ForConditionalGeneration. The encoder reads
+    the prompt (in an MLLM: the visual tokens, then the text), the decoder writes the answer from
+    `decoder_start_token_id`, cross-attending to the encoder's output. The three decoding methods
+    are LanguageModel's: prefill runs the encoder once and keeps each decoder layer's
+    cross-attention keys / values in the cache."""
+    embedding_key: ClassVar[str] = "shared.weight"
+
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.config = config
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder = T5Stack(config, config.num_layers, is_decoder=False)
+        self.decoder = T5Stack(config, config.num_decoder_layers, is_decoder=True)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.gradient_checkpointing = False
+        self.apply(self._init_weights)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.shared.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Mesh TensorFlow's initialization (transformers' T5PreTrainedModel): every matrix normal
+        with std = fan_in**-0.5 (the queries' also folds in the missing 1/sqrt(d_kv)), embeddings
+        std 1 (the head too, untied), so training from scratch (the shapes world) starts where T5 did."""
+        config = self.config
+        if module is self.shared or (module is self.lm_head and not config.tie_word_embeddings):
+            nn.init.normal_(module.weight, std=1.0)
+        elif isinstance(module, T5Stack):
+            nn.init.normal_(module.relative_attention_bias.weight, std=config.d_model ** -0.5)
+        elif isinstance(module, Attention):
+            nn.init.normal_(module.q_proj.weight, std=(config.d_model * config.d_kv) ** -0.5)
+            for linear in (module.k_proj, module.v_proj):
+                nn.init.normal_(linear.weight, std=config.d_model ** -0.5)
+            nn.init.normal_(module.o_proj.weight, std=(config.num_heads * config.d_kv) ** -0.5)
+        elif isinstance(module, GatedFeedForward):
+            for linear in (module.gate_proj, module.up_proj):
+                nn.init.normal_(linear.weight, std=config.d_model ** -0.5)
+            nn.init.normal_(module.down_proj.weight, std=config.d_ff ** -0.5)
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.shared
+
+    def encode(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The encoder's output (B, S, d_model)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.shared(input_ids) if inputs_embeds is None else inputs_embeds
+        return self.encoder(x, attention_mask=attention_mask, checkpointing=self.gradient_checkpointing)
+
+    def decode(self, decoder_input_ids: torch.Tensor, encoder_output: torch.Tensor | None = None,
+               attention_mask: torch.Tensor | None = None,
+               cache: decoding.EncoderDecoderCache | None = None) -> torch.Tensor:
+        """The decoder's final hidden states (B, T, d_model), rescaled for a tied head."""
+        x = self.decoder(self.shared(decoder_input_ids), context=encoder_output, context_mask=attention_mask,
+                         cache=cache, checkpointing=self.gradient_checkpointing)
+        return x * self.config.d_model ** -0.5 if self.config.scale_decoder_outputs else x
+
+    def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
+        """Decoder inputs from labels: the start token, then the labels but the last, ignored
+        positions read as <pad> (teacher forcing, as T5ForConditionalGeneration._shift_right)."""
+        shifted = F.pad(labels[:, :-1], (1, 0), value=self.config.decoder_start_token_id)
+        return shifted.masked_fill(shifted == IGNORE_INDEX, self.config.pad_token_id)
+
+    def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, decoder_input_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Decoder logits (B, T, vocab), or (logits, loss) with labels. Labels are the decoder's
+        targets, aligned with its positions (no shift); without decoder_input_ids they are
+        `shift_right(labels)`."""
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("T5 needs decoder_input_ids or labels (the decoder's inputs are the shifted labels)")
+            decoder_input_ids = self.shift_right(labels)
+        encoder_output = self.encode(input_ids, inputs_embeds, attention_mask)
+        hidden = self.decode(decoder_input_ids, encoder_output, attention_mask)
+        logits = self.lm_head(hidden)
+        if labels is None:
+            return logits
+        return logits, supervised_cross_entropy(hidden, labels, self.lm_head)
+
+    def resize_token_embeddings(self, vocab_size: int) -> None:
+        """Grow the vocabulary, new rows at the mean (LanguageModel.resize_token_embeddings)."""
+        self.shared.weight = grown_rows(self.shared.weight, vocab_size)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.shared.weight
+        else:
+            self.lm_head.weight = grown_rows(self.lm_head.weight, vocab_size)
+        self.shared.num_embeddings = self.lm_head.out_features = self.config.vocab_size = vocab_size
+
+    def new_cache(self, batch: int, max_length: int, device: torch.device) -> decoding.EncoderDecoderCache:
+        config = self.config
+        return decoding.EncoderDecoderCache(decoding.KVCache(
+            config.num_decoder_layers, batch, config.num_heads, max_length, config.d_kv, self.lm_head.weight.dtype,
+            device))
+
+    def prefill(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+                attention_mask: torch.Tensor, cache: decoding.EncoderDecoderCache) -> torch.Tensor:
+        """Encode the prompt once, keep its cross-attention keys / values, and decode the start
+        token: the first answer token's logits (B, vocab)."""
+        encoder_output = self.encode(input_ids, inputs_embeds, attention_mask)
+        cache.encoder_mask = attention_mask.bool()[:, None, None, :]
+        cache.cross_keys_values = [layer.cross_attn.project_keys_values(encoder_output) for layer in self.decoder.layers]
+        start = torch.full((encoder_output.shape[0],), self.config.decoder_start_token_id, device=encoder_output.device)
+        return self.decode_step(start, attention_mask, cache)
+
+    def decode_step(self, tokens: torch.Tensor, attention_mask: torch.Tensor,
+                    cache: decoding.EncoderDecoderCache) -> torch.Tensor:
+        """One new token per row (B,), next-token logits (B, vocab). The mask is not needed: every
+        row's answer starts at the same decoder position, so the decoder has no padding."""
+        return self.lm_head(self.decode(tokens[:, None], cache=cache))[:, -1]
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, **options) -> torch.Tensor:
+        """The answer's tokens (B, new_length), without the start token; options: decoding.DecodingOptions."""
+        return decoding.generate(self, input_ids, inputs_embeds, attention_mask, **options)
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "T5LanguageModel":
+        """A T5ForConditionalGeneration checkpoint directory (config.json + safetensors)."""
+        values, state = read_checkpoint(path)
+        model = build_without_init(cls, t5_config_for(values, state, ""), torch.float32)
+        load_state(model, state, T5_LAYOUT, path)
+        return model
+
+    def save_pretrained(self, path: str) -> None:
+        """T5ForConditionalGeneration layout; transformers loads it."""
+        config = {**self.config.to_dict(), "architectures": ["T5ForConditionalGeneration"], "is_encoder_decoder": True}
+        write_checkpoint(path, config, save_state(self, T5_LAYOUT))
+
+
+def t5_config_for(values: dict, state: dict[str, torch.Tensor], prefix: str) -> T5Config:
+    """The T5Config of a checkpoint, its head tied exactly when the checkpoint has no head of its
+    own: transformers 5 writes `tie_word_embeddings: true` for every T5 (with
+    `scale_decoder_outputs` saying whether to rescale) and then keeps an lm_head that differs
+    from the embedding untied; we do the same."""
+    config = T5Config.from_dict(values)
+    head, embedding = state.get(f"{prefix}lm_head.weight"), state.get(f"{prefix}shared.weight")
+    if config.tie_word_embeddings and head is not None and not (embedding is not None and torch.equal(head, embedding)):
+        config.tie_word_embeddings = False
+    return config
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Losses
 
 def shifted_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
-    """Mean next-token cross-entropy over labels != IGNORE_INDEX (Eq. 3.3), in fp32, from the final
-    hidden states (batch, length, width). The head runs again on the supervised positions only:
-    in LLaVA most positions (image tokens, the prompt) carry no loss, and the softmax and the
-    backward through the head over all of them cost more than this small second head. The labels
-    shift left (padded with IGNORE_INDEX) rather than the hidden states shifting right."""
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
+    """Mean next-token cross-entropy over labels != IGNORE_INDEX (Eq. 3.3) of a decoder-only LLM:
+    position t predicts label t + 1. The labels shift left (padded with IGNORE_INDEX) rather than
+    the hidden states shifting right."""
+    return supervised_cross_entropy(hidden, F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX), lm_head)
+
+
+def supervised_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+    """Mean cross-entropy of the targets != IGNORE_INDEX, each predicted from the final hidden
+    state at its own position (batch, length, width), in fp32. The head runs again on the
+    supervised positions only: in LLaVA most positions (image tokens, the prompt) carry no loss,
+    and the softmax and the backward through the head over all of them cost more than this small
+    second head."""
+    targets = targets.flatten()
     supervised = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     logits = lm_head(hidden.flatten(0, 1)[supervised])
     return F.cross_entropy(logits.float(), targets[supervised])
@@ -247,14 +549,14 @@ def row_log_likelihoods(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. The multimodal model
+# 4. The multimodal model
 
 @dataclass
 class MLLMConfig:
     """The composition: vision tower, connector, LLM. Field names follow transformers' LlavaConfig
     (and Blip2Config for the Q-Former's) where it has them."""
     vision_config: VisionConfig = field(default_factory=VisionConfig)
-    text_config: TextConfig = field(default_factory=TextConfig)
+    text_config: TextConfig | T5Config = field(default_factory=TextConfig)  # LLaMA, or T5 (encoder-decoder)
     # LLaVA-1.5's "mlp2x_gelu" (section 4.3); "linear" = LLaVA (eq. 3.1); "qformer" = BLIP-2 /
     # InstructBLIP (qformer_config.use_qformer_text_input), which read the tower their own way.
     projector_type: str = "mlp2x_gelu"
@@ -272,7 +574,9 @@ class MLLM(nn.Module):
     image tokens (section 3.4, Figure 3.1; LLaVA-1.5: section 4.3). The connector decides which
     tower features it reads and how many tokens it makes; `embed` is the same for every connector.
     BLIP-2 / InstructBLIP are the same class with EVA ViT-g and the Q-Former as the connector
-    (Li et al. 2023, Figure 3: the query outputs are "soft visual prompts" before the text)."""
+    (Li et al. 2023, Figure 3: the query outputs are "soft visual prompts" before the text). With a
+    T5 text config the LLM is an encoder-decoder (BLIP-2-FlanT5, Figure 3 bottom): the visual
+    tokens and the prompt go into the encoder, the answer comes out of the decoder."""
 
     def __init__(self, config: MLLMConfig):
         super().__init__()
@@ -282,7 +586,7 @@ class MLLM(nn.Module):
             config.projector_type, config.vision_config, config.text_config.hidden_size,
             config.vision_feature_layer, config.vision_feature_select_strategy, config.qformer_config,
             config.num_query_tokens)
-        self.language_model = LanguageModel(config.text_config)
+        self.language_model = language_model_class(config.text_config)(config.text_config)
 
     @property
     def num_image_tokens(self) -> int:
@@ -338,7 +642,7 @@ class MLLM(nn.Module):
                              f"but pixel_values has {images_given}")
         self.check_instruction(qformer_input_ids, images_needed > 0)
         # The image token id may lie outside the vocabulary (original LLaVA), so embed a harmless id there.
-        embeds = self.language_model.model.embed_tokens(input_ids.masked_fill(is_image, 0))
+        embeds = self.language_model.input_embeddings()(input_ids.masked_fill(is_image, 0))
         if images_needed == 0:
             return embeds
         features = self.image_features(pixel_values, qformer_input_ids, qformer_attention_mask).to(embeds.dtype)
@@ -346,12 +650,20 @@ class MLLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                qformer_input_ids: torch.Tensor | None = None,
-                qformer_attention_mask: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits (batch, length, vocab); with labels, (logits, mean cross-entropy over shifted
-        labels != -100). pixel_values: (num_images, 3, H, W) for the samples holding images only;
-        qformer_input_ids / qformer_attention_mask: InstructBLIP's instruction, one row per image."""
+                qformer_input_ids: torch.Tensor | None = None, qformer_attention_mask: torch.Tensor | None = None,
+                decoder_input_ids: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (batch, length, vocab); with labels, (logits, mean cross-entropy over labels
+        != -100). pixel_values: (num_images, 3, H, W) for the samples holding images only;
+        qformer_input_ids / qformer_attention_mask: InstructBLIP's instruction, one row per image.
+        Decoder-only LLM: labels align with input_ids and are shifted. Encoder-decoder (T5):
+        input_ids are the encoder's, labels the decoder's targets, decoder_input_ids (default:
+        labels shifted right) its inputs, and the logits are the decoder's."""
         embeds = self.embed(input_ids, pixel_values, qformer_input_ids, qformer_attention_mask)
+        if self.config.text_config.is_encoder_decoder:
+            return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                       decoder_input_ids=decoder_input_ids, labels=labels)
+        if decoder_input_ids is not None:
+            raise ValueError("decoder_input_ids is for an encoder-decoder LLM (T5); this model's LLM is decoder-only")
         return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
 
     @torch.inference_mode()
@@ -375,7 +687,7 @@ class MLLM(nn.Module):
         name, layout = detect_layout(state, MLLM_LAYOUTS, path)
         if layout is not ORIGINAL_LLAVA_LAYOUT:
             qformer = layout in (BLIP2_LAYOUT, INSTRUCTBLIP_LAYOUT)
-            config = blip2_config_to_ours(values) if qformer else llava_hf_config_to_ours(values)
+            config = blip2_config_to_ours(values, state) if qformer else llava_hf_config_to_ours(values)
             model = build_without_init(cls, config, dtype)
             load_state(model, state, layout, f"{path} (layout: {name})")
             return model
@@ -396,11 +708,12 @@ class MLLM(nn.Module):
     @classmethod
     def from_vision_and_language(cls, vision_path: str, language_path: str, **config_overrides) -> MLLM:
         """The start of stage-1 pretraining (section 3.4, "Stage 1"): a CLIP checkpoint (CLIPModel or
-        CLIPVisionModel), a LlamaForCausalLM checkpoint and a freshly initialized connector.
+        CLIPVisionModel), a LlamaForCausalLM (or T5ForConditionalGeneration) checkpoint and a
+        freshly initialized connector.
         `config_overrides` set MLLMConfig fields. If image_token_index or pad_token_id lies outside
         the LLM's vocabulary, the vocabulary grows to hold them (new rows = mean embedding)."""
         vision_tower = VisionTransformer.from_pretrained(vision_path)
-        language_model = LanguageModel.from_pretrained(language_path)
+        language_model = language_model_from_pretrained(language_path)
         config = MLLMConfig(vision_config=vision_tower.config, text_config=language_model.config, **config_overrides)
         needed_vocab = max(config.image_token_index, config.pad_token_id) + 1
         if needed_vocab > language_model.config.vocab_size:
@@ -418,13 +731,13 @@ class MLLM(nn.Module):
                                   **config_overrides) -> MLLM:
         """The start of BLIP-2's second stage (sec. 3.3) and of InstructBLIP's instruction tuning:
         the stage-1 checkpoint (connectors.QFormerStage1: tower, queries, Q-Former), a
-        LlamaForCausalLM and a fresh `language_projection`. BLIP-2's generation Q-Former reads no
+        LlamaForCausalLM or T5ForConditionalGeneration and a fresh `language_projection`. BLIP-2's generation Q-Former reads no
         text, so the stage-1 text parts (embeddings, text feed-forwards) are left behind;
         InstructBLIP's (`instruction_aware`) keeps them, as it starts from the stage-1 Q-Former
         (InstructBLIP, sec. 2.3). The vocabulary grows for image_token_index / pad_token_id as in
         from_vision_and_language."""
         stage1 = QFormerStage1.from_pretrained(qformer_path)
-        language_model = LanguageModel.from_pretrained(language_path)
+        language_model = language_model_from_pretrained(language_path)
         qformer_config = dataclasses.replace(stage1.config.qformer_config, use_qformer_text_input=instruction_aware)
         config = MLLMConfig(vision_config=stage1.config.vision_config, text_config=language_model.config,
                             projector_type="qformer", qformer_config=qformer_config,
@@ -458,21 +771,34 @@ class MLLM(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Checkpoints: state dicts through checkpoints.py's layout tables, and config.json translations
+# 5. Checkpoints: state dicts through checkpoints.py's layout tables, and config.json translations
 
-def tied_heads(model: nn.Module) -> list[str]:
-    """The key prefixes of every LanguageModel in `model` whose head is its embedding matrix."""
-    return [f"{name}." if name else "" for name, module in model.named_modules()
-            if isinstance(module, LanguageModel) and module.config.tie_word_embeddings]
+LANGUAGE_MODELS = (LanguageModel, T5LanguageModel)
+
+
+def language_model_class(config: TextConfig | T5Config) -> type[LanguageModel] | type[T5LanguageModel]:
+    return T5LanguageModel if config.is_encoder_decoder else LanguageModel
+
+
+def language_model_from_pretrained(path: str) -> LanguageModel | T5LanguageModel:
+    """A LlamaForCausalLM or T5ForConditionalGeneration checkpoint, by its config's model_type."""
+    model_type = read_config_json(path).get("model_type", "llama")
+    return T5LanguageModel.from_pretrained(path) if model_type == "t5" else LanguageModel.from_pretrained(path)
+
+
+def tied_heads(model: nn.Module) -> list[tuple[str, str]]:
+    """(key prefix, embedding key) of every language model in `model` whose head is its embedding matrix."""
+    return [(f"{name}." if name else "", module.embedding_key) for name, module in model.named_modules()
+            if isinstance(module, LANGUAGE_MODELS) and module.config.tie_word_embeddings]
 
 
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], layout: Layout, source: str) -> None:
     """Rename a checkpoint to our keys and load it strictly (every bad key named, no partial load).
     A tied head is absent from transformers checkpoints; it is the embedding."""
     state = state_to_ours(state, layout)
-    for prefix in tied_heads(model):
-        if prefix + "model.embed_tokens.weight" in state:
-            state.setdefault(prefix + "lm_head.weight", state[prefix + "model.embed_tokens.weight"])
+    for prefix, embedding_key in tied_heads(model):
+        if prefix + embedding_key in state:
+            state.setdefault(prefix + "lm_head.weight", state[prefix + embedding_key])
     load_state_strict(model, state, source)
 
 
@@ -480,12 +806,13 @@ def save_state(model: nn.Module, layout: Layout) -> dict[str, torch.Tensor]:
     """Our state in a checkpoint layout. LoRA factors are merged into the base weights (a plain
     checkpoint any loader reads); a tied head is dropped, as transformers does."""
     state = merged_state_dict(model)
-    for prefix in tied_heads(model):
+    for prefix, _ in tied_heads(model):
         state.pop(prefix + "lm_head.weight")
     return state_to_theirs(state, layout)
 
 
-def build_without_init(module_class: type[nn.Module], config: MLLMConfig | TextConfig, dtype: torch.dtype) -> nn.Module:
+def build_without_init(module_class: type[nn.Module], config: MLLMConfig | TextConfig | T5Config,
+                       dtype: torch.dtype) -> nn.Module:
     """A model whose weights will all be overwritten by a checkpoint: built on the meta device and
     then given uninitialized storage, which skips a random initialization that for a 7B model
     costs longer than the load itself. Modules here hold no buffers that need init."""
@@ -493,7 +820,7 @@ def build_without_init(module_class: type[nn.Module], config: MLLMConfig | TextC
         model = module_class(config)
     model = model.to_empty(device="cpu").to(dtype)
     for module in model.modules():  # to_empty gives each module its own storage, untying the head
-        if isinstance(module, LanguageModel):
+        if isinstance(module, LANGUAGE_MODELS):
             module.tie_weights()
     return model
 
@@ -536,15 +863,16 @@ def our_config_to_llava_hf(config: MLLMConfig, num_image_tokens: int) -> dict:
     }
 
 
-def blip2_config_to_ours(values: dict) -> MLLMConfig:
-    """MLLMConfig from a transformers Blip2Config / InstructBlipConfig config.json. The Q-Former's
-    cross-attention width is the tower's (transformers overwrites encoder_hidden_size the same
-    way); InstructBLIP's Q-Former always reads text. The LLM must be LLaMA-family."""
+def blip2_config_to_ours(values: dict, state: dict[str, torch.Tensor]) -> MLLMConfig:
+    """MLLMConfig from a transformers Blip2Config / InstructBlipConfig config.json (and its
+    checkpoint, which says whether a T5 head is tied). The Q-Former's cross-attention width is the
+    tower's (transformers overwrites encoder_hidden_size the same way); InstructBLIP's Q-Former
+    always reads text. The LLM must be LLaMA-family or T5."""
     instruct = values.get("model_type") == "instructblip"
     text_values = values.get("text_config", {})
-    if text_values.get("model_type", "llama") != "llama":
-        raise ValueError(f"text_config.model_type {text_values['model_type']!r}: only LLaMA-family language models "
-                         f"load here (BLIP-2's OPT does not; Flan-T5 is planned)")
+    if text_values.get("model_type", "llama") not in ("llama", "t5"):
+        raise ValueError(f"text_config.model_type {text_values['model_type']!r}: only LLaMA-family and T5 language "
+                         f"models load here (BLIP-2's OPT does not)")
     image_token_index = values.get("image_token_index", values.get("image_token_id"))
     if image_token_index is None:
         raise ValueError("config.json has no image_token_index: transformers >= 4.47 writes num_query_tokens image "
@@ -554,7 +882,10 @@ def blip2_config_to_ours(values: dict) -> MLLMConfig:
     qformer_config = QFormerConfig.from_dict({
         **qformer_values, "encoder_hidden_size": vision_config.hidden_size,
         "use_qformer_text_input": instruct or qformer_values.get("use_qformer_text_input", False)})
-    text_config = TextConfig.from_dict(text_values)
+    if text_values.get("model_type") == "t5":
+        text_config = t5_config_for(text_values, state, "language_model.")
+    else:
+        text_config = TextConfig.from_dict(text_values)
     return MLLMConfig(
         vision_config=vision_config, text_config=text_config, projector_type="qformer", qformer_config=qformer_config,
         num_query_tokens=values.get("num_query_tokens", 32), image_token_index=image_token_index,
@@ -577,7 +908,7 @@ def our_config_to_blip2(config: MLLMConfig) -> dict:
         "qformer_config": {**config.qformer_config.to_dict(), "model_type": f"{family}_qformer"},
         "text_config": {**config.text_config.to_dict(), "pad_token_id": config.pad_token_id},
         "num_query_tokens": config.num_query_tokens, "image_token_index": config.image_token_index,
-        "use_decoder_only_language_model": True, "tie_word_embeddings": config.text_config.tie_word_embeddings,
+        "use_decoder_only_language_model": not config.text_config.is_encoder_decoder, "tie_word_embeddings": config.text_config.tie_word_embeddings,
         "image_aspect_ratio": config.image_aspect_ratio,
     }
 

@@ -12,7 +12,7 @@ import bench
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("command", [[], ["model"], ["data"], ["eval"]])
+@pytest.mark.parametrize("command", [[], ["model"], ["t5"], ["data"], ["eval"]])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main([*command, "--help"])
