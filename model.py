@@ -36,7 +36,7 @@ from checkpoints import (BLIP2_LAYOUT, INSTRUCTBLIP_LAYOUT, LLAMA_LAYOUT, LLAVA_
                          state_to_ours, state_to_theirs, write_checkpoint)
 from connectors import QFormerConfig, QFormerStage1, bert_initialization, build_connector
 from layers import (IGNORE_INDEX, Attention, GatedFeedForward, PreNormBlock, RMSNorm, activation_named,
-                    causal_attention_mask, rotary_cos_sin)
+                    additive_mask, causal_attention_mask, rotary_cos_sin)
 from vision import VisionConfig, VisionTransformer, vision_config_from_dict
 
 
@@ -348,16 +348,20 @@ class T5Stack(nn.Module):
         length = x.shape[1]
         query_positions = torch.arange(past_length, past_length + length, device=x.device)
         bias = self.position_bias(query_positions, past_length + length).to(x.dtype)  # (1, nh, T, S)
+        mask = None  # one new token with a cache may see every key: no mask
         if self.is_decoder:
-            mask = torch.arange(past_length + length, device=x.device)[None, :] <= query_positions[:, None]
+            if length > 1:
+                mask = torch.arange(past_length + length, device=x.device)[None, :] <= query_positions[:, None]
             if cache is not None:
                 context_mask = cache.encoder_mask
             elif context_mask is not None:
                 context_mask = context_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
-        else:
-            mask = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None
+        elif attention_mask is not None:
+            mask = attention_mask.bool()[:, None, None, :]
+        if mask is not None:  # once for all layers, not in each layer's attention
+            bias = bias + additive_mask(mask, x.dtype)
         for index, layer in enumerate(self.layers):
-            arguments = dict(attn_mask=mask, position_bias=bias, context=context, context_mask=context_mask)
+            arguments = dict(position_bias=bias, context=context, context_mask=context_mask)
             if cache is not None:
                 arguments.update(cache=cache.layers[index], context_keys_values=cache.cross_keys_values[index])
             if checkpointing and self.training:

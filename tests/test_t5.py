@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from conftest import randomize
-from model import MLLM, T5Config, T5LanguageModel, relative_position_buckets
+from model import MLLM, T5Config, T5LanguageModel, blip2_config_to_ours, relative_position_buckets
 from test_qformer import NUM_QUERIES, instructions, pixels, tiny_blip2_configs
 
 VOCAB = 60
@@ -153,6 +153,8 @@ def test_unsupported_configs_and_inputs_are_refused(saved):
     ours = T5LanguageModel.from_pretrained(str(saved[1]))
     with pytest.raises(ValueError, match="decoder_input_ids or labels"):
         ours(input_ids=torch.tensor([[5, 6]]))
+    with pytest.raises(ValueError, match="'opt'.*OPT does not"):
+        blip2_config_to_ours({"text_config": {"model_type": "opt"}, "image_token_index": 5}, {})
 
 
 # ----------------------------------------------------------------------------------------------
