@@ -216,7 +216,7 @@ def tokenize_around_images(texts: list[str], tokenizer: Tokenizer) -> list[tuple
 
 
 def _tokenize_with_labels(text: str, spans: list[tuple[int, int]], tokenizer: Tokenizer,
-                          image_token_index: int, num_image_tokens: int
+                          image_token_index: int, num_image_tokens: int, add_bos: bool = True
                           ) -> tuple[list[int], list[int], list[tuple[int, int]]]:
     """Tokenizes `text` (around its images, as LLaVA does) and labels every token from the
     character spans.
@@ -225,9 +225,8 @@ def _tokenize_with_labels(text: str, spans: list[tuple[int, int]], tokenizer: To
     `num_image_tokens` copies of `image_token_index`; `offsets` gives each output token's
     characters (BOS gets (0, 0)). BOS is added here, not by the tokenizer's post-processor
     (`add_special_tokens=False`): tokenizer.json files differ on whether they add one, and a
-    missing or doubled BOS silently hurts a pretrained LLM.
+    missing or doubled BOS silently hurts a pretrained LLM. T5 has no BOS (`add_bos=False`).
     """
-    bos_id = require_token_id(tokenizer, BOS_TOKEN)
     placeholder_id = require_token_id(tokenizer, IMAGE_PLACEHOLDER)
     token_ids, token_offsets = tokenize_around_images([text], tokenizer)[0]
     supervised_chars = np.zeros(len(text) + 1, dtype=np.int64)
@@ -235,7 +234,8 @@ def _tokenize_with_labels(text: str, spans: list[tuple[int, int]], tokenizer: To
         supervised_chars[start:end] = 1
     # supervised_before[i] = supervised characters in text[:i], so a range test is O(1).
     supervised_before = np.concatenate([[0], np.cumsum(supervised_chars)]).tolist()
-    input_ids, labels, offsets = [bos_id], [IGNORE_INDEX], [(0, 0)]
+    input_ids, labels, offsets = ([require_token_id(tokenizer, BOS_TOKEN)], [IGNORE_INDEX], [(0, 0)]) if add_bos \
+        else ([], [], [])
     for token_id, (start, end) in zip(token_ids, token_offsets):
         if token_id == placeholder_id:
             input_ids += [image_token_index] * num_image_tokens
@@ -254,13 +254,14 @@ def _tokenize_with_labels(text: str, spans: list[tuple[int, int]], tokenizer: To
 
 def render_conversation(conversations: list[dict], template: str | Template, tokenizer: Tokenizer,
                         image_token_index: int, num_image_tokens: int,
-                        for_generation: bool = False) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of a LLaVA conversation, BOS first, each "<image>" expanded to
-    `num_image_tokens` copies of `image_token_index`, labels IGNORE_INDEX except on the
-    assistant answers and their stop string. See `format_conversation` for `for_generation`."""
+                        for_generation: bool = False, add_bos: bool = True) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a LLaVA conversation, BOS first (unless not `add_bos`), each
+    "<image>" expanded to `num_image_tokens` copies of `image_token_index`, labels IGNORE_INDEX
+    except on the assistant answers and their stop string. See `format_conversation` for
+    `for_generation`."""
     text, spans = format_conversation(conversations, template, for_generation)
     input_ids, labels, _ = _tokenize_with_labels(text, spans, tokenizer, image_token_index,
-                                                 num_image_tokens)
+                                                 num_image_tokens, add_bos)
     return input_ids, labels
 
 

@@ -379,13 +379,20 @@ class InstructionDataset(_ImageRecordDataset):
     With `qformer_tokenizer` (InstructBLIP, sec. 2.2: the Q-Former reads the instruction), an item
     with an image also has `qformer_input_ids`: its first question without the image placeholder,
     "[CLS] question [SEP]" in the Q-Former's tokenizer, cut from the left to `qformer_max_length`.
+
+    With `encoder_decoder` (a T5 LLM), each answer of a record is an item of its own, split as a
+    prefix LM (`split_for_encoder_decoder`): input_ids, without BOS, are what comes before the
+    answer (earlier turns included), for the encoder; labels are the answer, for the decoder.
     """
 
     def __init__(self, json_path: str, image_folder: str, tokenizer: Tokenizer,
                  template: str, image_token_index: int, num_image_tokens: int, image_size: int,
                  pad_to_square: bool, max_seq_len: int, on_error: str = "skip",
-                 qformer_tokenizer: Tokenizer | None = None, qformer_max_length: int = 128):
+                 qformer_tokenizer: Tokenizer | None = None, qformer_max_length: int = 128,
+                 encoder_decoder: bool = False):
         self.image_folder = image_folder
+        self.encoder_decoder = encoder_decoder
+        self.eos_id = require_token_id(tokenizer, EOS_TOKEN) if encoder_decoder else None
         self.tokenizer = tokenizer
         self.template = get_template(template)
         self.image_token_index = image_token_index
@@ -422,6 +429,15 @@ class InstructionDataset(_ImageRecordDataset):
             ids, mask = encode_qformer_texts(qformer_tokenizer, questions, qformer_max_length, truncation_side="left")
             for index, row, length in zip(with_image, ids, mask.sum(1).tolist()):
                 self.qformer_input_ids[index] = row[:length].tolist()
+        # Items: (record, the conversation index of the answer it targets; None = all answers).
+        self.items = [(record, None) for record in range(len(self.records))]
+        if encoder_decoder:
+            self.items = [(record, turn) for record, entry in enumerate(self.records)
+                          for turn, message in enumerate(entry["conversations"]) if message.get("from") == "gpt"]
+            # The record's token count bounds each of its items' (the sampler only groups by it).
+            self.lengths = [self.lengths[record] for record, _ in self.items]
+            self.has_image = [self.has_image[record] for record, _ in self.items]
+            self.sources = [f"{self.sources[record]} answer {turn}" for record, turn in self.items]
 
     def _validate(self, record: Any) -> tuple[str, list[tuple[int, int]]]:
         """The rendered text and spans of a usable record, or a DataError saying what is wrong."""
@@ -468,20 +484,44 @@ class InstructionDataset(_ImageRecordDataset):
         return full_length, self.max_seq_len
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.items)
 
     def _sample(self, index: int) -> dict[str, Any]:
-        record = self.records[index]
+        record_index, answer_turn = self.items[index]
+        record = self.records[record_index]
         pixel_values = self._pixels(record["image"]) if "image" in record else None
-        input_ids, labels = render_conversation(record["conversations"], self.template,
-                                                self.tokenizer, self.image_token_index,
-                                                self.num_image_tokens)
+        conversations = record["conversations"] if answer_turn is None else record["conversations"][:answer_turn + 1]
+        input_ids, labels = render_conversation(conversations, self.template, self.tokenizer, self.image_token_index,
+                                                self.num_image_tokens, add_bos=not self.encoder_decoder)
         input_ids, labels = input_ids[:self.max_seq_len], labels[:self.max_seq_len]
+        if self.encoder_decoder:
+            input_ids, labels = split_for_encoder_decoder(input_ids, labels, self.eos_id)
         sample = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
                   "pixel_values": pixel_values, "length": len(input_ids), "has_image": pixel_values is not None}
-        if self.qformer_input_ids[index] is not None:
-            sample["qformer_input_ids"] = torch.tensor(self.qformer_input_ids[index])
+        if self.qformer_input_ids[record_index] is not None:
+            sample["qformer_input_ids"] = torch.tensor(self.qformer_input_ids[record_index])
         return sample
+
+
+def split_for_encoder_decoder(input_ids: list[int], labels: list[int], eos_id: int) -> tuple[list[int], list[int]]:
+    """A decoder-only sample as an encoder-decoder's (T5's prefix LM, Raffel et al. 2020, sec.
+    3.3.2): the last supervised run of `labels` is the decoder's target, ending with EOS as T5's
+    targets do (appended when the template's stop string is not EOS), and everything before it
+    the encoder's input. What follows the run (a template's closing text) is dropped."""
+    start, end = last_supervised_run(labels)
+    if end == 0:
+        raise DataError("no supervised token survives to be the decoder's target")
+    target = labels[start:end]
+    return input_ids[:start], target if target[-1] == eos_id else target + [eos_id]
+
+
+def last_supervised_run(labels: Sequence[int]) -> tuple[int, int]:
+    """[start, end) of the last run of labels != IGNORE_INDEX: the final answer; (0, 0) if none."""
+    end = max((i for i, label in enumerate(labels) if label != IGNORE_INDEX), default=-1) + 1
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return start, end
 
 
 def first_question(conversations: list[dict]) -> str:
@@ -600,12 +640,18 @@ class TextDataset(torch.utils.data.Dataset):
     No packing of several documents into one sequence: packing needs per-document attention
     masks (or lets documents attend to each other), while length-grouped batching already keeps
     padding low. The simple way is exact. Tokens live in one int32 array (small memory).
+
+    With `prefix_lm` (an encoder-decoder, T5): documents have no BOS, and each chunk is cut at a
+    point drawn uniformly (fixed per chunk, from `seed`) into a prefix, the encoder's input_ids,
+    and the rest, the decoder's labels: the prefix-LM objective of Raffel et al. 2020, sec.
+    3.3.2, which is also how a T5 here is asked questions later (prompt in, answer out).
     """
 
     def __init__(self, jsonl_path: str, tokenizer: Tokenizer, max_seq_len: int,
-                 on_error: str = "skip"):
+                 on_error: str = "skip", prefix_lm: bool = False, seed: int = 0):
         self.problems = DataProblems(on_error)
-        bos_id = require_token_id(tokenizer, BOS_TOKEN)
+        self.prefix_lm = prefix_lm
+        bos_id = [] if prefix_lm else [require_token_id(tokenizer, BOS_TOKEN)]
         eos_id = require_token_id(tokenizer, EOS_TOKEN)
         texts = []
         for where, record in read_records(jsonl_path, self.problems):
@@ -614,7 +660,7 @@ class TextDataset(torch.utils.data.Dataset):
                 self.problems.report("malformed_record", f"{where}: needs a non-empty 'text'")
                 continue
             texts.append(record["text"])
-        documents = [[bos_id] + encoding.ids + [eos_id]
+        documents = [bos_id + encoding.ids + [eos_id]
                      for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)]
         self.tokens = np.array([token for document in documents for token in document],
                                dtype=np.int32)
@@ -628,6 +674,8 @@ class TextDataset(torch.utils.data.Dataset):
             start = end
         self.lengths = [end - begin for begin, end in self.chunks]
         self.has_image = [False] * len(self.chunks)
+        generator = np.random.default_rng(seed)
+        self.split_points = [int(generator.integers(1, length)) for length in self.lengths]
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -635,7 +683,10 @@ class TextDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         begin, end = self.chunks[index]
         input_ids = torch.from_numpy(self.tokens[begin:end].astype(np.int64))
-        return {"input_ids": input_ids, "labels": input_ids.clone(), "pixel_values": None,
+        labels = input_ids.clone()
+        if self.prefix_lm:
+            input_ids, labels = input_ids[:self.split_points[index]], labels[self.split_points[index]:]
+        return {"input_ids": input_ids, "labels": labels, "pixel_values": None,
                 "length": end - begin, "has_image": False}
 
 

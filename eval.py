@@ -29,7 +29,8 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from conversation import EOS_TOKEN, IMAGE_PLACEHOLDER, TEMPLATES, render_conversation
-from data import (REC_PROMPT, box_from_padded_square, encode_qformer_texts, load_image, load_tokenizer, pad_sequences,
+from data import (REC_PROMPT, box_from_padded_square, encode_qformer_texts, last_supervised_run, load_image,
+                  load_tokenizer, pad_sequences, split_for_encoder_decoder,
                   padded_square_box, preprocess_image, read_json, read_json_lines)
 from layers import IGNORE_INDEX
 from metrics import (box_iou, caption_tokens, cider_d, circular_accuracy, evalai_answer, parse_box, parse_choice,
@@ -338,7 +339,10 @@ class Evaluator:
         self.image_size = config.vision_config.image_size
         self.image_token_index = config.image_token_index
         self.pad_token_id = config.pad_token_id
-        self.bos_token_id = config.text_config.bos_token_id
+        # An encoder-decoder LLM (T5) reads the prompt in its encoder, without BOS, and writes
+        # the answer from its decoder: prompts and answers are split as data.py trains them.
+        self.encoder_decoder = config.text_config.is_encoder_decoder
+        self.bos_token_id = None if self.encoder_decoder else config.text_config.bos_token_id
         eos = config.text_config.eos_token_id
         self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
         parameter = next(model.parameters())
@@ -361,12 +365,13 @@ class Evaluator:
                 conversation.append({"from": "gpt", "value": answer})
             input_ids, labels = render_conversation(conversation, self.style.template, self.tokenizer,
                                                     self.image_token_index, self.model.num_image_tokens,
-                                                    for_generation=answer is None)
+                                                    for_generation=answer is None, add_bos=not self.encoder_decoder)
             return list(input_ids), _last_labeled_span(list(labels))
         text = "".join(self.style.turn.format(question) + (f" {reply}\n" if reply is not None else "")
                        for question, reply in turns)
         image_tokens = [self.image_token_index] * self.model.num_image_tokens if with_image else []
-        start = image_tokens + [self.bos_token_id] if self.style.image_before_bos else [self.bos_token_id] + image_tokens
+        bos = [] if self.bos_token_id is None else [self.bos_token_id]
+        start = image_tokens + bos if self.style.image_before_bos else bos + image_tokens
         prompt = start + self._encode(text)
         if answer is None:
             return prompt, [IGNORE_INDEX] * len(prompt)
@@ -437,13 +442,19 @@ class Evaluator:
                 rows.append(self.encode_dialogue(dialogue, choice.lower() if self.style.lowercase else choice,
                                                  sample.image is not None))
                 owners.append(index)
+        decoder = {}
+        if self.encoder_decoder:  # the candidate is the decoder's target, the dialogue the encoder's input
+            rows = [split_for_encoder_decoder(ids, row_labels, self.eos_token_ids[0]) for ids, row_labels in rows]
         input_ids, attention_mask = pad_sequences([ids for ids, _ in rows], self.pad_token_id)
         labels, _ = pad_sequences([row_labels for _, row_labels in rows], IGNORE_INDEX)
+        labels = labels.to(self.device)
+        if self.encoder_decoder:
+            decoder["decoder_input_ids"] = self.model.language_model.shift_right(labels)
         pixel_values = self._row_images(samples, owners)
         logits = self.model(input_ids.to(self.device), pixel_values=pixel_values,
                             attention_mask=attention_mask.to(self.device),
-                            **self.instructions([samples[owner] for owner in owners], row_dialogues))
-        totals, _ = row_log_likelihoods(logits, labels.to(self.device))
+                            **self.instructions([samples[owner] for owner in owners], row_dialogues), **decoder)
+        totals, _ = row_log_likelihoods(logits, labels, shifted=not self.encoder_decoder)
         per_sample: list[list[float]] = [[] for _ in samples]
         for owner, total in zip(owners, totals.tolist()):
             per_sample[owner].append(total)
@@ -462,10 +473,7 @@ class Evaluator:
 def _last_labeled_span(labels: list[int]) -> list[int]:
     """Labels with only the final assistant reply kept: a dialogue with an earlier reply (the
     describe-first description) must not count that reply in a candidate's likelihood."""
-    end = max((i for i, label in enumerate(labels) if label != IGNORE_INDEX), default=-1) + 1
-    start = end
-    while start > 0 and labels[start - 1] != IGNORE_INDEX:
-        start -= 1
+    start, end = last_supervised_run(labels)
     return [label if start <= i < end else IGNORE_INDEX for i, label in enumerate(labels)]
 
 

@@ -73,6 +73,8 @@ class TextConfig(JsonConfig):
         """From a LlamaConfig dict (config.json). Fields it lacks take LlamaConfig's defaults, because
         that is what they mean there (llava-hf's text_config lists only what differs). Options this
         decoder does not implement raise instead of being silently ignored."""
+        if config.get("model_type") == "t5":
+            raise ValueError("text config: model_type 't5' is not a LLaMA-family decoder (it loads as model.T5LanguageModel)")
         unsupported = {"hidden_act": ("silu", None), "attention_bias": (False, None), "mlp_bias": (False, None)}
         for name, allowed in unsupported.items():
             if config.get(name) not in allowed:
@@ -540,13 +542,16 @@ def supervised_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, lm_hea
     return F.cross_entropy(logits.float(), targets[supervised])
 
 
-def row_log_likelihoods(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: the summed log-probability of its supervised next tokens (labels != IGNORE_INDEX)
-    and how many there are, from logits (batch, length, vocab). Only the supervised positions go
-    through the softmax, so memory stays (#supervised tokens, vocab), not (rows, length, vocab)."""
-    targets = labels[:, 1:]
+def row_log_likelihoods(logits: torch.Tensor, labels: torch.Tensor,
+                        shifted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the summed log-probability of its supervised tokens (labels != IGNORE_INDEX) and
+    how many there are, from logits (batch, length, vocab): next tokens of a decoder-only LLM
+    (`shifted`), or tokens at their own positions (an encoder-decoder's decoder). Only the
+    supervised positions go through the softmax, so memory stays (#supervised tokens, vocab),
+    not (rows, length, vocab)."""
+    targets, logits = (labels[:, 1:], logits[:, :-1]) if shifted else (labels, logits)
     scored = targets != IGNORE_INDEX
-    token_log_probs = F.log_softmax(logits[:, :-1][scored].float(), dim=-1).gather(-1, targets[scored][:, None])[:, 0]
+    token_log_probs = F.log_softmax(logits[scored].float(), dim=-1).gather(-1, targets[scored][:, None])[:, 0]
     row_of_token = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)[scored]
     totals = torch.zeros(labels.shape[0], device=labels.device).index_add_(0, row_of_token, token_log_probs)
     return totals, scored.sum(1)
@@ -712,12 +717,12 @@ class MLLM(nn.Module):
     @classmethod
     def from_vision_and_language(cls, vision_path: str, language_path: str, **config_overrides) -> MLLM:
         """The start of stage-1 pretraining (section 3.4, "Stage 1"): a CLIP checkpoint (CLIPModel or
-        CLIPVisionModel), a LlamaForCausalLM (or T5ForConditionalGeneration) checkpoint and a
-        freshly initialized connector.
+        CLIPVisionModel), a LlamaForCausalLM checkpoint and a freshly initialized connector (a
+        T5 goes with the Q-Former: from_qformer_and_language).
         `config_overrides` set MLLMConfig fields. If image_token_index or pad_token_id lies outside
         the LLM's vocabulary, the vocabulary grows to hold them (new rows = mean embedding)."""
         vision_tower = VisionTransformer.from_pretrained(vision_path)
-        language_model = language_model_from_pretrained(language_path)
+        language_model = LanguageModel.from_pretrained(language_path)
         config = MLLMConfig(vision_config=vision_tower.config, text_config=language_model.config, **config_overrides)
         needed_vocab = max(config.image_token_index, config.pad_token_id) + 1
         if needed_vocab > language_model.config.vocab_size:

@@ -44,7 +44,9 @@ import conversation
 import data
 from adapters import apply_lora, set_trainable
 from connectors import QFormerConfig, QFormerStage1, QFormerStage1Config
-from model import MLLM, LanguageModel, MLLMConfig, TextConfig
+from layers import IGNORE_INDEX
+from model import (MLLM, LanguageModel, MLLMConfig, T5Config, T5LanguageModel, TextConfig,
+                   language_model_from_pretrained)
 from vision import CLIPConfig, CLIPModel, VisionTransformer
 
 
@@ -315,6 +317,8 @@ def build_model(stage: StageConfig, config: TrainConfig, previous: Path | None, 
     """The stage's starting model: from the previous stage, from components, from scratch or a path."""
     out_dir = Path(config.out_dir)
     model_class = {"mllm": MLLM, "clip": CLIPModel, "lm": LanguageModel, "qformer": QFormerStage1}[stage.objective]
+    if stage.objective not in ("lm", "mllm") and stage.architecture.get("model_type") == "t5":
+        raise ValueError(f"stage {stage.name!r}: a T5 architecture is for the lm objective")
     if stage.init == "scratch":
         architecture = {"vocab_size": tokenizer.get_vocab_size(), **stage.architecture}
         if stage.objective == "clip":
@@ -326,6 +330,11 @@ def build_model(stage: StageConfig, config: TrainConfig, previous: Path | None, 
                 raise ValueError(f"stage {stage.name!r}: the tokenizer's </s> is id 2, which a CLIP text config reads "
                                  f"as 'pool at the highest token id' (transformers' legacy rule); give </s> another id")
             return CLIPModel(CLIPConfig.from_dict({**architecture, "text_config": text}))
+        if stage.objective == "lm" and architecture.pop("model_type", "llama") == "t5":
+            # Flan-T5's defaults for what `architecture` leaves out; T5 starts decoding from <pad>.
+            pad = tokenizer.token_to_id("<pad>")
+            return T5LanguageModel(T5Config(**{**architecture, "pad_token_id": pad, "decoder_start_token_id": pad,
+                                               "eos_token_id": tokenizer.token_to_id(conversation.EOS_TOKEN)}))
         if stage.objective == "lm":
             return LanguageModel(TextConfig.from_dict({
                 **architecture, "bos_token_id": tokenizer.token_to_id(conversation.BOS_TOKEN),
@@ -356,6 +365,8 @@ def build_model(stage: StageConfig, config: TrainConfig, previous: Path | None, 
         raise ValueError(f"stage {stage.name!r} starts from 'previous' but no stage ran before it")
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"stage {stage.name!r}: no checkpoint at {source} (run the stage that writes it first)")
+    if stage.objective == "lm":
+        return language_model_from_pretrained(str(source))
     return model_class.from_pretrained(str(source))
 
 
@@ -381,8 +392,9 @@ def new_qformer_stage1(stage: StageConfig, config: TrainConfig, vision_path: str
 
 def build_dataset(stage: StageConfig, config: TrainConfig, model: torch.nn.Module,
                   tokenizer: Tokenizer) -> torch.utils.data.Dataset:
-    if stage.objective == "lm":
-        return data.TextDataset(stage.data, tokenizer, stage.max_seq_len, on_error=config.on_data_error)
+    if stage.objective == "lm":  # a T5 learns as a prefix LM (T5 sec. 3.3.2): prompt in, continuation out
+        return data.TextDataset(stage.data, tokenizer, stage.max_seq_len, on_error=config.on_data_error,
+                                prefix_lm=model.config.is_encoder_decoder, seed=config.seed)
     # An mllm stage's own choice is already in model.config (train_stage).
     model_aspect_ratio = (config.model.get("image_aspect_ratio", "pad") if stage.objective in ("clip", "qformer")
                           else model.config.image_aspect_ratio)
@@ -404,7 +416,8 @@ def build_dataset(stage: StageConfig, config: TrainConfig, model: torch.nn.Modul
                                    model.config.vision_config.image_size, pad_to_square,
                                    stage.max_seq_len, on_error=config.on_data_error,
                                    qformer_tokenizer=data.load_qformer_tokenizer(config.qformer_tokenizer)
-                                   if instruction_aware else None)
+                                   if instruction_aware else None,
+                                   encoder_decoder=model.config.text_config.is_encoder_decoder)
 
 
 def model_inputs(batch: dict, objective: str, device: torch.device) -> dict:
@@ -423,11 +436,13 @@ def model_inputs(batch: dict, objective: str, device: torch.device) -> dict:
     return {name: to_device(batch.get(name)) for name in names}
 
 
-def split_batch(batch: dict, num_chunks: int, image_token_index: int | None) -> list[dict]:
+def split_batch(batch: dict, num_chunks: int, image_token_index: int | None,
+                encoder_decoder: bool = False) -> list[dict]:
     """Cut one process's step batch into its gradient-accumulation micro-batches (rows in order,
     trailing padding trimmed). Which images belong to which rows: for MLLM batches, the rows that
     hold image tokens; for CLIP batches, every row. One chunk is the batch itself (a CLIP batch,
-    whose regions point at its rows, is never cut)."""
+    whose regions point at its rows, is never cut). An encoder-decoder's labels are the decoder's,
+    with a length of their own."""
     if num_chunks == 1:
         return [batch]
     rows = batch["input_ids"].shape[0]
@@ -443,11 +458,20 @@ def split_batch(batch: dict, num_chunks: int, image_token_index: int | None) -> 
         length = int(batch["attention_mask"][part].sum(1).max())
         chunk = {key: batch[key][part, :length] if batch.get(key) is not None else None
                  for key in ("input_ids", "labels", "attention_mask")}
+        if encoder_decoder:
+            supervised = (batch["labels"][part] != IGNORE_INDEX).any(0).nonzero()
+            chunk["labels"] = batch["labels"][part, :int(supervised.max()) + 1 if len(supervised) else 0]
         images = image_slot[part][has_image[part]]
         for key in ("pixel_values", "qformer_input_ids", "qformer_attention_mask"):  # one row per image
             chunk[key] = batch[key][images] if len(images) and batch.get(key) is not None else None
         chunks.append(chunk)
     return chunks
+
+
+def is_encoder_decoder(model: torch.nn.Module) -> bool:
+    """Whether a language model, or an MLLM's, is an encoder-decoder (T5)."""
+    config = model.config
+    return (config.text_config if isinstance(config, MLLMConfig) else config).is_encoder_decoder
 
 
 # ----------------------------------------------------------------------------------------------
@@ -646,6 +670,7 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: Runtime, previ
             train_model, find_unused_parameters=stage.objective == "mllm")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if runtime.device.type == "cuda" else nullcontext()
     image_token_index = model.config.image_token_index if stage.objective == "mllm" else None
+    encoder_decoder = stage.objective in ("lm", "mllm") and is_encoder_decoder(model)
     trainable_parameters = [p for p in model.parameters() if p.requires_grad]
 
     train_model.train()
@@ -662,7 +687,8 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: Runtime, previ
             factor = learning_rate_factor(step, total_steps, warmup_steps, stage.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * (factor if group["schedule"] == "cosine" else 1.0)
-            chunks = split_batch(batch, accumulation, image_token_index) if batch["input_ids"].shape[0] else []
+            chunks = (split_batch(batch, accumulation, image_token_index, encoder_decoder)
+                      if batch["input_ids"].shape[0] else [])
             step_started, loss_sum, tokens, loss_parts = time.time(), 0.0, 0, {}
             if not chunks:  # every sample of this step was skipped: a zero gradient keeps DDP in step
                 sum(p.sum() for p in trainable_parameters).mul(0.0).backward()

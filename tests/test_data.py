@@ -562,3 +562,42 @@ def test_image_pieces_are_tokenized_as_llava_does(prepend_scheme):
     whole = [tokenizer.token_to_id("<s>")] + [IMAGE_TOKEN_INDEX if i == tokenizer.token_to_id("<image>") else i
                                              for i in whole]
     assert (whole == input_ids) == (prepend_scheme == "always")
+
+
+def test_encoder_decoder_items_are_one_answer_each(tmp_path, tokenizer):
+    """T5's prefix-LM split: each answer an item; the encoder reads everything before it, without
+    BOS, earlier answers included; the decoder's labels are the answer and its EOS. Joined, the
+    two are the decoder-only rendering without BOS."""
+    path, folder = write_world(tmp_path, GOOD_RECORDS)
+    decoder_only = make_dataset(path, folder, tokenizer)
+    split = make_dataset(path, folder, tokenizer, encoder_decoder=True)
+    assert len(split) == 5 and split.has_image == [True, True, False, True, True]
+    bos, eos = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
+    first, second = split[0], split[1]
+    assert bos not in first["input_ids"].tolist() and first["labels"][-1] == eos
+    assert tokenizer.decode(first["labels"].tolist()).strip() == "The circle is red."
+    assert "The circle is red." in tokenizer.decode(second["input_ids"].tolist())
+    assert tokenizer.decode(second["labels"].tolist()).strip() == "There are 3 squares."
+    whole = decoder_only[0]["input_ids"].tolist()
+    assert second["input_ids"].tolist() + second["labels"].tolist() == whole[1:]
+    assert (first["input_ids"] == IMAGE_TOKEN_INDEX).sum() == NUM_IMAGE_TOKENS
+    with pytest.raises(data.DataError, match="no supervised token"):
+        data.split_for_encoder_decoder([5, 6], [data.IGNORE_INDEX] * 2, eos)
+    assert data.split_for_encoder_decoder([5, 6, 7], [data.IGNORE_INDEX, 6, 7], eos) == ([5], [6, 7, eos])
+
+
+def test_prefix_lm_text_items_split_each_chunk_once(tmp_path, tokenizer):
+    text_path = tmp_path / "text.jsonl"
+    text_path.write_text("".join(json.dumps({"text": text}) + "\n" for text in
+                                 ["There are 3 squares. " * 4, "red", "The circle is red."]))
+    texts = data.TextDataset(str(text_path), tokenizer, max_seq_len=12, prefix_lm=True, seed=1)
+    eos = tokenizer.token_to_id("</s>")
+    document = tokenizer.encode("There are 3 squares. " * 4, add_special_tokens=False).ids + [eos]
+    items = [texts[index] for index in range(len(texts))]
+    assert all(len(item["input_ids"]) >= 1 and len(item["labels"]) >= 1 for item in items)
+    rejoined = [item["input_ids"].tolist() + item["labels"].tolist() for item in items]
+    joined = sum(rejoined[:len(rejoined) - 2], [])  # the first document's chunks: no BOS, each token once,
+    assert joined == document[:len(joined)] and len(document) - len(joined) <= 1  # but a 1-token tail
+    again = data.TextDataset(str(text_path), tokenizer, max_seq_len=12, prefix_lm=True, seed=1)
+    other = data.TextDataset(str(text_path), tokenizer, max_seq_len=12, prefix_lm=True, seed=2)
+    assert again.split_points == texts.split_points != other.split_points

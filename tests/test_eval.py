@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import eval as evaluation
 from eval import load_task
 from metrics import (box_iou, cider_d, circular_accuracy, evalai_answer, normalize_vqa_answer, parse_box, parse_choice,
@@ -657,3 +658,47 @@ def test_describe_first_describes_only_questions_with_an_image(tiny_model, world
     # Each image question: one description (a one-turn dialogue), then the question after it (two turns).
     assert sorted(asked) == [("1", 1), ("1", 2), ("2", 1), ("3", 1), ("3", 2), ("4", 1)]
     assert descriptions[1] == descriptions[3] == ""
+
+
+@pytest.fixture(scope="module")
+def tiny_flan_t5_model(tiny_model):
+    """BLIP-2-FlanT5 in miniature, on tiny_model's tokenizer and tower: queries + prompt into a T5
+    encoder, the answer from its decoder."""
+    from connectors import QFormerConfig
+    from model import MLLM, MLLMConfig, T5Config
+    llava, tokenizer = tiny_model
+    torch.manual_seed(1)
+    ids = {token: tokenizer.token_to_id(token) for token in ("<pad>", "</s>", "<image>")}
+    config = MLLMConfig(
+        vision_config=llava.config.vision_config, projector_type="qformer", num_query_tokens=3,
+        qformer_config=QFormerConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
+                                     encoder_hidden_size=32),
+        text_config=T5Config(vocab_size=tokenizer.get_vocab_size(), d_model=32, d_kv=8, d_ff=48, num_layers=2,
+                             num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                             pad_token_id=ids["<pad>"], decoder_start_token_id=ids["<pad>"], eos_token_id=ids["</s>"]),
+        image_token_index=ids["<image>"], pad_token_id=ids["<pad>"], vision_feature_layer=-1,
+        vision_feature_select_strategy="full")
+    return MLLM(config).eval(), tokenizer
+
+
+@pytest.mark.parametrize("style", ["llava15", "instructblip"])
+def test_an_encoder_decoder_is_asked_and_scored_as_it_trains(tiny_flan_t5_model, world, style):
+    """T5's prompt has no BOS and goes to the encoder; a candidate's score is the decoder's
+    log-likelihood of it (the loss model() reports, times its tokens); batched equals one by one."""
+    model, tokenizer = tiny_flan_t5_model
+    prompt_style = evaluation.PROMPT_STYLES[style]
+    evaluator = evaluation.Evaluator(model, tokenizer, prompt_style)
+    samples = load_task("mc", world, "test")[:3]
+    dialogues = [[(evaluation.user_message("rank", s, prompt_style), None)] for s in samples]
+    prompt, _ = evaluator.encode_dialogue(dialogues[0], None)
+    assert tokenizer.token_to_id("<s>") not in prompt and prompt.count(model.config.image_token_index) == 3
+    batched = evaluator.rank_choices(samples, dialogues)
+    for choice, score in zip(samples[0].choices, batched[0]):
+        ids, labels = evaluator.encode_dialogue(dialogues[0], choice)
+        encoder_ids, target = data.split_for_encoder_decoder(ids, labels, tokenizer.token_to_id("</s>"))
+        with torch.no_grad():
+            _, mean_loss = model(torch.tensor([encoder_ids]), pixel_values=evaluator.pixel_values(samples[:1]),
+                                 labels=torch.tensor([target]))
+        assert score == pytest.approx(-mean_loss.item() * len(target), rel=1e-4, abs=1e-4)
+    answers = evaluator.generate(samples, dialogues, max_new_tokens=4)
+    assert answers == [evaluator.generate([s], [d], max_new_tokens=4)[0] for s, d in zip(samples, dialogues)]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train
-from model import LanguageModel, MLLM
+from model import MLLM, LanguageModel, T5LanguageModel
 from vision import CLIPModel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +26,8 @@ def smoke_config(name: str, world: Path, out: Path, tmp_path: Path) -> Path:
              # The Q-Former recipes start from the main job's towers too; instructblip execs blip2.
              "shapes_blip2.py": {'"out/shapes_blip2"': f'"{out.with_name("blip2")}"',
                                  '"out/shapes_llava15/': f'"{out}/'},
-             "shapes_instructblip.py": {'"out/shapes_instructblip"': f'"{out.with_name("instructblip")}"'}}[name]
+             "shapes_instructblip.py": {'"out/shapes_instructblip"': f'"{out.with_name("instructblip")}"'},
+             "shapes_instructblip_flant5.py": {'"out/shapes_instructblip_flant5"': f'"{out.with_name("flant5")}"'}}[name]
     for original, moved in moves.items():
         assert original in text, f"configs/{name} no longer holds {original}"
         text = text.replace(original, moved)
@@ -94,3 +95,20 @@ def test_qformer_recipes_reuse_the_towers(recipe, name):
     assert (out / "finetune" / "qformer_tokenizer.json").is_file()
     pretrained = LanguageModel.from_pretrained(str(recipe / "llava15" / "lm")).state_dict()
     assert all(torch.equal(value, pretrained[key]) for key, value in model.language_model.state_dict().items())
+
+
+def test_flan_t5_recipe_trains_a_t5_and_puts_it_behind_the_qformer(recipe):
+    """A T5 from scratch as a prefix LM, BLIP-2's stage 1, then InstructBLIP before the frozen T5;
+    eval asks the encoder-decoder the same questions, with and without the image."""
+    for name in ("shapes_blip2.py", "shapes_instructblip.py"):
+        smoke_config(name, recipe / "world", recipe / "llava15", recipe)
+    config = smoke_config("shapes_instructblip_flant5.py", recipe / "world", recipe / "llava15", recipe)
+    train.main([str(config), *SMOKE])
+    out = recipe / "flant5"
+    check_results(json.loads((out / "results.json").read_text()))
+    t5 = T5LanguageModel.from_pretrained(str(out / "t5"))
+    model = MLLM.from_pretrained(str(out / "finetune"))
+    assert isinstance(model.language_model, T5LanguageModel) and model.multi_modal_projector.takes_instruction
+    pretrained = t5.state_dict()
+    assert all(torch.equal(value, pretrained[key]) for key, value in model.language_model.state_dict().items())
+    assert len((out / "logs" / "finetune.jsonl").read_text().splitlines()) == 2

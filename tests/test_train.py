@@ -103,6 +103,18 @@ def test_split_batch_keeps_images_with_their_rows():
     assert second["pixel_values"].tolist() == [[2.0]]
 
 
+def test_split_batch_cuts_an_encoder_decoders_labels_to_their_own_length():
+    """T5's labels are the decoder's: as long as the longest answer of the chunk, not the prompt."""
+    batch = {"input_ids": torch.tensor([[7, 9, 9, 4, 4], [5, 5, 0, 0, 0], [9, 9, 1, 2, 0], [3, 0, 0, 0, 0]]),
+             "labels": torch.tensor([[4, 1, -100], [6, 6, 1], [8, 1, -100], [1, -100, -100]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0]]),
+             "pixel_values": torch.tensor([[1.0], [2.0]])}
+    first, second = train.split_batch(batch, 2, image_token_index=9, encoder_decoder=True)
+    assert first["input_ids"].shape == (2, 5) and first["labels"].tolist() == [[4, 1, -100], [6, 6, 1]]
+    assert second["input_ids"].shape == (2, 4) and second["labels"].tolist() == [[8, 1], [1, -100]]
+    assert second["pixel_values"].tolist() == [[2.0]]
+
+
 def test_resume_continues_exactly(world, tiny_checkpoint, tmp_path):
     straight = tmp_path / "straight"
     train.main([str(write_config(tmp_path / "a.py", world, tiny_checkpoint, straight))])
