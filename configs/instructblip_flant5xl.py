@@ -12,18 +12,11 @@ beta2 0.999, weight decay 0.05, 1,000 warmup steps to 1e-5, cosine decay to 0). 
                                     holds it) and with BLIP-2's dense_act_fn "gelu" in config.json
   data/instructions.json            the instruction mixture in LLaVA's JSON
 InstructBLIP feeds the T5 the bare instruction after the queries; train.py's conversations are
-chat templates, so the instruction sits in vicuna_v1's chat here (as in instructblip_vicuna7b.py).
+chat templates, so the instruction sits in vicuna_v1's chat here (as in instructblip_vicuna7b.py,
+whose stage this is with the T5 and its batch).
 """
+exec(open(__file__.replace("instructblip_flant5xl.py", "instructblip_vicuna7b.py")).read())
+
 out_dir = "out/instructblip_flant5xl"
 tokenizer = "checkpoints/flan-t5-xl"
-qformer_tokenizer = "checkpoints/bert-base-uncased-dec/tokenizer.json"
-model = dict(projector_type="qformer", qformer_config=dict(use_qformer_text_input=True), image_aspect_ratio="square")
-
-stages = [
-    dict(name="instruct", init="components", vision_path="checkpoints/blip2-itm-vit-g",
-         language_path="checkpoints/flan-t5-xl", data="data/instructions.json", image_folder="data/images",
-         template="vicuna_v1", max_seq_len=512,  # LAVIS: max_txt_len 128 + max_output_txt_len 256
-         trainable=[r"^multi_modal_projector\.", r"^vision_tower\.post_layernorm\."],
-         learning_rate=1e-5, warmup_steps=1000, weight_decay=0.05, betas=(0.9, 0.999),
-         global_batch_size=192, micro_batch_size=24, max_steps=60_000),
-]
+stages = [dict(stages[0], language_path="checkpoints/flan-t5-xl", global_batch_size=192, micro_batch_size=24)]
