@@ -10,11 +10,14 @@ Reading order of this file:
 1. TextConfig and the LLaMA decoder (layers.py's pre-LN block with RMSNorm, rotary positions,
    SwiGLU and GQA); LanguageModel = decoder + head in the LlamaForCausalLM key layout, with the
    three methods decoding.py's searches call (new_cache, prefill, decode_step);
-2. the losses: next-token cross-entropy on supervised positions, per-row likelihoods;
-3. MLLMConfig and MLLM: vision tower -> connector -> features written into the image-token
-   positions -> LanguageModel;
-4. checkpoints: loading and saving through checkpoints.py's layout tables, and the config.json
-   translations of llava-hf and original LLaVA.
+2. T5Config and T5 v1.1 / Flan-T5 (the same blocks, with relative position buckets, unscaled
+   attention, GeGLU and cross-attention in the decoder): T5LanguageModel, the encoder-decoder LLM
+   of BLIP-2-FlanT5, InstructBLIP-FlanT5 and LION, with the same three methods;
+3. the losses: next-token cross-entropy on supervised positions, per-row likelihoods;
+4. MLLMConfig and MLLM: vision tower -> connector -> features written into the image-token
+   positions -> the LLM (for T5, its encoder);
+5. checkpoints: loading and saving through checkpoints.py's layout tables, and the config.json
+   translations of llava-hf, BLIP-2 / InstructBLIP and original LLaVA.
 """
 from __future__ import annotations
 
@@ -31,9 +34,8 @@ from torch.utils.checkpoint import checkpoint
 import decoding
 from adapters import merged_state_dict
 from checkpoints import (BLIP2_LAYOUT, INSTRUCTBLIP_LAYOUT, LLAMA_LAYOUT, LLAVA_HF_LAYOUT, MLLM_LAYOUTS,
-                         ORIGINAL_LLAVA_LAYOUT, T5_LAYOUT, JsonConfig, Layout, detect_layout, load_state_strict, read_checkpoint,
-                         read_config_json,
-                         state_to_ours, state_to_theirs, write_checkpoint)
+                         ORIGINAL_LLAVA_LAYOUT, T5_LAYOUT, JsonConfig, Layout, detect_layout, load_state_strict,
+                         read_checkpoint, read_config_json, state_to_ours, state_to_theirs, write_checkpoint)
 from connectors import QFormerConfig, QFormerStage1, bert_initialization, build_connector
 from layers import (IGNORE_INDEX, Attention, GatedFeedForward, PreNormBlock, RMSNorm, activation_named,
                     additive_mask, causal_attention_mask, rotary_cos_sin)

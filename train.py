@@ -317,8 +317,6 @@ def build_model(stage: StageConfig, config: TrainConfig, previous: Path | None, 
     """The stage's starting model: from the previous stage, from components, from scratch or a path."""
     out_dir = Path(config.out_dir)
     model_class = {"mllm": MLLM, "clip": CLIPModel, "lm": LanguageModel, "qformer": QFormerStage1}[stage.objective]
-    if stage.objective not in ("lm", "mllm") and stage.architecture.get("model_type") == "t5":
-        raise ValueError(f"stage {stage.name!r}: a T5 architecture is for the lm objective")
     if stage.init == "scratch":
         architecture = {"vocab_size": tokenizer.get_vocab_size(), **stage.architecture}
         if stage.objective == "clip":
