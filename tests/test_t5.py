@@ -75,17 +75,21 @@ def test_logits_and_loss_match_transformers(saved):
     torch.testing.assert_close(loss, expected.loss, atol=1e-5, rtol=0)
 
 
-def test_greedy_and_beam_search_match_transformers(saved):
+def test_greedy_beam_search_and_sampling_match_transformers(saved):
     """transformers' own cache breaks when the decoder is deeper than the encoder (it sizes the
-    cache by the encoder), so its side runs uncached; ours runs with its cache."""
+    cache by the encoder), so its side runs uncached; ours runs with its cache. Sampling draws
+    from the same seed."""
     reference, directory = saved
     ours = T5LanguageModel.from_pretrained(str(directory)).eval()
     input_ids, attention_mask = encoder_prompts()
-    for options in (dict(), dict(num_beams=3, length_penalty=0.7), dict(num_beams=2, no_repeat_ngram_size=2,
-                                                                         repetition_penalty=1.3)):
+    for options in (dict(do_sample=False), dict(do_sample=False, num_beams=3, length_penalty=0.7),
+                    dict(do_sample=False, num_beams=2, no_repeat_ngram_size=2, repetition_penalty=1.3),
+                    dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.2)):
+        torch.manual_seed(3)
         with torch.no_grad():
             theirs = reference.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=12,
-                                        do_sample=False, use_cache=False, **options)
+                                        use_cache=False, **options)
+        torch.manual_seed(3)
         mine = ours.generate(input_ids, attention_mask=attention_mask, max_new_tokens=12, **options)
         assert torch.equal(mine, theirs[:, 1:]), options  # theirs starts with the decoder start token
 
