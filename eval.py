@@ -32,10 +32,11 @@ from conversation import EOS_TOKEN, IMAGE_PLACEHOLDER, TEMPLATES, render_convers
 from data import (REC_PROMPT, box_from_padded_square, encode_qformer_texts, last_supervised_run, load_image,
                   load_tokenizer, pad_sequences, padded_square_box, preprocess_image, read_json, read_json_lines,
                   split_for_encoder_decoder)
-from layers import IGNORE_INDEX
+from layers import IGNORE_INDEX, row_log_likelihoods
 from metrics import (box_iou, caption_tokens, cider_d, circular_accuracy, evalai_answer, parse_box, parse_choice,
                      pope_answer, pope_metrics, vqa_accuracy)
-from model import MLLM, row_log_likelihoods
+from model import MLLM
+
 
 # ---------------------------------------------------------------------------------------------
 # Task loaders: one list of Samples per task and split, read from the public file formats

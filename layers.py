@@ -6,12 +6,14 @@ RMSNorm, two feed-forward shapes, and two block layouts (pre-LN as in CLIP and L
 in BERT and the BLIP-2 Q-Former). Submodule names are the ones the state dicts use; each
 checkpoint layout's table in checkpoints.py translates a public layout's names to these.
 
-Contents, top to bottom: activations, RMSNorm, rotary position embedding, Attention, the
-attention masks of a decoder, the feed-forward family, PreNormBlock, PostNormBlock, and
-initialize_blocks (CLIP's initialization of a stack of blocks).
+Contents, top to bottom: activations, RMSNorm, rotary position embedding and T5's relative
+position buckets, Attention, the attention masks of a decoder, the feed-forward family,
+PreNormBlock, PostNormBlock, initialize_blocks (CLIP's initialization of a stack of blocks), and
+the language-model losses.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Protocol
 
@@ -97,6 +99,27 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def relative_position_buckets(relative_position: torch.Tensor, bidirectional: bool, num_buckets: int,
+                              max_distance: int) -> torch.Tensor:
+    """T5's bucket of each key-minus-query offset (Raffel et al. 2020, sec. 2.1, "Model"): one
+    bucket per offset for the nearest num_buckets / 2, then logarithmically wider ones up to
+    max_distance, beyond which all offsets share the last bucket. Bidirectional (the encoder):
+    half the buckets are for keys after the query. Causal (the decoder): only offsets <= 0 count.
+    The arithmetic (float log, truncation to int) is mesh-tensorflow's, so buckets equal the
+    checkpoints'."""
+    buckets = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).long() * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = (-relative_position).clamp(min=0)
+    exact = num_buckets // 2
+    logarithmic = exact + (torch.log(distance.float() / exact) / math.log(max_distance / exact)
+                           * (num_buckets - exact)).long()  # distance 0 gives -inf here; torch.where drops it
+    return buckets + torch.where(distance < exact, distance, logarithmic.clamp(max=num_buckets - 1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,3 +381,40 @@ def initialize_blocks(blocks: nn.ModuleList, width: int) -> None:
                             (mlp.fc1, (2 * width) ** -0.5), (mlp.fc2, residual_projection_std)):
             nn.init.normal_(linear.weight, std=std)
             nn.init.zeros_(linear.bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+
+def shifted_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+    """Mean next-token cross-entropy over labels != IGNORE_INDEX (Eq. 3.3) of a decoder-only LLM:
+    position t predicts label t + 1. The labels shift left (padded with IGNORE_INDEX) rather than
+    the hidden states shifting right."""
+    return supervised_cross_entropy(hidden, F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX), lm_head)
+
+
+def supervised_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+    """Mean cross-entropy of the targets != IGNORE_INDEX, each predicted from the final hidden
+    state at its own position (batch, length, width), in fp32. The head runs again on the
+    supervised positions only: in LLaVA most positions (image tokens, the prompt) carry no loss,
+    and the softmax and the backward through the head over all of them cost more than this small
+    second head."""
+    targets = targets.flatten()
+    supervised = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    logits = lm_head(hidden.flatten(0, 1)[supervised])
+    return F.cross_entropy(logits.float(), targets[supervised])
+
+
+def row_log_likelihoods(logits: torch.Tensor, labels: torch.Tensor,
+                        shifted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the summed log-probability of its supervised tokens (labels != IGNORE_INDEX) and
+    how many there are, from logits (batch, length, vocab): next tokens of a decoder-only LLM
+    (`shifted`), or tokens at their own positions (an encoder-decoder's decoder). Only the
+    supervised positions go through the softmax, so memory stays (#supervised tokens, vocab),
+    not (rows, length, vocab)."""
+    targets, logits = (labels[:, 1:], logits[:, :-1]) if shifted else (labels, logits)
+    scored = targets != IGNORE_INDEX
+    token_log_probs = F.log_softmax(logits[scored].float(), dim=-1).gather(-1, targets[scored][:, None])[:, 0]
+    row_of_token = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)[scored]
+    totals = torch.zeros(labels.shape[0], device=labels.device).index_add_(0, row_of_token, token_log_probs)
+    return totals, scored.sum(1)

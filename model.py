@@ -13,16 +13,14 @@ Reading order of this file:
 2. T5Config and T5 v1.1 / Flan-T5 (the same blocks, with relative position buckets, unscaled
    attention, GeGLU and cross-attention in the decoder): T5LanguageModel, the encoder-decoder LLM
    of BLIP-2-FlanT5, InstructBLIP-FlanT5 and LION, with the same three methods;
-3. the losses: next-token cross-entropy on supervised positions, per-row likelihoods;
-4. MLLMConfig and MLLM: vision tower -> connector -> features written into the image-token
+3. MLLMConfig and MLLM: vision tower -> connector -> features written into the image-token
    positions -> the LLM (for T5, its encoder);
-5. checkpoints: loading and saving through checkpoints.py's layout tables, and the config.json
+4. checkpoints: loading and saving through checkpoints.py's layout tables, and the config.json
    translations of llava-hf, BLIP-2 / InstructBLIP and original LLaVA.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -37,8 +35,9 @@ from checkpoints import (BLIP2_LAYOUT, INSTRUCTBLIP_LAYOUT, LLAMA_LAYOUT, LLAVA_
                          ORIGINAL_LLAVA_LAYOUT, T5_LAYOUT, JsonConfig, Layout, detect_layout, load_state_strict,
                          read_checkpoint, read_config_json, state_to_ours, state_to_theirs, write_checkpoint)
 from connectors import QFormerConfig, QFormerStage1, bert_initialization, build_connector
-from layers import (IGNORE_INDEX, Attention, GatedFeedForward, PreNormBlock, RMSNorm, activation_named,
-                    additive_mask, causal_attention_mask, rotary_cos_sin)
+from layers import (IGNORE_INDEX, Attention, GatedFeedForward, PreNormBlock, RMSNorm, activation_named, additive_mask,
+                    causal_attention_mask, relative_position_buckets, rotary_cos_sin, shifted_cross_entropy,
+                    supervised_cross_entropy)
 from vision import VisionConfig, VisionTransformer, vision_config_from_dict
 
 
@@ -286,27 +285,6 @@ class T5Config(JsonConfig):
         return cls(**values)
 
 
-def relative_position_buckets(relative_position: torch.Tensor, bidirectional: bool, num_buckets: int,
-                              max_distance: int) -> torch.Tensor:
-    """T5's bucket of each key-minus-query offset (Raffel et al. 2020, sec. 2.1, "Model"): one
-    bucket per offset for the nearest num_buckets / 2, then logarithmically wider ones up to
-    max_distance, beyond which all offsets share the last bucket. Bidirectional (the encoder):
-    half the buckets are for keys after the query. Causal (the decoder): only offsets <= 0 count.
-    The arithmetic (float log, truncation to int) is mesh-tensorflow's, so buckets equal the
-    checkpoints'."""
-    buckets = torch.zeros_like(relative_position)
-    if bidirectional:
-        num_buckets //= 2
-        buckets = buckets + (relative_position > 0).long() * num_buckets
-        distance = relative_position.abs()
-    else:
-        distance = (-relative_position).clamp(min=0)
-    exact = num_buckets // 2
-    logarithmic = exact + (torch.log(distance.float() / exact) / math.log(max_distance / exact)
-                           * (num_buckets - exact)).long()  # distance 0 gives -inf here; torch.where drops it
-    return buckets + torch.where(distance < exact, distance, logarithmic.clamp(max=num_buckets - 1))
-
-
 def t5_block(config: T5Config, cross_attention: bool) -> PreNormBlock:
     """One T5 layer (Raffel et al. 2020, sec. 2.1): RMSNorm ("simplified layer normalization ...
     no additive bias"), bias-free attention with no 1/sqrt(d) scale (Mesh TensorFlow folds it into
@@ -523,44 +501,7 @@ def t5_config_for(values: dict, state: dict[str, torch.Tensor], prefix: str) -> 
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Losses
-
-def shifted_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
-    """Mean next-token cross-entropy over labels != IGNORE_INDEX (Eq. 3.3) of a decoder-only LLM:
-    position t predicts label t + 1. The labels shift left (padded with IGNORE_INDEX) rather than
-    the hidden states shifting right."""
-    return supervised_cross_entropy(hidden, F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX), lm_head)
-
-
-def supervised_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
-    """Mean cross-entropy of the targets != IGNORE_INDEX, each predicted from the final hidden
-    state at its own position (batch, length, width), in fp32. The head runs again on the
-    supervised positions only: in LLaVA most positions (image tokens, the prompt) carry no loss,
-    and the softmax and the backward through the head over all of them cost more than this small
-    second head."""
-    targets = targets.flatten()
-    supervised = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-    logits = lm_head(hidden.flatten(0, 1)[supervised])
-    return F.cross_entropy(logits.float(), targets[supervised])
-
-
-def row_log_likelihoods(logits: torch.Tensor, labels: torch.Tensor,
-                        shifted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: the summed log-probability of its supervised tokens (labels != IGNORE_INDEX) and
-    how many there are, from logits (batch, length, vocab): next tokens of a decoder-only LLM
-    (`shifted`), or tokens at their own positions (an encoder-decoder's decoder). Only the
-    supervised positions go through the softmax, so memory stays (#supervised tokens, vocab),
-    not (rows, length, vocab)."""
-    targets, logits = (labels[:, 1:], logits[:, :-1]) if shifted else (labels, logits)
-    scored = targets != IGNORE_INDEX
-    token_log_probs = F.log_softmax(logits[scored].float(), dim=-1).gather(-1, targets[scored][:, None])[:, 0]
-    row_of_token = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)[scored]
-    totals = torch.zeros(labels.shape[0], device=labels.device).index_add_(0, row_of_token, token_log_probs)
-    return totals, scored.sum(1)
-
-
-# ----------------------------------------------------------------------------------------------
-# 4. The multimodal model
+# 3. The multimodal model
 
 @dataclass
 class MLLMConfig:
@@ -782,7 +723,7 @@ class MLLM(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Checkpoints: state dicts through checkpoints.py's layout tables, and config.json translations
+# 4. Checkpoints: state dicts through checkpoints.py's layout tables, and config.json translations
 
 LANGUAGE_MODELS = (LanguageModel, T5LanguageModel)
 

@@ -36,7 +36,8 @@ import data
 import shapes
 from checkpoints import read_config_json
 from conversation import BOS_TOKEN, require_token_id
-from model import MLLM, LanguageModel, row_log_likelihoods
+from layers import row_log_likelihoods
+from model import MLLM, LanguageModel
 from vision import VisionTransformer
 
 SHAPES_TOKENIZER = "data/shapes/tokenizer.json"

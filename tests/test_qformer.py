@@ -10,22 +10,11 @@ import torch
 import transformers
 
 from checkpoints import CheckpointError
-from conftest import PAD_TOKEN, randomize, tiny_llama_config
+from conftest import (BLIP2_IMAGE_TOKEN as IMAGE_TOKEN, NUM_QUERIES, PAD_TOKEN, instructions, pixels, randomize,
+                      tiny_blip2_configs)
 from model import MLLM
 
-IMAGE_TOKEN = 125
-NUM_QUERIES = 5
 BOS = 1
-
-
-def tiny_blip2_configs() -> dict:
-    """An EVA tower of 3 blocks, a Q-Former of 3 layers crossing the image in layers 0 and 2,
-    5 queries, a LLaMA with GQA, an untied head and rope_theta 5000."""
-    return dict(vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
-                                   image_size=30, patch_size=6),
-                qformer_config=dict(vocab_size=99, hidden_size=24, num_hidden_layers=3, num_attention_heads=4,
-                                    intermediate_size=37, cross_attention_frequency=2, max_position_embeddings=40),
-                text_config=tiny_llama_config().to_dict(), num_query_tokens=NUM_QUERIES, image_token_index=IMAGE_TOKEN)
 
 
 def tiny_hf_blip2(instruct: bool, seed: int = 0):
@@ -43,15 +32,6 @@ def prompts() -> tuple[torch.Tensor, torch.Tensor]:
     rows = [image + [BOS, 5, 7, 9, 11, 13], [PAD_TOKEN, PAD_TOKEN] + image + [BOS, 17, 19, 23]]
     input_ids = torch.tensor(rows)
     return input_ids, (input_ids != PAD_TOKEN).long()
-
-
-def instructions() -> tuple[torch.Tensor, torch.Tensor]:
-    """Q-Former input ids (BERT-style [CLS] ... [SEP]), the second RIGHT-padded with id 0."""
-    return torch.tensor([[2, 14, 15, 16, 3], [2, 21, 3, 0, 0]]), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
-
-
-def pixels(seed: int = 3) -> torch.Tensor:
-    return torch.randn(2, 3, 30, 30, generator=torch.Generator().manual_seed(seed))
 
 
 def hf_forward(model, instruct: bool, input_ids, attention_mask, pixel_values):

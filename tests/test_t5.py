@@ -9,9 +9,9 @@ import safetensors.torch
 import torch
 import transformers
 
-from conftest import randomize
-from model import MLLM, T5Config, T5LanguageModel, blip2_config_to_ours, relative_position_buckets
-from test_qformer import NUM_QUERIES, instructions, pixels, tiny_blip2_configs
+from conftest import NUM_QUERIES, instructions, pixels, randomize, tiny_blip2_configs
+from layers import relative_position_buckets
+from model import MLLM, T5Config, T5LanguageModel, blip2_config_to_ours
 
 VOCAB = 60
 EOS = 1
