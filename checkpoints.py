@@ -369,12 +369,13 @@ def t5_rules(theirs: str, ours: str) -> Layout:
                   Rule(f"{block}{feed_forward}.layer_norm.weight", f"{ours_block}post_attention_layernorm.weight")]
         rules += [Rule(f"{block}{feed_forward}.DenseReluDense.{name}.weight", f"{ours_block}mlp.{projection}.weight")
                   for name, projection in (("wi_0", "gate_proj"), ("wi_1", "up_proj"), ("wo", "down_proj"))]
-        attentions = [("0.SelfAttention", "self_attn")] + ([("1.EncDecAttention", "cross_attn")] if stack == "decoder" else [])
-        for theirs_attention, ours_attention in attentions:
-            rules += [Rule(f"{block}{theirs_attention}.{name}.weight", f"{ours_block}{ours_attention}.{name}_proj.weight")
-                      for name in "qkvo"]
+        attentions = [("0.SelfAttention", "self_attn")]
         if stack == "decoder":
+            attentions.append(("1.EncDecAttention", "cross_attn"))
             rules.append(Rule(f"{block}1.layer_norm.weight", f"{ours_block}cross_attn_layernorm.weight"))
+        for theirs_name, ours_name in attentions:
+            rules += [Rule(f"{block}{theirs_name}.{name}.weight", f"{ours_block}{ours_name}.{name}_proj.weight")
+                      for name in "qkvo"]
     return tuple(rules)
 
 
