@@ -675,7 +675,7 @@ class TextDataset(torch.utils.data.Dataset):
         self.lengths = [end - begin for begin, end in self.chunks]
         self.has_image = [False] * len(self.chunks)
         generator = np.random.default_rng(seed)
-        self.split_points = [int(generator.integers(1, length)) for length in self.lengths]
+        self.split_points = [int(generator.integers(1, length)) for length in self.lengths] if prefix_lm else []
 
     def __len__(self) -> int:
         return len(self.chunks)
