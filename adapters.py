@@ -1,4 +1,4 @@
-"""Parameter-efficient finetuning: LoRA by hand, and the one freeze/unfreeze helper.
+"""Parameter-efficient finetuning: LoRA, LION's mixture of adapters, and the one freeze/unfreeze helper.
 
 LoRA (Hu et al. 2021, eq. 3): a frozen linear map W gets a trainable low-rank update,
 h = W x + (alpha / r) * B A x, with A (r x in) initialized like a Linear (Kaiming uniform) and
@@ -6,6 +6,15 @@ B (out x r) zero, so training starts from exactly the base model. LLaVA-1.5's Lo
 official scripts/v1_5/finetune_lora.sh; the dissertation
 itself does not describe it): rank 128, alpha 256, dropout 0.05, on all linear layers of the LLM
 (LLAVA15_LORA_TARGETS), projector trained fully, lr 2e-4.
+
+LION's mixture of adapters ("LION: Empowering MLLM with Dual-Level Visual Knowledge", sec.
+3.1.2, eqs. 1-3): a bottleneck adapter beside every feed-forward block of the LLM, reading the
+block's input X, O = F(X) + H(X) with H(X) = W_u ReLU(W_d X) (eq. 2); one adapter per task level
+(region-level: REC / REG; image-level: captions, VQA) and a router of per-channel gate vectors
+per task level, O^t = F(X) + sum_k G_k^t * H_k(X) (eq. 3). The batch's task level picks the gate
+row (`routed_to`).
+
+Both kinds are put into a model by one loop over module names (`matching_modules`).
 
 Checkpoints: `MLLM.save_pretrained` always writes merged weights (`merged_state_dict`), so a
 LoRA-finetuned model is saved as a plain LLaVA checkpoint that any loader, transformers included,
@@ -15,10 +24,14 @@ from __future__ import annotations
 
 import math
 import re
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from layers import PreNormBlock
 
 # Every linear layer of the LLaMA decoder (attention and MLP projections), not the head.
 LLAVA15_LORA_TARGETS = [r"language_model\.model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$"]
@@ -67,15 +80,22 @@ class LoRALinear(nn.Module):
             self.merged = False
 
 
+def matching_modules(model: nn.Module, patterns: list[str], kind: type[nn.Module]) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every `kind` module whose full name matches one of the regexes (re.search);
+    an error when none does, so a typo in a pattern never trains nothing."""
+    found = [(name, module) for name, module in model.named_modules()
+             if isinstance(module, kind) and any(re.search(p, name) for p in patterns)]
+    if not found:
+        raise ValueError(f"no {kind.__name__} module name matches {patterns}")
+    return found
+
+
 def apply_lora(model: nn.Module, target_patterns: list[str], rank: int = 128, alpha: float = 256,
                dropout: float = 0.05) -> list[str]:
     """Replace every nn.Linear whose full module name matches one of the regexes (re.search) by a
     LoRALinear; returns the wrapped names. Defaults are LLaVA-1.5's recipe (r 128, alpha 256,
     dropout 0.05). Freezing is separate: see set_trainable."""
-    names = [name for name, module in model.named_modules()
-             if isinstance(module, nn.Linear) and any(re.search(p, name) for p in target_patterns)]
-    if not names:
-        raise ValueError(f"apply_lora: no nn.Linear matches {target_patterns}")
+    names = [name for name, _ in matching_modules(model, target_patterns, nn.Linear)]
     for name in names:
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -123,3 +143,87 @@ def set_trainable(model: nn.Module, patterns: list[str]) -> list[str]:
     if patterns and not trainable:
         raise ValueError(f"set_trainable: no parameter name matches {patterns}")
     return trainable
+
+
+# ----------------------------------------------------------------------------------------------
+# LION's mixture of adapters (sec. 3.1.2)
+
+# The router's task levels, numbered as the official code's `router_idx`.
+TASK_LEVELS = {"region": 0, "image": 1}
+
+
+class BottleneckAdapter(nn.Module):
+    """H(X) = W_u ReLU(W_d X) (LION eq. 2), times a learnable scalar `scale` (the official
+    "learnable_scalar", 1 at the start). Initialized as LoRA is: the down projection like an
+    nn.Linear, the up projection and its bias zero, so an inserted adapter changes nothing until
+    it trains."""
+
+    def __init__(self, width: int, bottleneck: int = 64):
+        super().__init__()
+        self.down_proj = nn.Linear(width, bottleneck)
+        self.up_proj = nn.Linear(bottleneck, width)
+        self.scale = nn.Parameter(torch.ones(1))
+        nn.init.zeros_(self.down_proj.bias)
+        nn.init.zeros_(self.up_proj.weight)
+        nn.init.zeros_(self.up_proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up_proj(F.relu(self.down_proj(x))) * self.scale
+
+
+class AdapterRouter(nn.Module):
+    """sum_k G_k^t * H_k(X) (LION eq. 3): one adapter per task level and `router_gates` (adapters,
+    task levels, width), the per-channel gate G_k^t of adapter k for task level t, one-hot at the
+    start (level t reads adapter t alone: the two adapters of stages 1 and 2 meet in stage 3 as
+    they were trained). `task_level` is an int for the whole batch or a (batch,) tensor, set by
+    `routed_to`. Without `learned_gates`, the gates are fixed at one: every adapter is added
+    whatever the task (LION's "directly incorporating multiple adapters", Table 3's ablation)."""
+
+    def __init__(self, width: int, bottleneck: int = 64, num_adapters: int = 2, learned_gates: bool = True):
+        super().__init__()
+        self.adapters = nn.ModuleList(BottleneckAdapter(width, bottleneck) for _ in range(num_adapters))
+        gates = torch.ones(num_adapters, len(TASK_LEVELS), width)
+        if learned_gates:
+            gates = torch.zeros_like(gates)
+            for level in range(min(num_adapters, len(TASK_LEVELS))):
+                gates[level, level] = 1.0
+        self.router_gates = nn.Parameter(gates, requires_grad=learned_gates)
+        self.learned_gates = learned_gates
+        self.task_level: int | torch.Tensor = TASK_LEVELS["image"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        level = self.task_level
+        gates = self.router_gates[:, level]  # (adapters, width), or (adapters, batch, width)
+        if isinstance(level, torch.Tensor):
+            # Beam search repeats each sample's rows in place (decoding.KVCache.repeat_rows).
+            gates = gates.repeat_interleave(x.shape[0] // gates.shape[1], dim=1)[:, :, None]
+        return sum(gate * adapter(x) for gate, adapter in zip(gates, self.adapters))
+
+
+def insert_parallel_adapters(model: nn.Module, block_patterns: list[str], bottleneck: int = 64,
+                             num_adapters: int = 2, learned_gates: bool = True) -> list[str]:
+    """Give every PreNormBlock whose name matches `block_patterns` an AdapterRouter beside its
+    feed-forward (LION sets one in every T5 FFN, encoder and decoder; a LLaMA decoder layer's MLP
+    takes it the same way). Returns the block names."""
+    found = matching_modules(model, block_patterns, PreNormBlock)
+    for _, block in found:
+        width = block.post_attention_layernorm.weight.shape[0]
+        parameter = block.post_attention_layernorm.weight
+        block.parallel_adapter = AdapterRouter(width, bottleneck, num_adapters, learned_gates).to(
+            device=parameter.device, dtype=parameter.dtype)
+    return [name for name, _ in found]
+
+
+@contextmanager
+def routed_to(model: nn.Module, task_level: int | torch.Tensor | None) -> Iterator[None]:
+    """Within the block, every AdapterRouter of `model` reads the gates of `task_level`
+    (TASK_LEVELS' numbers; a (batch,) tensor gives each sample its own). None: image-level, the
+    level of a sample that names none."""
+    routers = [module for module in model.modules() if isinstance(module, AdapterRouter)]
+    for router in routers:
+        router.task_level = TASK_LEVELS["image"] if task_level is None else task_level
+    try:
+        yield
+    finally:
+        for router in routers:
+            router.task_level = TASK_LEVELS["image"]

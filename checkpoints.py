@@ -117,9 +117,10 @@ def save_safetensors(state: dict[str, torch.Tensor], path: str | Path) -> None:
     os.replace(temporary, path)
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config.json, all tensors) of a checkpoint directory (single or sharded safetensors)."""
-    return read_config_json(path), load_safetensors(path)
+def read_checkpoint(path: str | Path, config: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config.json, all tensors) of a checkpoint directory (single or sharded safetensors);
+    without `config`, ({}, tensors): a converted release that ships no config.json."""
+    return read_config_json(path) if config else {}, load_safetensors(path)
 
 
 def write_checkpoint(path: str | Path, config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
@@ -273,6 +274,14 @@ def add_batch_axis(tensor: torch.Tensor) -> Tensors:
     return (tensor[None],)
 
 
+def stack(*tensors: torch.Tensor) -> Tensors:
+    return (torch.stack(tensors),)
+
+
+def unstack(stacked: torch.Tensor) -> Tensors:
+    return tuple(stacked.unbind(0))
+
+
 def transpose(weight: torch.Tensor) -> Tensors:
     """(in, out) <-> (out, in): layouts that store linear maps as x @ W (Conv1D-style)."""
     return (weight.t().contiguous(),)
@@ -338,20 +347,47 @@ def eva_tower_rules(theirs: str, ours: str) -> Layout:
 
 
 def qformer_rules(theirs: str, ours: str, embeddings: str) -> Layout:
-    """transformers' Q-Former under `theirs` -> our connectors.QFormer under `ours`. Where its
-    word/position embeddings and their LayerNorm live differs by model: `embeddings` is
-    "qformer" for InstructBLIP (`qformer.embeddings.{word,position}_embeddings`,
-    `qformer.embeddings.layernorm`), "root" for Blip2ForImageTextRetrieval (top-level
-    `embeddings.*`, `qformer.layernorm`), "none" for BLIP-2 generation (`qformer.layernorm` only)."""
-    if embeddings not in ("qformer", "root", "none"):
-        raise ValueError(f"qformer_rules: embeddings must be 'qformer', 'root' or 'none', not {embeddings!r}")
-    home = {"qformer": f"{theirs}embeddings.", "root": "embeddings.", "none": None}[embeddings]
-    layernorm = f"{theirs}embeddings.layernorm.*" if embeddings == "qformer" else f"{theirs}layernorm.*"
+    """A Q-Former under `theirs` -> our connectors.QFormer under `ours`. Where its word/position
+    embeddings and their LayerNorm live differs by model: `embeddings` is "qformer" for
+    InstructBLIP (`qformer.embeddings.{word,position}_embeddings`, `qformer.embeddings.layernorm`),
+    "root" for Blip2ForImageTextRetrieval (top-level `embeddings.*`, `qformer.layernorm`), "none"
+    for BLIP-2 generation (`qformer.layernorm` only), "lavis" for LAVIS and the code built on it
+    (LION, Lyrics: `Qformer.bert.embeddings.LayerNorm`, BERT's `attention.self.*` names)."""
+    if embeddings not in ("qformer", "root", "none", "lavis"):
+        raise ValueError(f"qformer_rules: embeddings must be 'qformer', 'root', 'none' or 'lavis', not {embeddings!r}")
+    home = {"qformer": f"{theirs}embeddings.", "lavis": f"{theirs}embeddings.", "root": "embeddings.",
+            "none": None}[embeddings]
+    layernorm = {"qformer": f"{theirs}embeddings.layernorm.*",
+                 "lavis": f"{theirs}embeddings.LayerNorm.*"}.get(embeddings, f"{theirs}layernorm.*")
     rules = (Rule(layernorm, f"{ours}layernorm.*"),)
     if home is not None:
         rules += tuple(Rule(f"{home}{table}.*", f"{ours}{table}.*")
                        for table in ("word_embeddings", "position_embeddings"))
-    return rules + bert_layer_rules(f"{theirs}encoder.layer.*.", f"{ours}layers.*.", attention="attention")
+    return rules + bert_layer_rules(f"{theirs}encoder.layer.*.", f"{ours}layers.*.",
+                                    attention="self" if embeddings == "lavis" else "attention")
+
+
+def lavis_eva_rules(theirs: str, ours: str) -> Layout:
+    """LAVIS's EVA ViT-g (`lavis/models/eva_vit.py`, as LION and Lyrics keep it) under `theirs` ->
+    our VisionTransformer under `ours`: fused `qkv.weight` with separate `q_bias` / `v_bias`,
+    `norm1` / `norm2`, `attn.proj`, a (1, 1, D) `cls_token` and a (1, N, D) `pos_embed`. It has
+    no final norm: BLIP-2's `ln_vision` is a root module (our tower's post_layernorm)."""
+    block, ours_block = f"{theirs}blocks.*.", f"{ours}encoder.layers.*."
+    return (
+        Rule(f"{theirs}cls_token", f"{ours}embeddings.class_embedding", to_ours=flatten, to_theirs=as_one_token),
+        Rule(f"{theirs}pos_embed", f"{ours}embeddings.position_embedding.weight",
+             to_ours=drop_batch_axis, to_theirs=add_batch_axis),
+        Rule(f"{theirs}patch_embed.proj.*", f"{ours}embeddings.patch_embedding.*"),
+        Rule(f"{block}attn.qkv.weight", tuple(f"{ours_block}self_attn.{name}_proj.weight" for name in "qkv"),
+             to_ours=split_in_three, to_theirs=join_three),
+        Rule(f"{block}attn.q_bias", f"{ours_block}self_attn.q_proj.bias"),
+        Rule(f"{block}attn.v_bias", f"{ours_block}self_attn.v_proj.bias"),
+        Rule(f"{block}attn.proj.*", f"{ours_block}self_attn.o_proj.*"),
+        Rule(f"{block}norm1.*", f"{ours_block}input_layernorm.*"),
+        Rule(f"{block}norm2.*", f"{ours_block}post_attention_layernorm.*"),
+        Rule(f"{block}mlp.*", f"{ours_block}mlp.*"),
+        Rule(f"{theirs}*", f"{ours}*"),
+    )
 
 
 def t5_rules(theirs: str, ours: str) -> Layout:
@@ -440,6 +476,33 @@ BLIP2_RETRIEVAL_LAYOUT = eva_tower_rules("vision_model.", "vision_tower.") + (
     Rule("itm_head.*", "itm_head.*"),
 ) + qformer_rules("qformer.", "qformer.", embeddings="root")
 
+# LION (JiuTian-LION's lion_t5.py, LAVIS names): the EVA tower with `ln_vision`, InstructBLIP's
+# Q-Former (`query_tokens`, `Qformer.bert.*`, `t5_proj`), the vision aggregator (`fusion_adapter`:
+# HF BertLayers; `ln_adapter`; `adapter_proj` = Sequential(Linear, GELU, Linear)), the soft prompt,
+# and the Flan-T5 (`t5_model.*`) with an AdapterRouter in every feed-forward (`layer.1` of an
+# encoder block, `layer.2` of a decoder block), whose two gate rows per adapter are
+# `router_ratio1` / `router_ratio2` there and one (adapters, levels, width) tensor here. A LLaMA
+# LLM (this codebase's decoder-only LION) sits under `llm_model.` with our names.
+LION_LAYOUT: Layout = (
+    Rule("ln_vision.*", "vision_tower.post_layernorm.*"),
+    *lavis_eva_rules("visual_encoder.", "vision_tower."),
+    Rule("query_tokens", "multi_modal_projector.query_tokens"),
+    Rule("t5_proj.*", "multi_modal_projector.language_projection.*"),
+    Rule("ln_adapter.*", "multi_modal_projector.vision_aggregator.layernorm.*"),
+    Rule("adapter_proj.0.*", "multi_modal_projector.aggregator_projector.linear_1.*"),
+    Rule("adapter_proj.2.*", "multi_modal_projector.aggregator_projector.linear_2.*"),
+    Rule("soft_prompt_hint", "soft_prompt_hint"),
+    *bert_layer_rules("fusion_adapter.blocks.*.", "multi_modal_projector.vision_aggregator.blocks.*.", attention="self"),
+    *(rule for stack_name, feed_forward in (("encoder", 1), ("decoder", 2)) for rule in (
+        Rule(f"t5_model.{stack_name}.block.*.layer.{feed_forward}.adapter.adapters.*",
+             f"language_model.{stack_name}.layers.*.parallel_adapter.adapters.*"),
+        Rule(tuple(f"t5_model.{stack_name}.block.*.layer.{feed_forward}.adapter.router_ratio{k}" for k in (1, 2)),
+             f"language_model.{stack_name}.layers.*.parallel_adapter.router_gates", to_ours=stack, to_theirs=unstack))),
+    *t5_rules("t5_model.", "language_model."),
+    Rule("llm_model.*", "language_model.*"),
+    *qformer_rules("Qformer.bert.", "multi_modal_projector.qformer.", embeddings="lavis"),
+)
+
 # Keys that hold no weights of their own in any layout: older transformers saved CLIP's arange
 # position ids, T5 checkpoints may repeat the shared embedding under each stack's name, and old
 # ones carry an unused position bias in the first cross-attention (transformers ignores it too).
@@ -449,6 +512,8 @@ IGNORED_KEY_SUFFIXES: tuple[str, ...] = ("embeddings.position_ids", "encoder.emb
 # The layouts MLLM.from_pretrained reads, each recognised by a key prefix only it has, checked
 # in this order.
 MLLM_LAYOUTS: dict[str, tuple[str, Layout]] = {
+    "LION (LAVIS names: visual_encoder.*, ln_vision, Qformer.bert.*, fusion_adapter.*, t5_model.*)":
+        ("Qformer.bert.", LION_LAYOUT),
     "BLIP-2 (vision_model.*, query_tokens, qformer.layernorm, language_projection.*, language_model.*)":
         ("qformer.layernorm.", BLIP2_LAYOUT),
     "InstructBLIP (vision_model.*, query_tokens, qformer.embeddings.*, language_projection.*, language_model.*)":
@@ -485,6 +550,131 @@ def state_to_ours(state: dict[str, torch.Tensor], layout: Layout) -> dict[str, t
 
 def state_to_theirs(state: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
     return convert_keys(state, layout, to="theirs")
+
+
+# ----------------------------------------------------------------------------------------------
+# config.json translations: a public config.json <-> the fields of model.MLLMConfig, nested
+# configs as their config.json dicts (MLLMConfig builds them; `config` below is an MLLMConfig)
+
+# LION's MLLMConfig fields, kept in its config.json beside InstructBLIP's.
+LION_FIELDS = ("aggregator_config", "visual_input", "num_adapters", "adapter_bottleneck", "adapter_router",
+               "hint_token_index")
+
+
+def llava_hf_config_fields(values: dict[str, Any]) -> dict[str, Any]:
+    """From a llava-hf config.json. Fields transformers' LlavaConfig lacks (projector_type,
+    image_aspect_ratio) are our extra keys; without them the llava-hf projector is LLaVA-1.5's MLP
+    and the aspect ratio LLaVA-1.5's padding."""
+    if values.get("projector_hidden_act", "gelu") != "gelu":
+        raise ValueError(f"projector_hidden_act {values['projector_hidden_act']!r} is not supported (only gelu)")
+    if not isinstance(values.get("vision_feature_layer", -2), int):
+        raise ValueError("vision_feature_layer must be one layer index (several layers are not supported)")
+    text = values.get("text_config", {})
+    return dict(
+        vision_config={"model_type": "clip_vision_model", **values.get("vision_config", {})}, text_config=text,
+        projector_type=values.get("projector_type", "mlp2x_gelu"),
+        image_token_index=values.get("image_token_index", values.get("image_token_id", 32000)),
+        pad_token_id=values.get("pad_token_id", text["pad_token_id"] if text.get("pad_token_id") is not None
+                                else 32001),
+        vision_feature_layer=values.get("vision_feature_layer", -2),
+        vision_feature_select_strategy=values.get("vision_feature_select_strategy", "default"),
+        image_aspect_ratio=values.get("image_aspect_ratio", "pad"))
+
+
+def llava_hf_config_json(config: Any, num_image_tokens: int) -> dict[str, Any]:
+    """A config.json transformers' LlavaForConditionalGeneration reads (it keeps our extra keys)."""
+    return {
+        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+        "vision_config": config.vision_config.to_dict(),
+        "text_config": {**config.text_config.to_dict(), "pad_token_id": config.pad_token_id},
+        "image_token_index": config.image_token_index, "pad_token_id": config.pad_token_id,
+        "vision_feature_layer": config.vision_feature_layer,
+        "vision_feature_select_strategy": config.vision_feature_select_strategy,
+        "projector_hidden_act": "gelu", "multimodal_projector_bias": True,
+        "image_seq_length": num_image_tokens,
+        "tie_word_embeddings": config.text_config.tie_word_embeddings,
+        "projector_type": config.projector_type, "image_aspect_ratio": config.image_aspect_ratio,
+    }
+
+
+def t5_head_tying(values: dict[str, Any], state: dict[str, torch.Tensor], prefix: str) -> dict[str, Any]:
+    """A T5 config.json with its head tied exactly when the checkpoint has no head of its own:
+    transformers 5 writes `tie_word_embeddings: true` for every T5 (with `scale_decoder_outputs`
+    saying whether to rescale) and then keeps an lm_head that differs from the embedding untied;
+    we do the same."""
+    head, embedding = state.get(f"{prefix}lm_head.weight"), state.get(f"{prefix}shared.weight")
+    own_head = head is not None and not (embedding is not None and torch.equal(head, embedding))
+    return {**values, "tie_word_embeddings": values.get("tie_word_embeddings", True) and not own_head}
+
+
+def blip2_config_fields(values: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """From a transformers Blip2Config / InstructBlipConfig config.json (and its checkpoint, which
+    says whether a T5 head is tied). InstructBLIP's Q-Former always reads text. The LLM must be
+    LLaMA-family or T5. LION's config.json is InstructBLIP's with model_type "lion" and LION_FIELDS."""
+    lion = values.get("model_type") == "lion"
+    instruct = values.get("model_type") in ("instructblip", "lion")
+    text = values.get("text_config", {})
+    if text.get("model_type", "llama") not in ("llama", "t5"):
+        raise ValueError(f"text_config.model_type {text['model_type']!r}: only LLaMA-family and T5 language "
+                         f"models load here (BLIP-2's OPT does not)")
+    image_token_index = values.get("image_token_index", values.get("image_token_id"))
+    if image_token_index is None:
+        raise ValueError("config.json has no image_token_index: transformers >= 4.47 writes num_query_tokens image "
+                         "tokens before BOS and fills them with the query outputs; set it to the image token's id")
+    qformer = values.get("qformer_config", {})
+    if text.get("model_type") == "t5":
+        text = t5_head_tying(text, state, "language_model.")
+    return dict(
+        vision_config={"model_type": "blip_2_vision_model", **values.get("vision_config", {})}, text_config=text,
+        projector_type="lion" if lion else "qformer",
+        qformer_config={**qformer, "use_qformer_text_input": instruct or qformer.get("use_qformer_text_input", False)},
+        num_query_tokens=values.get("num_query_tokens", 32), image_token_index=image_token_index,
+        pad_token_id=text["pad_token_id"] if text.get("pad_token_id") is not None else 0,
+        vision_feature_layer=-1, vision_feature_select_strategy="full",
+        image_aspect_ratio=values.get("image_aspect_ratio", "square"),
+        **{key: values[key] for key in LION_FIELDS if lion and key in values})
+
+
+def blip2_config_json(config: Any) -> dict[str, Any]:
+    """A config.json transformers' Blip2ForConditionalGeneration (or InstructBLIP's) reads; LION's
+    adds its fields (transformers has no LION)."""
+    instruct = config.qformer_config.use_qformer_text_input
+    family = "instructblip" if instruct else "blip_2"
+    lion = {key: getattr(config, key) for key in LION_FIELDS} if config.projector_type == "lion" else {}
+    if lion:
+        lion["aggregator_config"] = config.aggregator_config.to_dict()
+    vision = config.vision_config.to_dict()
+    if vision["model_type"] == "blip_2_vision_model":
+        vision["model_type"] = f"{family}_vision_model"
+    return {
+        "architectures": ["LION"] if lion else
+        ["InstructBlipForConditionalGeneration" if instruct else "Blip2ForConditionalGeneration"],
+        "model_type": "lion" if lion else "instructblip" if instruct else "blip-2",
+        "vision_config": vision,
+        "qformer_config": {**config.qformer_config.to_dict(), "model_type": f"{family}_qformer"},
+        "text_config": {**config.text_config.to_dict(), "pad_token_id": config.pad_token_id},
+        "num_query_tokens": config.num_query_tokens, "image_token_index": config.image_token_index,
+        "use_decoder_only_language_model": not config.text_config.is_encoder_decoder,
+        "tie_word_embeddings": config.text_config.tie_word_embeddings,
+        "image_aspect_ratio": config.image_aspect_ratio, **lion,
+    }
+
+
+def original_llava_config_fields(values: dict[str, Any]) -> dict[str, Any]:
+    """From an original LLaVA config.json (LlamaConfig fields plus mm_* fields), all but the vision
+    tower's, which comes from its CLIP checkpoint. Its image token never enters the vocabulary
+    (LLaVA splices features at the id -200), so ours is vocab_size, an id that is never embedded;
+    padding uses <unk> = 0 as LLaVA's vicuna_v1 does."""
+    feature = values.get("mm_vision_select_feature", "patch")
+    if feature not in ("patch", "cls_patch"):
+        raise ValueError(f"mm_vision_select_feature {feature!r} is not supported (patch or cls_patch)")
+    return dict(
+        text_config=values, projector_type=values.get("mm_projector_type", "linear"),
+        image_token_index=values.get("vocab_size", 32000),
+        pad_token_id=values["pad_token_id"] if values.get("pad_token_id") is not None else 0,
+        vision_feature_layer=values.get("mm_vision_select_layer", -2),
+        vision_feature_select_strategy="default" if feature == "patch" else "full",
+        image_aspect_ratio="pad" if values.get("image_aspect_ratio") == "pad" else "square")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,6 +16,11 @@ of the text, the same way for every connector.
   Querying Transformer), and a linear layer maps the query outputs to the LLM's width; the LLM sees
   `num_query_tokens` tokens whatever the resolution. InstructBLIP's Q-Former also reads the
   instruction, so the queries extract what the question asks for.
+- "lion", LION ("LION: Empowering MLLM with Dual-Level Visual Knowledge", sec. 3.1, Fig. 3):
+  InstructBLIP's Q-Former beside a vision aggregator, two BERT layers that run over the last
+  layer's token grid and cross-attend two earlier layers, so that the fine-grained, spatial
+  detail of the middle of the ViT reaches the LLM (region-level tasks: REC, REG); their tokens
+  follow the 32 query tokens (`visual_input`).
 
 Module names follow transformers' LlavaMultiModalProjector (`linear_1`, `linear_2`), so the
 llava-hf keys `multi_modal_projector.linear_{1,2}.*` load 1:1. transformers has no single-linear
@@ -25,7 +30,7 @@ v1's `model.mm_projector.*` and LLaVA-1.5's `model.mm_projector.0/2.*` onto thes
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -105,13 +110,15 @@ class LinearProjector(Connector):
 
 
 class MLPProjector(Connector):
-    """LLaVA-1.5's connector (section 4.3): linear_1 -> GELU -> linear_2, applied per patch."""
+    """LLaVA-1.5's connector (section 4.3): linear_1 -> GELU -> linear_2, applied per patch.
+    The hidden width is the LLM's (LLaVA-1.5), or `hidden_size` (LION's aggregator MLP: 4x the
+    ViT's)."""
 
-    def __init__(self, vision_config: VisionConfig, text_width: int, **selection):
+    def __init__(self, vision_config: VisionConfig, text_width: int, hidden_size: int | None = None, **selection):
         super().__init__(vision_config, **selection)
-        self.linear_1 = nn.Linear(vision_config.hidden_size, text_width)
+        self.linear_1 = nn.Linear(vision_config.hidden_size, hidden_size or text_width)
         self.act = nn.GELU()
-        self.linear_2 = nn.Linear(text_width, text_width)
+        self.linear_2 = nn.Linear(hidden_size or text_width, text_width)
 
     def project(self, image_features: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(image_features)))
@@ -278,23 +285,132 @@ class QFormerConnector(Connector):
         if instruction_ids is not None and instruction_mask is not None:
             attn_mask = bidirectional_mask(torch.cat([instruction_mask.new_ones(queries.shape[:2]), instruction_mask], 1))
         states = self.qformer(queries, instruction_ids, attn_mask=attn_mask, image_embeds=image_embeds)
-        return self.language_projection(states[:, :self.num_image_tokens])
+        return self.language_projection(states[:, :queries.shape[1]])
 
 
-CONNECTORS = {"linear": LinearProjector, "mlp2x_gelu": MLPProjector, "qformer": QFormerConnector}
+# ----------------------------------------------------------------------------------------------
+# LION: the Q-Former beside the vision aggregator (sec. 3.1.1, Fig. 3)
+
+VISUAL_INPUTS = ("ALL", "QFORMER", "AGGREGATOR")  # what the LLM reads (the official `visual_input`)
+
+
+@dataclass
+class VisionAggregatorConfig(JsonConfig):
+    """LION's vision aggregator: `num_blocks` BERT layers (post-LN; self-attention, cross-attention,
+    feed-forward) at the ViT's width. `tapped_layers` are 0-based ViT blocks, their outputs
+    before any final norm: the stream starts from the first, block i cross-attends the (i+2)-th
+    entry. The official FusionAdapter on the 39-block EVA ViT-g: (38, 28, 18), 16 heads, BERT's
+    FFN 3072 and eps 1e-12; empty = (L-1, 2L/3, L/3) for an L-block tower. The MLP after it
+    widens to `projector_hidden_size` (0 = 4x the ViT's, as `adapter_proj`). num_blocks 0 is
+    Fig. 6's ablation: the MLP reads the last layer directly."""
+
+    model_type: ClassVar[str] = "lion_vision_aggregator"
+    num_blocks: int = 2
+    num_attention_heads: int = 16
+    intermediate_size: int = 3072
+    layer_norm_eps: float = 1e-12
+    tapped_layers: list[int] = field(default_factory=list)
+    projector_hidden_size: int = 0
+
+    def layers_for(self, num_vision_layers: int) -> list[int]:
+        layers = list(self.tapped_layers) or [num_vision_layers - 1, 2 * num_vision_layers // 3,
+                                              num_vision_layers // 3][:self.num_blocks + 1]
+        if len(layers) != self.num_blocks + 1 or not all(0 <= layer < num_vision_layers for layer in layers):
+            raise ValueError(f"the vision aggregator's {self.num_blocks} blocks need {self.num_blocks + 1} tapped "
+                             f"ViT blocks in 0..{num_vision_layers - 1}, got {layers}")
+        return layers
+
+
+class VisionAggregator(nn.Module):
+    """The aggregator's blocks and its LayerNorm (official `fusion_adapter` and `ln_adapter`)."""
+
+    def __init__(self, vision_config: VisionConfig, config: VisionAggregatorConfig):
+        super().__init__()
+        width = vision_config.hidden_size
+        self.tapped_layers = config.layers_for(vision_config.num_hidden_layers)
+        self.blocks = nn.ModuleList(
+            PostNormBlock(width, config.num_attention_heads, config.intermediate_size, "gelu", config.layer_norm_eps,
+                          context_dim=width) for _ in range(config.num_blocks))
+        self.layernorm = nn.LayerNorm(width)  # nn.LayerNorm's eps, as the official `ln_adapter`
+
+    def initialize_weights(self) -> None:
+        """The official initialization: BERT's, then every attention output projection (self and
+        cross: both are BertSelfOutput) and the feed-forward output zeroed, so each block starts
+        as LayerNorms of its input."""
+        self.apply(bert_initialization)
+        for block in self.blocks:
+            for linear in (block.self_attn.o_proj, block.cross_attn.o_proj, block.mlp.fc2):
+                nn.init.zeros_(linear.weight)
+                nn.init.zeros_(linear.bias)
+
+    def forward(self, hidden_states: list[torch.Tensor]) -> torch.Tensor:
+        """hidden_states: the tower's output (index 0 = embeddings, so block b is b + 1).
+        Returns (B, 1 + patches, vision width)."""
+        x = hidden_states[self.tapped_layers[0] + 1]
+        for block, layer in zip(self.blocks, self.tapped_layers[1:]):
+            x = block(x, context=hidden_states[layer + 1])
+        return self.layernorm(x)
+
+
+class LIONConnector(QFormerConnector):
+    """LION's two visual branches (sec. 3.1, Fig. 3): the instruction-aware Q-Former on the
+    normalized last layer (InstructBLIP's, `query_tokens` through `language_projection`), and
+    the vision aggregator on the raw layers then `aggregator_projector` (LLaVA-1.5's MLP, the
+    official `adapter_proj`) to the LLM's width. `visual_input` says which reach the LLM: "ALL"
+    (the 32 query tokens, then one token per ViT position, class token included), "QFORMER" or
+    "AGGREGATOR"; both branches always exist, so every stage's checkpoint has the same keys."""
+
+    normalizes_last_layer = False  # the aggregator reads the raw last layer; ln_vision comes in `forward`
+
+    def __init__(self, vision_config: VisionConfig, text_width: int, qformer_config: QFormerConfig,
+                 num_query_tokens: int, aggregator_config: VisionAggregatorConfig, visual_input: str = "ALL"):
+        if visual_input not in VISUAL_INPUTS:
+            raise ValueError(f"visual_input must be one of {VISUAL_INPUTS}, not {visual_input!r}")
+        super().__init__(vision_config, text_width, qformer_config, num_query_tokens)
+        self.visual_input = visual_input
+        self.vision_aggregator = VisionAggregator(vision_config, aggregator_config)
+        self.aggregator_projector = MLPProjector(
+            vision_config, text_width, aggregator_config.projector_hidden_size or 4 * vision_config.hidden_size,
+            vision_feature_layer=-1, vision_feature_select_strategy="full")
+
+    @property
+    def num_image_tokens(self) -> int:
+        return ((self.query_tokens.shape[1] if self.visual_input != "AGGREGATOR" else 0)
+                + (self.vision_config.num_patches + 1 if self.visual_input != "QFORMER" else 0))
+
+    def forward(self, hidden_states: list[torch.Tensor], instruction_ids: torch.Tensor | None = None,
+                instruction_mask: torch.Tensor | None = None, ln_vision: nn.Module | None = None) -> torch.Tensor:
+        """(B, num_image_tokens, text width). ln_vision: the tower's final LayerNorm (BLIP-2's
+        ln_vision), which the Q-Former's input needs and the aggregator's must not have."""
+        tokens = []
+        if self.visual_input != "AGGREGATOR":
+            normalized = [*hidden_states[:-1], ln_vision(hidden_states[-1])]
+            tokens.append(super().forward(normalized, instruction_ids, instruction_mask))
+        if self.visual_input != "QFORMER":
+            aggregated = self.vision_aggregator([state.to(self.query_tokens.dtype) for state in hidden_states])
+            tokens.append(self.aggregator_projector.project(aggregated))
+        return torch.cat(tokens, dim=1)
+
+
+CONNECTORS = {"linear": LinearProjector, "mlp2x_gelu": MLPProjector, "qformer": QFormerConnector,
+              "lion": LIONConnector}
 
 
 def build_connector(projector_type: str, vision_config: VisionConfig, text_width: int, vision_feature_layer: int,
                     vision_feature_select_strategy: str, qformer_config: QFormerConfig | None = None,
-                    num_query_tokens: int = 32) -> Connector:
-    """The connector named by `projector_type` (LLaVA's `mm_projector_type`, or "qformer"),
-    reading the tower of `vision_config`: the LLaVA projectors as the two feature options say,
-    the Q-Former its own way (the normalized last layer, every token)."""
+                    num_query_tokens: int = 32, aggregator_config: VisionAggregatorConfig | None = None,
+                    visual_input: str = "ALL") -> Connector:
+    """The connector named by `projector_type` (LLaVA's `mm_projector_type`, "qformer" or
+    "lion"), reading the tower of `vision_config`: the LLaVA projectors as the two feature
+    options say, the Q-Former (and LION's branches) their own way."""
     if projector_type not in CONNECTORS:
         raise ValueError(f"unknown projector_type {projector_type!r}; known: {sorted(CONNECTORS)}")
+    if projector_type in ("qformer", "lion") and qformer_config is None:
+        raise ValueError(f"projector_type {projector_type!r} needs a qformer_config")
+    if projector_type == "lion":
+        return LIONConnector(vision_config, text_width, qformer_config, num_query_tokens,
+                             aggregator_config or VisionAggregatorConfig(), visual_input)
     if projector_type == "qformer":
-        if qformer_config is None:
-            raise ValueError("projector_type 'qformer' needs a qformer_config")
         return QFormerConnector(vision_config, text_width, qformer_config, num_query_tokens)
     return CONNECTORS[projector_type](vision_config, text_width, vision_feature_layer=vision_feature_layer,
                                       vision_feature_select_strategy=vision_feature_select_strategy)

@@ -277,7 +277,9 @@ class PreNormBlock(nn.Module):
     layer (Raffel et al. 2020, sec. 2.1). The caller gives the parts (LayerNorm or RMSNorm, plain
     or gated feed-forward); the names are LLaMA's (`input_layernorm`, `self_attn`,
     `post_attention_layernorm`, `mlp`), and the layout tables map CLIP's `layer_norm1` /
-    `layer_norm2` and T5's `layer.N` onto them."""
+    `layer_norm2` and T5's `layer.N` onto them. `parallel_adapter` (None until
+    adapters.insert_parallel_adapters sets one): LION's adapter beside the feed-forward, reading
+    the same pre-norm input, x + mlp(norm(x)) + adapter(x) (LION eq. 1)."""
 
     def __init__(self, self_attn: Attention, mlp: nn.Module, input_layernorm: nn.Module,
                  post_attention_layernorm: nn.Module, cross_attn: Attention | None = None,
@@ -291,6 +293,7 @@ class PreNormBlock(nn.Module):
         self.cross_attn = cross_attn
         self.post_attention_layernorm = post_attention_layernorm
         self.mlp = mlp
+        self.parallel_adapter: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
                 rotary: tuple[torch.Tensor, torch.Tensor] | None = None, cache: KVCacheLike | None = None,
@@ -306,13 +309,15 @@ class PreNormBlock(nn.Module):
                 raise ValueError("this block cross-attends: give `context` or `context_keys_values`")
             x = x + self.cross_attn(self.cross_attn_layernorm(x), context=context, attn_mask=context_mask,
                                     keys_values=context_keys_values)
+        if self.parallel_adapter is not None:
+            return x + self.mlp(self.post_attention_layernorm(x)) + self.parallel_adapter(x)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class PostNormBlock(nn.Module):
     """The post-LN transformer block of BERT (Devlin et al. 2019; Vaswani et al. 2017, sec. 3.1),
     norm(x + attn(x)), then optionally norm(x + cross_attn(x, context)), then norm(x + mlp(x)):
-    the layer of the BLIP-2 Q-Former (connectors.QFormer) and of LION's vision aggregator (planned).
+    the layer of the BLIP-2 Q-Former (connectors.QFormer) and of LION's vision aggregator.
 
     The Q-Former's variant (BLIP-2, sec. 3.1, Figure 2: "the image transformer and the text
     transformer share the same self-attention layers"): the first `num_queries` positions are

@@ -21,6 +21,7 @@ Reading order of this file:
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -30,11 +31,14 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import decoding
-from adapters import merged_state_dict
-from checkpoints import (BLIP2_LAYOUT, INSTRUCTBLIP_LAYOUT, LLAMA_LAYOUT, LLAVA_HF_LAYOUT, MLLM_LAYOUTS,
-                         ORIGINAL_LLAVA_LAYOUT, T5_LAYOUT, JsonConfig, Layout, detect_layout, load_state_strict,
-                         read_checkpoint, read_config_json, state_to_ours, state_to_theirs, write_checkpoint)
-from connectors import QFormerConfig, QFormerStage1, bert_initialization, build_connector
+from adapters import insert_parallel_adapters, merged_state_dict, routed_to
+from checkpoints import (BLIP2_LAYOUT, INSTRUCTBLIP_LAYOUT, LION_LAYOUT, LLAMA_LAYOUT, LLAVA_HF_LAYOUT, MLLM_LAYOUTS,
+                         ORIGINAL_LLAVA_LAYOUT, T5_LAYOUT, JsonConfig, Layout, blip2_config_fields, blip2_config_json,
+                         detect_layout, llava_hf_config_fields, llava_hf_config_json, load_state_strict,
+                         original_llava_config_fields, read_checkpoint, read_config_json, state_to_ours,
+                         state_to_theirs, t5_head_tying, write_checkpoint)
+from connectors import (LIONConnector, QFormerConfig, QFormerStage1, VisionAggregatorConfig, bert_initialization,
+                        build_connector)
 from layers import (IGNORE_INDEX, Attention, GatedFeedForward, PreNormBlock, RMSNorm, activation_named, additive_mask,
                     causal_attention_mask, relative_position_buckets, rotary_cos_sin, shifted_cross_entropy,
                     supervised_cross_entropy)
@@ -478,7 +482,7 @@ class T5LanguageModel(nn.Module):
     def from_pretrained(cls, path: str) -> "T5LanguageModel":
         """A T5ForConditionalGeneration checkpoint directory (config.json + safetensors)."""
         values, state = read_checkpoint(path)
-        model = build_without_init(cls, t5_config_for(values, state, ""), torch.float32)
+        model = build_without_init(cls, T5Config.from_dict(t5_head_tying(values, state, "")), torch.float32)
         load_state(model, state, T5_LAYOUT, path)
         return model
 
@@ -486,18 +490,6 @@ class T5LanguageModel(nn.Module):
         """T5ForConditionalGeneration layout; transformers loads it."""
         config = {**self.config.to_dict(), "architectures": ["T5ForConditionalGeneration"], "is_encoder_decoder": True}
         write_checkpoint(path, config, save_state(self, T5_LAYOUT))
-
-
-def t5_config_for(values: dict, state: dict[str, torch.Tensor], prefix: str) -> T5Config:
-    """The T5Config of a checkpoint, its head tied exactly when the checkpoint has no head of its
-    own: transformers 5 writes `tie_word_embeddings: true` for every T5 (with
-    `scale_decoder_outputs` saying whether to rescale) and then keeps an lm_head that differs
-    from the embedding untied; we do the same."""
-    config = T5Config.from_dict(values)
-    head, embedding = state.get(f"{prefix}lm_head.weight"), state.get(f"{prefix}shared.weight")
-    if config.tie_word_embeddings and head is not None and not (embedding is not None and torch.equal(head, embedding)):
-        config.tie_word_embeddings = False
-    return config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -519,6 +511,29 @@ class MLLMConfig:
     vision_feature_layer: int = -2  # LLaVA-1.5; -1 = last layer (LLaVA's ablation, 0.96 points worse)
     vision_feature_select_strategy: str = "default"  # "default" drops CLS, "full" keeps it
     image_aspect_ratio: str = "pad"  # "pad" (LLaVA-1.5 stage 2) or "square" (CLIP center crop)
+    # LION (projector_type "lion"): the vision aggregator and which visual tokens the LLM reads;
+    # `num_adapters` AdapterRouters beside every feed-forward of the LLM (0: none), without
+    # `adapter_router` summed alone; `hint_token_index`: the token the soft prompt replaces.
+    aggregator_config: VisionAggregatorConfig | None = None
+    visual_input: str = "ALL"
+    num_adapters: int = 0
+    adapter_bottleneck: int = 64
+    adapter_router: bool = True
+    hint_token_index: int | None = None
+
+    def __post_init__(self):
+        """Nested configs may come as config.json dicts (checkpoints' translations): built here,
+        the Q-Former's cross-attention as wide as the tower (transformers overwrites it too)."""
+        if isinstance(self.vision_config, dict):
+            self.vision_config = vision_config_from_dict(self.vision_config)
+        if isinstance(self.text_config, dict):
+            text_class = T5Config if self.text_config.get("model_type") == "t5" else TextConfig
+            self.text_config = text_class.from_dict(self.text_config)
+        if isinstance(self.qformer_config, dict):
+            self.qformer_config = QFormerConfig.from_dict(
+                {**self.qformer_config, "encoder_hidden_size": self.vision_config.hidden_size})
+        if isinstance(self.aggregator_config, dict):
+            self.aggregator_config = VisionAggregatorConfig.from_dict(self.aggregator_config)
 
 
 class MLLM(nn.Module):
@@ -534,11 +549,38 @@ class MLLM(nn.Module):
         super().__init__()
         self.config = config
         self.vision_tower = VisionTransformer(config.vision_config)
-        self.multi_modal_projector = build_connector(
-            config.projector_type, config.vision_config, config.text_config.hidden_size,
-            config.vision_feature_layer, config.vision_feature_select_strategy, config.qformer_config,
-            config.num_query_tokens)
+        self.multi_modal_projector = self.new_connector()
         self.language_model = language_model_class(config.text_config)(config.text_config)
+        self.add_adapters()
+        if config.hint_token_index is not None:  # LION's soft prompt (sec. 3.2, Fig. 5)
+            self.soft_prompt_hint = nn.Parameter(torch.zeros(config.text_config.hidden_size))
+
+    def new_connector(self) -> nn.Module:
+        config = self.config
+        return build_connector(config.projector_type, config.vision_config, config.text_config.hidden_size,
+                               config.vision_feature_layer, config.vision_feature_select_strategy,
+                               config.qformer_config, config.num_query_tokens, config.aggregator_config,
+                               config.visual_input)
+
+    def add_adapters(self) -> None:
+        """LION's AdapterRouters beside every feed-forward of the LLM (both T5 stacks, or LLaMA's
+        decoder layers), fresh: they change nothing until trained."""
+        if self.config.num_adapters:
+            insert_parallel_adapters(self.language_model, [r"layers\.\d+$"], self.config.adapter_bottleneck,
+                                     self.config.num_adapters, self.config.adapter_router)
+
+    def initialize_lion_parts(self) -> None:
+        """What LION adds to InstructBLIP, fresh: the aggregator (its official initialization),
+        its MLP (nn.Linear's), the adapters, and the soft prompt, drawn at the scale of the word
+        embeddings it sits among (the official N(0, initializer_factor) is T5's embedding scale)."""
+        connector = self.multi_modal_projector
+        connector.vision_aggregator.initialize_weights()
+        for linear in (connector.aggregator_projector.linear_1, connector.aggregator_projector.linear_2):
+            linear.reset_parameters()
+        self.add_adapters()
+        if self.config.hint_token_index is not None:
+            with torch.no_grad():
+                self.soft_prompt_hint.normal_(std=float(self.language_model.input_embeddings().weight.std()))
 
     @property
     def num_image_tokens(self) -> int:
@@ -559,6 +601,8 @@ class MLLM(nn.Module):
         if qformer_input_ids.shape[0] != pixel_values.shape[0]:
             raise ValueError(f"qformer_input_ids has {qformer_input_ids.shape[0]} rows but pixel_values "
                              f"{pixel_values.shape[0]} images (one instruction per image)")
+        if isinstance(connector, LIONConnector):  # the Q-Former's ln_vision is the tower's final norm
+            return connector(hidden_states, qformer_input_ids, qformer_attention_mask, self.vision_tower.post_layernorm)
         return connector(hidden_states, qformer_input_ids, qformer_attention_mask)
 
     def check_instruction(self, qformer_input_ids: torch.Tensor | None, has_images: bool) -> None:
@@ -593,8 +637,11 @@ class MLLM(nn.Module):
             raise ValueError(f"input_ids hold {images_needed} images ({holders or 'none'}) "
                              f"but pixel_values has {images_given}")
         self.check_instruction(qformer_input_ids, images_needed > 0)
-        # The image token id may lie outside the vocabulary (original LLaVA), so embed a harmless id there.
-        embeds = self.language_model.input_embeddings()(input_ids.masked_fill(is_image, 0))
+        # The image (and hint) token ids may lie outside the vocabulary, so embed a harmless id there.
+        is_hint = input_ids == (-1 if self.config.hint_token_index is None else self.config.hint_token_index)
+        embeds = self.language_model.input_embeddings()(input_ids.masked_fill(is_image | is_hint, 0))
+        if self.config.hint_token_index is not None:  # LION: one learned vector in place of <hint>
+            embeds = torch.where(is_hint[..., None], self.soft_prompt_hint.to(embeds.dtype), embeds)
         if images_needed == 0:
             return embeds
         features = self.image_features(pixel_values, qformer_input_ids, qformer_attention_mask).to(embeds.dtype)
@@ -603,44 +650,56 @@ class MLLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 qformer_input_ids: torch.Tensor | None = None, qformer_attention_mask: torch.Tensor | None = None,
-                decoder_input_ids: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                decoder_input_ids: torch.Tensor | None = None,
+                task_level: int | torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (batch, length, vocab); with labels, (logits, mean cross-entropy over labels
         != -100). pixel_values: (num_images, 3, H, W) for the samples holding images only;
         qformer_input_ids / qformer_attention_mask: InstructBLIP's instruction, one row per image.
         Decoder-only LLM: labels align with input_ids and are shifted. Encoder-decoder (T5):
         input_ids are the encoder's, labels the decoder's targets, decoder_input_ids (default:
-        labels shifted right) its inputs, and the logits are the decoder's."""
+        labels shifted right) its inputs, and the logits are the decoder's. task_level: LION's
+        router gates (adapters.TASK_LEVELS; per batch or a (batch,) tensor; None = image-level)."""
         embeds = self.embed(input_ids, pixel_values, qformer_input_ids, qformer_attention_mask)
+        decoder = {}
         if self.config.text_config.is_encoder_decoder:
-            return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                                       decoder_input_ids=decoder_input_ids, labels=labels)
-        if decoder_input_ids is not None:
+            decoder["decoder_input_ids"] = decoder_input_ids
+        elif decoder_input_ids is not None:
             raise ValueError("decoder_input_ids is for an encoder-decoder LLM (T5); this model's LLM is decoder-only")
-        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
+        with routed_to(self.language_model, task_level):
+            return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **decoder)
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, qformer_input_ids: torch.Tensor | None = None,
-                 qformer_attention_mask: torch.Tensor | None = None, **options) -> torch.Tensor:
+                 qformer_attention_mask: torch.Tensor | None = None, task_level: int | torch.Tensor | None = None,
+                 **options) -> torch.Tensor:
         """New tokens only, (batch, new_length), padded with pad_token_id after the end; the batch
         is LEFT-padded. Options: decoding.DecodingOptions."""
         options.setdefault("pad_token_id", self.config.pad_token_id)
         embeds = self.embed(input_ids, pixel_values, qformer_input_ids, qformer_attention_mask)
-        return decoding.generate(self.language_model, input_ids, embeds, attention_mask, **options)
+        with routed_to(self.language_model, task_level):
+            return decoding.generate(self.language_model, input_ids, embeds, attention_mask, **options)
 
     @classmethod
-    def from_pretrained(cls, path: str, vision_tower_path: str | None = None,
-                        dtype: torch.dtype = torch.float32) -> MLLM:
+    def from_pretrained(cls, path: str, vision_tower_path: str | None = None, dtype: torch.dtype = torch.float32,
+                        components: tuple[str, str] | None = None, **config_overrides) -> MLLM:
         """Load a checkpoint directory in any layout of checkpoints.MLLM_LAYOUTS (LLaVA's, BLIP-2's,
-        InstructBLIP's); dims from config.json. The original LLaVA layout takes its vision tower from
-        the CLIP checkpoint `vision_tower_path` (its config's `mm_vision_tower` names the public one).
-        Nothing tokenizer-related is attached."""
-        values, state = read_checkpoint(path)
+        InstructBLIP's, LION's); dims from config.json. The original LLaVA layout takes its vision
+        tower from the CLIP checkpoint `vision_tower_path` (its config's `mm_vision_tower` names
+        the public one). A release that holds only what it trained and no config.json (LION's
+        `LION-FlanT5-XL.pth`, converted) loads over `components` = (stage-1 Q-Former checkpoint,
+        LLM checkpoint) built with `config_overrides` (a config file's `model` dict), and says
+        which parts came from where. Nothing tokenizer-related is attached."""
+        values, state = read_checkpoint(path, config=components is None)
         name, layout = detect_layout(state, MLLM_LAYOUTS, path)
+        if components is not None:
+            model = cls.from_qformer_and_language(*components, instruction_aware=True, **config_overrides)
+            load_over(model, state_to_ours(state, layout), f"{path} (layout: {name})")
+            return model.to(dtype)
         if layout is not ORIGINAL_LLAVA_LAYOUT:
-            qformer = layout in (BLIP2_LAYOUT, INSTRUCTBLIP_LAYOUT)
-            config = blip2_config_to_ours(values, state) if qformer else llava_hf_config_to_ours(values)
-            model = build_without_init(cls, config, dtype)
+            qformer = layout in (BLIP2_LAYOUT, INSTRUCTBLIP_LAYOUT, LION_LAYOUT)
+            fields = blip2_config_fields(values, state) if qformer else llava_hf_config_fields(values)
+            model = build_without_init(cls, MLLMConfig(**fields), dtype)
             load_state(model, state, layout, f"{path} (layout: {name})")
             return model
         state = state_to_ours(state, layout)
@@ -653,7 +712,8 @@ class MLLM(nn.Module):
             vision_config = tower.config
         else:
             vision_config = VisionConfig.from_dict(values.get("vision_config", {}))
-        model = build_without_init(cls, original_llava_config_to_ours(values, vision_config), dtype)
+        model = build_without_init(cls, MLLMConfig(vision_config=vision_config, **original_llava_config_fields(values)),
+                                   dtype)
         load_state(model, state, (), f"{path} (layout: {name})")
         return model
 
@@ -691,8 +751,9 @@ class MLLM(nn.Module):
         stage1 = QFormerStage1.from_pretrained(qformer_path)
         language_model = language_model_from_pretrained(language_path)
         qformer_config = dataclasses.replace(stage1.config.qformer_config, use_qformer_text_input=instruction_aware)
+        projector_type = config_overrides.pop("projector_type", "qformer")  # or LION's "lion"
         config = MLLMConfig(vision_config=stage1.config.vision_config, text_config=language_model.config,
-                            projector_type="qformer", qformer_config=qformer_config,
+                            projector_type=projector_type, qformer_config=qformer_config,
                             num_query_tokens=stage1.config.num_query_tokens, vision_feature_layer=-1,
                             vision_feature_select_strategy="full", **config_overrides)
         needed_vocab = max(config.image_token_index, config.pad_token_id) + 1
@@ -705,6 +766,8 @@ class MLLM(nn.Module):
         kept = {key: value for key, value in stage1.qformer.state_dict().items() if key in connector.qformer.state_dict()}
         load_state_strict(connector.qformer, kept, f"{qformer_path} (the Q-Former)")
         connector.language_projection.apply(bert_initialization)
+        if projector_type == "lion":
+            model.initialize_lion_parts()
         return model
 
     def save_pretrained(self, path: str) -> None:
@@ -712,13 +775,15 @@ class MLLM(nn.Module):
         LlavaForConditionalGeneration (for the "mlp2x_gelu" projector; transformers has no
         single-linear one), Blip2ForConditionalGeneration or InstructBlipForConditionalGeneration
         (with an EVA tower; a Q-Former over a CLIP tower, as in the shapes world, keeps the same
-        layout, which only this codebase reads). LoRA is saved merged."""
-        if self.config.projector_type == "qformer":
+        layout, which only this codebase reads); LION in the official code's names, with
+        InstructBLIP's config.json plus LION's fields. LoRA is saved merged."""
+        if self.config.projector_type in ("qformer", "lion"):
             instruct = self.multi_modal_projector.takes_instruction
-            write_checkpoint(path, our_config_to_blip2(self.config),
-                             save_state(self, INSTRUCTBLIP_LAYOUT if instruct else BLIP2_LAYOUT))
+            layout = LION_LAYOUT if self.config.projector_type == "lion" else (
+                INSTRUCTBLIP_LAYOUT if instruct else BLIP2_LAYOUT)
+            write_checkpoint(path, blip2_config_json(self.config), save_state(self, layout))
             return
-        write_checkpoint(path, our_config_to_llava_hf(self.config, self.num_image_tokens),
+        write_checkpoint(path, llava_hf_config_json(self.config, self.num_image_tokens),
                          save_state(self, LLAVA_HF_LAYOUT))
 
 
@@ -754,6 +819,19 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], layout: Layout,
     load_state_strict(model, state, source)
 
 
+def load_over(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a checkpoint (our names) that may hold only part of `model`: every key it has must
+    be one of the model's, with its shape; what it lacks keeps the model's values. Prints which
+    parts (module names two levels deep) the checkpoint held and which it left as they were."""
+    load_state_strict(model, {**model.state_dict(), **state}, source)
+
+    def parts(keys) -> str:
+        return ", ".join(sorted({".".join(key.split(".")[:2]) for key in keys})) or "nothing"
+
+    print(f"{source}: loaded {parts(state)}; kept as built: {parts(model.state_dict().keys() - state.keys())}",
+          file=sys.stderr)
+
+
 def save_state(model: nn.Module, layout: Layout) -> dict[str, torch.Tensor]:
     """Our state in a checkpoint layout. LoRA factors are merged into the base weights (a plain
     checkpoint any loader reads); a tied head is dropped, as transformers does."""
@@ -775,110 +853,3 @@ def build_without_init(module_class: type[nn.Module], config: MLLMConfig | TextC
         if isinstance(module, LANGUAGE_MODELS):
             module.tie_weights()
     return model
-
-
-def llava_hf_config_to_ours(values: dict) -> MLLMConfig:
-    """MLLMConfig from a llava-hf config.json. Fields transformers' LlavaConfig lacks
-    (projector_type, image_aspect_ratio) are our extra keys; without them the llava-hf projector
-    is LLaVA-1.5's MLP and the aspect ratio LLaVA-1.5's padding."""
-    if values.get("projector_hidden_act", "gelu") != "gelu":
-        raise ValueError(f"projector_hidden_act {values['projector_hidden_act']!r} is not supported (only gelu)")
-    if not isinstance(values.get("vision_feature_layer", -2), int):
-        raise ValueError("vision_feature_layer must be one layer index (several layers are not supported)")
-    text_config = TextConfig.from_dict(values.get("text_config", {}))
-    return MLLMConfig(
-        vision_config=VisionConfig.from_dict(values.get("vision_config", {})),
-        text_config=text_config,
-        projector_type=values.get("projector_type", "mlp2x_gelu"),
-        image_token_index=values.get("image_token_index", values.get("image_token_id", 32000)),
-        pad_token_id=values.get("pad_token_id", text_config.pad_token_id if text_config.pad_token_id is not None
-                                else 32001),
-        vision_feature_layer=values.get("vision_feature_layer", -2),
-        vision_feature_select_strategy=values.get("vision_feature_select_strategy", "default"),
-        image_aspect_ratio=values.get("image_aspect_ratio", "pad"),
-    )
-
-
-def our_config_to_llava_hf(config: MLLMConfig, num_image_tokens: int) -> dict:
-    """A config.json transformers' LlavaForConditionalGeneration reads (it keeps our extra keys)."""
-    return {
-        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
-        "vision_config": config.vision_config.to_dict(),
-        "text_config": {**config.text_config.to_dict(), "pad_token_id": config.pad_token_id},
-        "image_token_index": config.image_token_index, "pad_token_id": config.pad_token_id,
-        "vision_feature_layer": config.vision_feature_layer,
-        "vision_feature_select_strategy": config.vision_feature_select_strategy,
-        "projector_hidden_act": "gelu", "multimodal_projector_bias": True,
-        "image_seq_length": num_image_tokens,
-        "tie_word_embeddings": config.text_config.tie_word_embeddings,
-        "projector_type": config.projector_type, "image_aspect_ratio": config.image_aspect_ratio,
-    }
-
-
-def blip2_config_to_ours(values: dict, state: dict[str, torch.Tensor]) -> MLLMConfig:
-    """MLLMConfig from a transformers Blip2Config / InstructBlipConfig config.json (and its
-    checkpoint, which says whether a T5 head is tied). The Q-Former's cross-attention width is the
-    tower's (transformers overwrites encoder_hidden_size the same way); InstructBLIP's Q-Former
-    always reads text. The LLM must be LLaMA-family or T5."""
-    instruct = values.get("model_type") == "instructblip"
-    text_values = values.get("text_config", {})
-    if text_values.get("model_type", "llama") not in ("llama", "t5"):
-        raise ValueError(f"text_config.model_type {text_values['model_type']!r}: only LLaMA-family and T5 language "
-                         f"models load here (BLIP-2's OPT does not)")
-    image_token_index = values.get("image_token_index", values.get("image_token_id"))
-    if image_token_index is None:
-        raise ValueError("config.json has no image_token_index: transformers >= 4.47 writes num_query_tokens image "
-                         "tokens before BOS and fills them with the query outputs; set it to the image token's id")
-    vision_config = vision_config_from_dict({"model_type": "blip_2_vision_model", **values.get("vision_config", {})})
-    qformer_values = values.get("qformer_config", {})
-    qformer_config = QFormerConfig.from_dict({
-        **qformer_values, "encoder_hidden_size": vision_config.hidden_size,
-        "use_qformer_text_input": instruct or qformer_values.get("use_qformer_text_input", False)})
-    if text_values.get("model_type") == "t5":
-        text_config = t5_config_for(text_values, state, "language_model.")
-    else:
-        text_config = TextConfig.from_dict(text_values)
-    return MLLMConfig(
-        vision_config=vision_config, text_config=text_config, projector_type="qformer", qformer_config=qformer_config,
-        num_query_tokens=values.get("num_query_tokens", 32), image_token_index=image_token_index,
-        pad_token_id=text_config.pad_token_id if text_config.pad_token_id is not None else 0,
-        vision_feature_layer=-1, vision_feature_select_strategy="full",
-        image_aspect_ratio=values.get("image_aspect_ratio", "square"))
-
-
-def our_config_to_blip2(config: MLLMConfig) -> dict:
-    """A config.json transformers' Blip2ForConditionalGeneration (or InstructBLIP's) reads."""
-    instruct = config.qformer_config.use_qformer_text_input
-    family = "instructblip" if instruct else "blip_2"
-    vision = config.vision_config.to_dict()
-    if vision["model_type"] == "blip_2_vision_model":
-        vision["model_type"] = f"{family}_vision_model"
-    return {
-        "architectures": ["InstructBlipForConditionalGeneration" if instruct else "Blip2ForConditionalGeneration"],
-        "model_type": "instructblip" if instruct else "blip-2",
-        "vision_config": vision,
-        "qformer_config": {**config.qformer_config.to_dict(), "model_type": f"{family}_qformer"},
-        "text_config": {**config.text_config.to_dict(), "pad_token_id": config.pad_token_id},
-        "num_query_tokens": config.num_query_tokens, "image_token_index": config.image_token_index,
-        "use_decoder_only_language_model": not config.text_config.is_encoder_decoder, "tie_word_embeddings": config.text_config.tie_word_embeddings,
-        "image_aspect_ratio": config.image_aspect_ratio,
-    }
-
-
-def original_llava_config_to_ours(values: dict, vision_config: VisionConfig) -> MLLMConfig:
-    """MLLMConfig from an original LLaVA config.json: LlamaConfig fields plus mm_* fields. Its
-    image token never enters the vocabulary (LLaVA splices features at the id -200), so ours is
-    vocab_size, an id that is never embedded; padding uses <unk> = 0 as LLaVA's vicuna_v1 does."""
-    text_config = TextConfig.from_dict(values)
-    feature = values.get("mm_vision_select_feature", "patch")
-    if feature not in ("patch", "cls_patch"):
-        raise ValueError(f"mm_vision_select_feature {feature!r} is not supported (patch or cls_patch)")
-    return MLLMConfig(
-        vision_config=vision_config, text_config=text_config,
-        projector_type=values.get("mm_projector_type", "linear"),
-        image_token_index=text_config.vocab_size,
-        pad_token_id=values["pad_token_id"] if values.get("pad_token_id") is not None else 0,
-        vision_feature_layer=values.get("mm_vision_select_layer", -2),
-        vision_feature_select_strategy="default" if feature == "patch" else "full",
-        image_aspect_ratio="pad" if values.get("image_aspect_ratio") == "pad" else "square",
-    )

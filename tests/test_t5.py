@@ -10,8 +10,9 @@ import torch
 import transformers
 
 from conftest import NUM_QUERIES, instructions, pixels, randomize, tiny_blip2_configs
+from checkpoints import blip2_config_fields
 from layers import relative_position_buckets
-from model import MLLM, T5Config, T5LanguageModel, blip2_config_to_ours
+from model import MLLM, T5Config, T5LanguageModel
 
 VOCAB = 60
 EOS = 1
@@ -158,7 +159,7 @@ def test_unsupported_configs_and_inputs_are_refused(saved):
     with pytest.raises(ValueError, match="decoder_input_ids or labels"):
         ours(input_ids=torch.tensor([[5, 6]]))
     with pytest.raises(ValueError, match="'opt'.*OPT does not"):
-        blip2_config_to_ours({"text_config": {"model_type": "opt"}, "image_token_index": 5}, {})
+        blip2_config_fields({"text_config": {"model_type": "opt"}, "image_token_index": 5}, {})
 
 
 # ----------------------------------------------------------------------------------------------
