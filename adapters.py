@@ -182,13 +182,13 @@ class AdapterRouter(nn.Module):
     def __init__(self, width: int, bottleneck: int = 64, num_adapters: int = 2, learned_gates: bool = True):
         super().__init__()
         self.adapters = nn.ModuleList(BottleneckAdapter(width, bottleneck) for _ in range(num_adapters))
-        gates = torch.ones(num_adapters, len(TASK_LEVELS), width)
         if learned_gates:
-            gates = torch.zeros_like(gates)
+            gates = torch.zeros(num_adapters, len(TASK_LEVELS), width)
             for level in range(min(num_adapters, len(TASK_LEVELS))):
                 gates[level, level] = 1.0
-        self.router_gates = nn.Parameter(gates, requires_grad=learned_gates)
-        self.learned_gates = learned_gates
+            self.router_gates = nn.Parameter(gates)
+        else:  # a buffer, so that no trainable pattern can make it learn
+            self.register_buffer("router_gates", torch.ones(num_adapters, len(TASK_LEVELS), width))
         self.task_level: int | torch.Tensor = TASK_LEVELS["image"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ of the text, the same way for every connector.
   Querying Transformer), and a linear layer maps the query outputs to the LLM's width; the LLM sees
   `num_query_tokens` tokens whatever the resolution. InstructBLIP's Q-Former also reads the
   instruction, so the queries extract what the question asks for.
-- "lion", LION ("LION: Empowering MLLM with Dual-Level Visual Knowledge", sec. 3.1, Fig. 3):
+- "lion", LION ("LION: Empowering MLLM with Dual-Level Visual Knowledge", sec. 3.1.3, Fig. 3):
   InstructBLIP's Q-Former beside a vision aggregator, two BERT layers that run over the last
   layer's token grid and cross-attend two earlier layers, so that the fine-grained, spatial
   detail of the middle of the ViT reaches the LLM (region-level tasks: REC, REG); their tokens
@@ -289,18 +289,19 @@ class QFormerConnector(Connector):
 
 
 # ----------------------------------------------------------------------------------------------
-# LION: the Q-Former beside the vision aggregator (sec. 3.1.1, Fig. 3)
+# LION: the Q-Former beside the vision aggregator (sec. 3.1.3, eqs. 4-5)
 
 VISUAL_INPUTS = ("ALL", "QFORMER", "AGGREGATOR")  # what the LLM reads (the official `visual_input`)
 
 
 @dataclass
 class VisionAggregatorConfig(JsonConfig):
-    """LION's vision aggregator: `num_blocks` BERT layers (post-LN; self-attention, cross-attention,
-    feed-forward) at the ViT's width. `tapped_layers` are 0-based ViT blocks, their outputs
-    before any final norm: the stream starts from the first, block i cross-attends the (i+2)-th
-    entry. The official FusionAdapter on the 39-block EVA ViT-g: (38, 28, 18), 16 heads, BERT's
-    FFN 3072 and eps 1e-12; empty = (L-1, 2L/3, L/3) for an L-block tower. The MLP after it
+    """LION's vision aggregator, V = B_2(B_1(V_i; V_j); V_k) with B(X; Y) = FFN(XAttn(Attn(X), Y))
+    (eqs. 4-5): `num_blocks` BERT layers (post-LN) at the ViT's width. `tapped_layers` are the
+    0-based ViT blocks (i, j, k), their outputs before any final norm: the stream starts from
+    V_i, block b cross-attends the next. The paper's rule (L-1, 2L/3, L/3) is the default; the
+    official FusionAdapter on the 39-block EVA ViT-g taps (38, 28, 18), with 16 heads, BERT's FFN
+    3072 and eps 1e-12. The MLP after it
     widens to `projector_hidden_size` (0 = 4x the ViT's, as `adapter_proj`). num_blocks 0 is
     Fig. 6's ablation: the MLP reads the last layer directly."""
 

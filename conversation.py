@@ -14,9 +14,16 @@ do, written so that labels can never drift from the text:
   sample then silently loses its loss). Here the full text is rendered once together with the
   character spans that must be supervised, tokenized once, and a token is supervised when its
   characters overlap a supervised span.
+- LION's tag sentence with its soft-prompt token (sec. 3.2, Fig. 5), put before the first
+  question of a conversation, from a tags file per image.
 data.py builds the datasets on this; eval.py renders its prompts with the same functions.
 """
+import json
+import random
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -294,3 +301,75 @@ def show_supervision(conversations: list[dict], template: str | Template, tokeni
     if inside:
         pieces.append("]")
     return "".join(pieces) + text[cursor:]
+
+
+def split_for_encoder_decoder(input_ids: list[int], labels: list[int], eos_id: int) -> tuple[list[int], list[int]]:
+    """A decoder-only sample as an encoder-decoder's (T5's prefix LM, Raffel et al. 2020, sec.
+    3.3.2): the last supervised run of `labels` is the decoder's target, ending with EOS as T5's
+    targets do (appended when the template's stop string is not EOS), and everything before it
+    the encoder's input. What follows the run (a template's closing text) is dropped."""
+    start, end = last_supervised_run(labels)
+    if end == 0:
+        raise DataError("no supervised token survives to be the decoder's target")
+    target = labels[start:end]
+    return input_ids[:start], target if target[-1] == eos_id else target + [eos_id]
+
+
+def last_supervised_run(labels: Sequence[int]) -> tuple[int, int]:
+    """[start, end) of the last run of labels != IGNORE_INDEX: the final answer; (0, 0) if none."""
+    end = max((i for i, label in enumerate(labels) if label != IGNORE_INDEX), default=-1) + 1
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return start, end
+
+
+# ----------------------------------------------------------------------------------------------
+# LION's soft-prompted tags (sec. 3.2, Fig. 5)
+
+# The official prompt prefix; {hint} is the token whose embedding the learned soft prompt replaces.
+TAG_PROMPT = "According to {hint}, you are allowed to use or partially use the following tags: [{tags}]. "
+# Without the soft prompt (Table 4's ablation) the sentence names its source in words.
+PLAIN_HINT = "the image tags"
+
+
+def read_tags(path: str, noise: float = 0.0) -> dict[str, list[str]]:
+    """Image file name -> tags from a tags file ({file name: {"tags": [...]}, RAM's output in LION;
+    the shapes world's tags.json). With `noise`, an imperfect tagger: each tag is dropped or
+    swapped for another tag of the file with probability `noise` (half each), drawn from a seed
+    of the file name, so an image keeps the same wrong tags across epochs and runs, as a real
+    tagger's are."""
+    if not 0.0 <= noise <= 1.0:
+        raise ValueError(f"tag noise must be in [0, 1], not {noise}")
+    try:
+        entries = json.loads(Path(path).read_text(encoding="utf-8"))
+        tags = {name: list(entry["tags"]) for name, entry in entries.items()}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise DataError(f"{path}: not a tags file ({{image file name: {{\"tags\": [...]}}}}): {error}") from error
+    vocabulary = sorted({tag for image_tags in tags.values() for tag in image_tags})
+    for name, image_tags in tags.items():
+        rng = random.Random(zlib.crc32(name.encode()))
+        kept = []
+        for tag in image_tags:
+            if rng.random() >= noise:
+                kept.append(tag)
+            elif rng.random() < 0.5:
+                kept.append(rng.choice([other for other in vocabulary if other != tag] or [tag]))
+        tags[name] = kept
+    return tags
+
+
+def tag_sentence(tags: list[str], hint: str) -> str:
+    """LION's sentence for an image's tags: hint = the soft prompt's token, or PLAIN_HINT."""
+    return TAG_PROMPT.format(hint=hint, tags=", ".join(tags))
+
+
+def with_tag_prompt(conversations: list[dict], tags: list[str], hint: str) -> list[dict]:
+    """The conversation with LION's tag sentence before the first question (after the image
+    placeholder), as the official code prefixes it to the question."""
+    first = next(index for index, turn in enumerate(conversations) if turn.get("from") == "human")
+    text = conversations[first]["value"]
+    image = IMAGE_PLACEHOLDER + "\n" if text.startswith(IMAGE_PLACEHOLDER + "\n") else ""
+    sentence = tag_sentence(tags, hint)
+    return [*conversations[:first], {**conversations[first], "value": image + sentence + text[len(image):]},
+            *conversations[first + 1:]]

@@ -28,8 +28,10 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
-from conversation import (BOS_TOKEN, EOS_TOKEN, IMAGE_PLACEHOLDER, DataError, format_conversation, get_template,
-                          render_conversation, require_token_id, tokenize_around_images)
+from adapters import TASK_LEVELS
+from conversation import (BOS_TOKEN, EOS_TOKEN, IMAGE_PLACEHOLDER, PLAIN_HINT, DataError, format_conversation,
+                          get_template, render_conversation, require_token_id, split_for_encoder_decoder,
+                          tokenize_around_images, with_tag_prompt)
 from layers import IGNORE_INDEX
 
 # OpenAI CLIP's normalization (transformers OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
@@ -99,7 +101,6 @@ def load_tokenizer(path: str) -> Tokenizer:
     if not os.path.isfile(file):
         raise FileNotFoundError(f"tokenizer file not found: {file}")
     return Tokenizer.from_file(file)
-
 
 
 # The Q-Former's own tokenizer (BLIP-2, sec. 3.1): bert-base-uncased's WordPiece, "[CLS] text [SEP]",
@@ -374,7 +375,7 @@ class InstructionDataset(_ImageRecordDataset):
     supervised token survives; otherwise it is dropped ("too_long"): truncation never cuts
     through an image, whose features must fill exactly `num_image_tokens` positions.
     `problems` counts what was skipped, `num_truncated` what was cut.
-    Items: input_ids, labels (LongTensor), pixel_values (3, S, S) or None, length, has_image.
+    Items: input_ids, labels (LongTensor), pixel_values (3, S, S) or None, length, has_image, task_level.
 
     With `qformer_tokenizer` (InstructBLIP, sec. 2.2: the Q-Former reads the instruction), an item
     with an image also has `qformer_input_ids`: its first question without the image placeholder,
@@ -383,13 +384,25 @@ class InstructionDataset(_ImageRecordDataset):
     With `encoder_decoder` (a T5 LLM), each answer of a record is an item of its own, split as a
     prefix LM (`split_for_encoder_decoder`): input_ids, without BOS, are what comes before the
     answer (earlier turns included), for the encoder; labels are the answer, for the decoder.
+
+    LION (sec. 3.1.2, 3.2): a record's optional "task_level" ("region" for REC / REG, else
+    "image") becomes the item's `task_level` (adapters.TASK_LEVELS), which picks the router's
+    gates; `task_levels` keeps only records of the levels listed (stage 1: image, stage 2:
+    region). `tags` (image file name -> tags, conversation.read_tags) puts LION's tag sentence
+    before each image's first question, with `hint` as its hint (the soft prompt's token); the
+    Q-Former still reads the bare question, as in LION.
     """
 
     def __init__(self, json_path: str, image_folder: str, tokenizer: Tokenizer,
                  template: str, image_token_index: int, num_image_tokens: int, image_size: int,
                  pad_to_square: bool, max_seq_len: int, on_error: str = "skip",
                  qformer_tokenizer: Tokenizer | None = None, qformer_max_length: int = 128,
-                 encoder_decoder: bool = False):
+                 encoder_decoder: bool = False, task_levels: Sequence[str] | None = None,
+                 tags: dict[str, list[str]] | None = None, hint: str = PLAIN_HINT):
+        unknown = set(task_levels or ()) - set(TASK_LEVELS)
+        if unknown:
+            raise ValueError(f"task_levels {sorted(unknown)}: the task levels are {sorted(TASK_LEVELS)}")
+        self.tags, self.hint = tags, hint
         self.image_folder = image_folder
         self.encoder_decoder = encoder_decoder
         self.eos_id = require_token_id(tokenizer, EOS_TOKEN) if encoder_decoder else None
@@ -404,13 +417,16 @@ class InstructionDataset(_ImageRecordDataset):
         placeholder_id = require_token_id(tokenizer, IMAGE_PLACEHOLDER)
 
         candidates = list(self._validated_records(json_path))
-        encodings = tokenize_around_images([text for _, _, (text, _) in candidates], tokenizer)
+        encodings = tokenize_around_images([text for _, _, (text, _, _) in candidates], tokenizer)
         self.records: list[dict] = []
         self.sources = []
         self.lengths: list[int] = []
         self.has_image: list[bool] = []
         self.num_truncated = 0
-        for (where, record, (_, spans)), (ids, offsets) in zip(candidates, encodings):
+        questions = []  # each image's first question as written, without LION's tags (the Q-Former's input)
+        for (where, record, (_, spans, rendered)), (ids, offsets) in zip(candidates, encodings):
+            if task_levels is not None and record.get("task_level", "image") not in task_levels:
+                continue
             full_length, kept_length = self._lengths(ids, offsets, spans, placeholder_id)
             if kept_length is None:
                 self.problems.report("too_long", f"{where}: {full_length} tokens, longer than "
@@ -418,15 +434,16 @@ class InstructionDataset(_ImageRecordDataset):
                                      "image or all of its answers")
                 continue
             self.num_truncated += kept_length < full_length
-            self.records.append(record)
+            questions.append(first_question(record["conversations"]) if "image" in record else None)
+            self.records.append(rendered)
             self.sources.append(where)
             self.lengths.append(kept_length)
             self.has_image.append("image" in record)
         self.qformer_input_ids: list[list[int] | None] = [None] * len(self.records)
         if qformer_tokenizer is not None:
             with_image = [index for index, record in enumerate(self.records) if "image" in record]
-            questions = [first_question(self.records[index]["conversations"]) for index in with_image]
-            ids, mask = encode_qformer_texts(qformer_tokenizer, questions, qformer_max_length, truncation_side="left")
+            ids, mask = encode_qformer_texts(qformer_tokenizer, [questions[index] for index in with_image],
+                                             qformer_max_length, truncation_side="left")
             for index, row, length in zip(with_image, ids, mask.sum(1).tolist()):
                 self.qformer_input_ids[index] = row[:length].tolist()
         # Items: (record, the conversation index of the answer it targets; None = all answers).
@@ -439,12 +456,20 @@ class InstructionDataset(_ImageRecordDataset):
             self.has_image = [self.has_image[record] for record, _ in self.items]
             self.sources = [f"{self.sources[record]} answer {turn}" for record, turn in self.items]
 
-    def _validate(self, record: Any) -> tuple[str, list[tuple[int, int]]]:
-        """The rendered text and spans of a usable record, or a DataError saying what is wrong."""
+    def _validate(self, record: Any) -> tuple[str, list[tuple[int, int]], dict]:
+        """The rendered text and spans of a usable record and the record as trained (with LION's
+        tags), or a DataError saying what is wrong."""
         if not isinstance(record, dict):
             raise DataError(f"a record must be a JSON object, got {type(record).__name__}")
         if not isinstance(record.get("conversations"), list):
             raise DataError("missing or non-list key 'conversations'")
+        if record.get("task_level", "image") not in TASK_LEVELS:
+            raise DataError(f"task_level {record['task_level']!r} is not one of {sorted(TASK_LEVELS)}")
+        if self.tags is not None and isinstance(record.get("image"), str):
+            if record["image"] not in self.tags:
+                raise DataError(f"the tags file has no entry for image {record['image']!r}", "missing_tags")
+            record = {**record, "conversations": with_tag_prompt(record["conversations"], self.tags[record["image"]],
+                                                                 self.hint)}
         text, spans = format_conversation(record["conversations"], self.template)
         num_placeholders = text.count(IMAGE_PLACEHOLDER)
         if "image" in record:
@@ -458,7 +483,7 @@ class InstructionDataset(_ImageRecordDataset):
                 raise DataError(f"image file not found: {path}", "missing_image")
         elif num_placeholders:
             raise DataError(f"a text-only sample (no 'image') holds {IMAGE_PLACEHOLDER}")
-        return text, spans
+        return text, spans, record
 
     def _lengths(self, ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]],
                  placeholder_id: int) -> tuple[int, int | None]:
@@ -497,31 +522,11 @@ class InstructionDataset(_ImageRecordDataset):
         if self.encoder_decoder:
             input_ids, labels = split_for_encoder_decoder(input_ids, labels, self.eos_id)
         sample = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
-                  "pixel_values": pixel_values, "length": len(input_ids), "has_image": pixel_values is not None}
+                  "pixel_values": pixel_values, "length": len(input_ids), "has_image": pixel_values is not None,
+                  "task_level": TASK_LEVELS[record.get("task_level", "image")]}
         if self.qformer_input_ids[record_index] is not None:
             sample["qformer_input_ids"] = torch.tensor(self.qformer_input_ids[record_index])
         return sample
-
-
-def split_for_encoder_decoder(input_ids: list[int], labels: list[int], eos_id: int) -> tuple[list[int], list[int]]:
-    """A decoder-only sample as an encoder-decoder's (T5's prefix LM, Raffel et al. 2020, sec.
-    3.3.2): the last supervised run of `labels` is the decoder's target, ending with EOS as T5's
-    targets do (appended when the template's stop string is not EOS), and everything before it
-    the encoder's input. What follows the run (a template's closing text) is dropped."""
-    start, end = last_supervised_run(labels)
-    if end == 0:
-        raise DataError("no supervised token survives to be the decoder's target")
-    target = labels[start:end]
-    return input_ids[:start], target if target[-1] == eos_id else target + [eos_id]
-
-
-def last_supervised_run(labels: Sequence[int]) -> tuple[int, int]:
-    """[start, end) of the last run of labels != IGNORE_INDEX: the final answer; (0, 0) if none."""
-    end = max((i for i, label in enumerate(labels) if label != IGNORE_INDEX), default=-1) + 1
-    start = end
-    while start > 0 and labels[start - 1] != IGNORE_INDEX:
-        start -= 1
-    return start, end
 
 
 def first_question(conversations: list[dict]) -> str:
@@ -735,6 +740,8 @@ def collate(batch: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
              "pixel_values": torch.stack(images) if images else None, "problems": problems}
     if samples and "region_boxes" in samples[0]:
         batch["regions"] = collate_regions(samples, pad_token_id)
+    if samples and "task_level" in samples[0]:  # LION's router: one level per row
+        batch["task_level"] = torch.tensor([sample["task_level"] for sample in samples])
     instructions = [sample["qformer_input_ids"] for sample in samples if "qformer_input_ids" in sample]
     if instructions:
         # Padding is masked, so its id only has to exist: 0 is [PAD] in BERT's vocabulary.

@@ -28,10 +28,11 @@ from PIL import ImageDraw
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from conversation import EOS_TOKEN, IMAGE_PLACEHOLDER, TEMPLATES, render_conversation
-from data import (REC_PROMPT, box_from_padded_square, encode_qformer_texts, last_supervised_run, load_image,
-                  load_tokenizer, pad_sequences, padded_square_box, preprocess_image, read_json, read_json_lines,
-                  split_for_encoder_decoder)
+from adapters import TASK_LEVELS
+from conversation import (EOS_TOKEN, IMAGE_PLACEHOLDER, PLAIN_HINT, TEMPLATES, last_supervised_run, read_tags,
+                          render_conversation, split_for_encoder_decoder, tag_sentence)
+from data import (REC_PROMPT, box_from_padded_square, encode_qformer_texts, load_image, load_tokenizer,
+                  pad_sequences, padded_square_box, preprocess_image, read_json, read_json_lines)
 from layers import IGNORE_INDEX, row_log_likelihoods
 from metrics import (box_iou, caption_tokens, cider_d, circular_accuracy, evalai_answer, parse_box, parse_choice,
                      pope_answer, pope_metrics, vqa_accuracy)
@@ -292,6 +293,12 @@ PROMPT_STYLES = {
         multiple_choice="Question: {question} Options: {options} Short answer:",
         referring="Identify the position of {expression} in image and share its coordinates.",
         caption="A short image caption.", describe="Describe the image in detail.", image_before_bos=True),
+    # LION's own (appendix B.2): InstructBLIP's but for the caption instruction.
+    "lion": PromptStyle(
+        template=None, turn="{}", short_answer="Question: {question} Short answer:",
+        multiple_choice="Question: {question} Options: {options} Short answer:",
+        referring="Identify the position of {expression} in image and share its coordinates.",
+        caption="A short image description:", describe="Describe the image in detail.", image_before_bos=True),
     # BLIP-2 zero-shot (Li et al. 2023, sec. 4.2): VQA "Question: {} Answer:" (OPT; its Flan-T5
     # models use "Question: {} Short answer:"), captions continue the prompt "a photo of".
     "blip2": PromptStyle(
@@ -328,8 +335,14 @@ class Evaluator:
     """A model, its tokenizer and a prompt style, turned into batched answers to Samples."""
 
     def __init__(self, model: MLLM, tokenizer: Tokenizer, style: PromptStyle, blind: bool = False,
-                 stop_strings: list[str] | None = None, qformer_tokenizer: Tokenizer | None = None):
+                 stop_strings: list[str] | None = None, qformer_tokenizer: Tokenizer | None = None,
+                 tags: dict[str, list[str]] | None = None, task_level: str = "image"):
         self.model, self.tokenizer, self.style, self.blind = model, tokenizer, style, blind
+        # LION: an image's tags before its first question (keyed by image file name), with the
+        # soft prompt's token as hint when the model has one; the router's task level.
+        self.tags, self.task_level = tags, TASK_LEVELS[task_level]
+        hint_id = model.config.hint_token_index
+        self.hint = PLAIN_HINT if hint_id is None else tokenizer.id_to_token(hint_id)
         self.stop_strings = stop_strings or []
         if model.multi_modal_projector.takes_instruction and qformer_tokenizer is None:
             raise ValueError("this model's Q-Former reads the instruction (InstructBLIP): give its tokenizer "
@@ -382,6 +395,16 @@ class Evaluator:
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
+    def tagged(self, dialogue: list[tuple[str, str | None]], sample: Sample) -> list[tuple[str, str | None]]:
+        """The dialogue with LION's tag sentence before its first question, when tags are given
+        (conversation.with_tag_prompt's place; the Q-Former still reads the bare question)."""
+        if self.tags is None or sample.image is None:
+            return dialogue
+        if sample.image.name not in self.tags:
+            raise ValueError(f"the tags file has no entry for image {sample.image.name!r}")
+        (question, reply), *rest = dialogue
+        return [(tag_sentence(self.tags[sample.image.name], self.hint) + question, reply), *rest]
+
     def instructions(self, samples: list[Sample], dialogues: list[list[tuple[str, str | None]]]) -> dict:
         """InstructBLIP's Q-Former input: each image's question (the dialogue's last), through the
         Q-Former's own tokenizer, left-truncated to 128 tokens as LAVIS does; {} for other models."""
@@ -409,13 +432,13 @@ class Evaluator:
     def generate(self, samples: list[Sample], dialogues: list[list[tuple[str, str | None]]],
                  **decoding) -> list[str]:
         """Answers to the last question of each dialogue, generated as one left-padded batch."""
-        prompts = [self.encode_dialogue(dialogue, None, sample.image is not None)[0]
+        prompts = [self.encode_dialogue(self.tagged(dialogue, sample), None, sample.image is not None)[0]
                    for sample, dialogue in zip(samples, dialogues)]
         input_ids, attention_mask = pad_sequences(prompts, self.pad_token_id, side="left")
         if self.stop_strings:
             decoding["stop_token_sequences"] = [self._encode(stop) for stop in self.stop_strings]
         generated = self.model.generate(input_ids.to(self.device), pixel_values=self.pixel_values(samples),
-                                        attention_mask=attention_mask.to(self.device),
+                                        attention_mask=attention_mask.to(self.device), task_level=self.task_level,
                                         **self.instructions(samples, dialogues), **decoding)
         return [self.decode(row.tolist()) for row in generated]
 
@@ -440,7 +463,8 @@ class Evaluator:
         for index, (sample, dialogue) in enumerate(zip(samples, dialogues)):
             for choice in sample.choices:
                 row_dialogues.append(dialogue)
-                rows.append(self.encode_dialogue(dialogue, choice.lower() if self.style.lowercase else choice,
+                rows.append(self.encode_dialogue(self.tagged(dialogue, sample),
+                                                 choice.lower() if self.style.lowercase else choice,
                                                  sample.image is not None))
                 owners.append(index)
         decoder = {}
@@ -453,7 +477,7 @@ class Evaluator:
             decoder["decoder_input_ids"] = self.model.language_model.shift_right(labels)
         pixel_values = self._row_images(samples, owners)
         logits = self.model(input_ids.to(self.device), pixel_values=pixel_values,
-                            attention_mask=attention_mask.to(self.device),
+                            attention_mask=attention_mask.to(self.device), task_level=self.task_level,
                             **self.instructions([samples[owner] for owner in owners], row_dialogues), **decoder)
         totals, _ = row_log_likelihoods(logits, labels, shifted=not self.encoder_decoder)
         per_sample: list[list[float]] = [[] for _ in samples]
@@ -620,7 +644,8 @@ def prompt_style_name(model: MLLM, prompt_style: str | None) -> str:
 
 def build_evaluator(model: MLLM, tokenizer: Tokenizer, prompt_style: str | None = None, template: str | None = None,
                     blind: bool = False, stop_strings: list[str] | None = None,
-                    qformer_tokenizer: Tokenizer | None = None) -> Evaluator:
+                    qformer_tokenizer: Tokenizer | None = None, tags: dict[str, list[str]] | None = None,
+                    task_level: str = "image") -> Evaluator:
     """An Evaluator in the model's prompt style: `prompt_style` (a key of PROMPT_STYLES) or
     `model.config.prompt_style`, else "llava15"; the chat template `template` or
     `model.config.template`, else the style's. A template whose answers end in a stop string
@@ -636,7 +661,7 @@ def build_evaluator(model: MLLM, tokenizer: Tokenizer, prompt_style: str | None 
     if style.template is not None and TEMPLATES[style.template].stop != EOS_TOKEN:
         # "###" of vicuna_v0 ends an answer the way EOS does for vicuna_v1.
         stop_strings = [*(stop_strings or []), TEMPLATES[style.template].stop]
-    return Evaluator(model, tokenizer, style, blind, stop_strings, qformer_tokenizer)
+    return Evaluator(model, tokenizer, style, blind, stop_strings, qformer_tokenizer, tags, task_level)
 
 
 def answer_samples(evaluator: Evaluator, kind: str, samples: list[Sample], batch_size: int,
@@ -688,7 +713,7 @@ def run_eval(model: MLLM, tokenizer: Tokenizer, task: str, data_dir: str | Path,
              describe_first: bool = False, describe_max_new_tokens: int = 128, visualize: int = 0,
              blind: bool = False, stop_strings: list[str] | None = None, circular: bool = False,
              qformer_tokenizer: Tokenizer | None = None, progress: bool = True, print_results: bool = True,
-             **decoding) -> dict[str, float]:
+             tags: str | None = None, tag_noise: float = 0.0, **decoding) -> dict[str, float]:
     """Evaluate `model` on one task and split; returns the metrics (and writes
     `{task}_{split}.predictions.jsonl` / `.metrics.json` to `out_dir` when given).
 
@@ -699,8 +724,9 @@ def run_eval(model: MLLM, tokenizer: Tokenizer, task: str, data_dir: str | Path,
     images replaced by zeros (the no-vision baseline). stop_strings: generation stops after one
     and the answer is cut before it. circular: multiple choice asked once per rotation of the
     options, scored per question too (MMBench's circular evaluation). qformer_tokenizer: the
-    Q-Former's own tokenizer, for a model whose Q-Former reads the question (InstructBLIP).
-    `decoding` goes to `model.generate` (max_new_tokens defaults per task kind: DEFAULT_MAX_NEW_TOKENS)."""
+    Q-Former's own tokenizer, for a model whose Q-Former reads the question (InstructBLIP). tags:
+    LION's tags file (conversation.read_tags, with `tag_noise`), keyed by image file name; REC
+    runs LION's router at the region level, every other task at the image level. `decoding` goes to `model.generate` (max_new_tokens defaults per task kind: DEFAULT_MAX_NEW_TOKENS)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     kind, _, default_split = TASKS[task]
@@ -721,7 +747,8 @@ def run_eval(model: MLLM, tokenizer: Tokenizer, task: str, data_dir: str | Path,
         raise ValueError("visualize draws boxes: only the REC tasks (refcoco, refcoco+, refcocog) have them")
     if kind in DEFAULT_MAX_NEW_TOKENS:
         decoding = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS[kind], **decoding}
-    evaluator = build_evaluator(model, tokenizer, prompt_style, template, blind, stop_strings, qformer_tokenizer)
+    evaluator = build_evaluator(model, tokenizer, prompt_style, template, blind, stop_strings, qformer_tokenizer,
+                                read_tags(tags, tag_noise) if tags else None, "region" if kind == "rec" else "image")
 
     was_training = model.training
     model.eval()
@@ -768,10 +795,11 @@ def format_table(task: str, split: str, metrics: dict[str, float]) -> str:
 # Command line
 
 # Named decoding presets: LAVIS's InstructBLIP generate() defaults (beam search of 5, at most 256
-# tokens, repetition penalty 1.5; its top_p 0.9 acts only with sampling, off by default).
+# tokens, repetition penalty 1.5; its top_p 0.9 acts only with sampling, off by default), which
+# LION's generate() keeps (JiuTian-LION's lion_t5.py).
 DECODING_PRESETS: dict[str, dict[str, Any]] = {
-    "instructblip": dict(num_beams=5, max_new_tokens=256, min_new_tokens=1, repetition_penalty=1.5,
-                         length_penalty=1.0, top_p=0.9, temperature=1.0),
+    name: dict(num_beams=5, max_new_tokens=256, min_new_tokens=1, repetition_penalty=1.5, length_penalty=1.0,
+               top_p=0.9, temperature=1.0) for name in ("instructblip", "lion")
 }
 
 DECODING_OPTIONS = ("max_new_tokens", "min_new_tokens", "num_beams", "length_penalty", "no_repeat_ngram_size",
@@ -827,6 +855,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--blind", action="store_true", help="replace every image by zeros (the no-vision baseline)")
     parser.add_argument("--circular", action="store_true",
                         help="mc / mc-rank: ask every rotation of the options; a question is right only if all are")
+    parser.add_argument("--tags", help="LION: a tags file (image file name -> tags) for the tag sentence")
+    parser.add_argument("--tag-noise", type=float, default=0.0, help="LION: drop / swap this fraction of the tags")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_decoding_arguments(parser)
     args = parser.parse_args(argv)
@@ -846,7 +876,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     annotation_dir=args.annotation_dir, image_dir=args.image_dir, image_template=args.image_template,
                     describe_first=args.describe_first, visualize=args.visualize, blind=args.blind,
                     stop_strings=args.stop, circular=args.circular, qformer_tokenizer=qformer_tokenizer,
-                    **options)
+                    tags=args.tags, tag_noise=args.tag_noise, **options)
 
 
 if __name__ == "__main__":

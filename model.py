@@ -571,16 +571,22 @@ class MLLM(nn.Module):
 
     def initialize_lion_parts(self) -> None:
         """What LION adds to InstructBLIP, fresh: the aggregator (its official initialization),
-        its MLP (nn.Linear's), the adapters, and the soft prompt, drawn at the scale of the word
-        embeddings it sits among (the official N(0, initializer_factor) is T5's embedding scale)."""
+        its MLP (nn.Linear's), the adapters, and the soft prompt if the config has one."""
         connector = self.multi_modal_projector
         connector.vision_aggregator.initialize_weights()
         for linear in (connector.aggregator_projector.linear_1, connector.aggregator_projector.linear_2):
             linear.reset_parameters()
         self.add_adapters()
         if self.config.hint_token_index is not None:
-            with torch.no_grad():
-                self.soft_prompt_hint.normal_(std=float(self.language_model.input_embeddings().weight.std()))
+            self.add_soft_prompt(self.config.hint_token_index)
+
+    def add_soft_prompt(self, hint_token_index: int) -> None:
+        """LION's soft prompt (sec. 3.2), fresh, for the token `hint_token_index`: drawn at the
+        scale of the word embeddings it sits among (the official N(0, initializer_factor) is T5's)."""
+        embeddings = self.language_model.input_embeddings().weight
+        self.config.hint_token_index = hint_token_index
+        self.soft_prompt_hint = nn.Parameter(torch.randn(embeddings.shape[1], device=embeddings.device,
+                                                         dtype=embeddings.dtype) * float(embeddings.detach().std()))
 
     @property
     def num_image_tokens(self) -> int:

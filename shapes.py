@@ -24,8 +24,9 @@ format as the public dataset it stands in for, so one set of loaders and eval ta
 - eval/captions: the Karpathy-split JSON with 5 reference sentences per image.
 - eval/pope: POPE (Li et al. 2023) "Is there a {object} in the image?" with random, popular and
   adversarial negatives; eval/mc: multiple choice jsonl (ScienceQA-IMG / MMBench style).
-- tags.json: per-image tags and object boxes, the ground-truth stand-ins for LION's RAM tags and
-  Lyrics' visual refiner (LION section 3.3; Lyrics section 3.1).
+- tags.json: per image file name, its tags and object boxes, the ground-truth stand-ins for LION's
+  RAM tags and Lyrics' visual refiner (LION section 3.2; Lyrics section 3.1).
+- train/instruct.json's grounding samples carry "task_level": "region" (LION's router, sec. 3.1.2).
 - tokenizer.json: a byte-level BPE trained with `tokenizers` on the world's text, digits split.
 - qformer_tokenizer.json: the Q-Former's own, a BERT-style WordPiece with "[DEC]" (BLIP-2 / InstructBLIP).
 
@@ -136,6 +137,9 @@ TEMPLATE_STRINGS = (
 # highest token id" in transformers (the legacy rule kept for openai/clip-vit-*), which would pool
 # the tiny CLIP of stage 0a at a random word instead of at its EOS (vision.TextTransformer.eos_positions).
 SPECIAL_TOKENS = ("<unk>", "<s>", "<pad>", "</s>", "<image>")
+# The token LION's soft prompt replaces (Flan-T5's "<extra_id_0>"), added after the trained
+# vocabulary so that it shifts no other id.
+HINT_TOKEN = "<extra_id_0>"
 TOKENIZER_VOCAB_SIZE = 2048
 TOKENIZER_IMAGES = 1000
 
@@ -756,7 +760,9 @@ def instruct_samples(rng: np.random.Generator, scene: Scene, box_style: str) -> 
     else:
         question, choices, answer = multiple_choice(rng, scene)
         third = [(multiple_choice_prompt(question, choices), "ABCDEFGH"[answer])]
-    return [{"id": f"{prefix}_{name}", "image": scene.file_name, "conversations": turns(pairs)}
+    # LION's task levels (sec. 3.1.2): REC / REG are region-level, the rest image-level (the default).
+    return [{"id": f"{prefix}_{name}", "image": scene.file_name, "conversations": turns(pairs),
+             **({"task_level": "region"} if name == "grounding" else {})}
             for name, pairs in (("vqa", short_answer_pairs(rng, scene)),
                                 ("grounding", grounding_pairs(rng, scene, box_style)), (kind, third))]
 
@@ -961,6 +967,7 @@ def train_tokenizer(texts: list[str]) -> Tokenizer:
                                   special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.add_special_tokens([HINT_TOKEN])
     return tokenizer
 
 
@@ -1151,7 +1158,7 @@ def build_world(out_dir: str | Path = DEFAULT_WORLD_DIR, seed: int = 0,
     for split, rows in pope_files(eval_scenes, train_scenes).items():
         write_jsonl(eval_dir / "pope" / f"pope_{split}.jsonl", rows)
     write_jsonl(eval_dir / "mc" / "questions.jsonl", multiple_choice_rows(eval_scenes))
-    write_json(out_dir / "tags.json", {str(s.image_id): tags_entry(s) for s in scenes})
+    write_json(out_dir / "tags.json", {s.file_name: tags_entry(s) for s in scenes})
 
     # The vocabulary is closed: the first TOKENIZER_IMAGES images' text holds every word, and
     # learning from it alone keeps the tokenizer fast and identical for all larger worlds.

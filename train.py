@@ -42,8 +42,8 @@ from tqdm import tqdm
 
 import conversation
 import data
-from adapters import apply_lora, set_trainable
-from connectors import QFormerConfig, QFormerStage1, QFormerStage1Config
+from adapters import TASK_LEVELS, apply_lora, set_trainable
+from connectors import VISUAL_INPUTS, QFormerConfig, QFormerStage1, QFormerStage1Config
 from layers import IGNORE_INDEX
 from model import (MLLM, LanguageModel, MLLMConfig, T5Config, T5LanguageModel, TextConfig,
                    language_model_from_pretrained)
@@ -77,6 +77,15 @@ class StageConfig:
     image_aspect_ratio: str = ""
     template: str = "vicuna_v1"
     max_seq_len: int = 2048
+    # LION (sec. 3.1.2, 3.2): which visual tokens the LLM reads this stage ("ALL", "QFORMER",
+    # "AGGREGATOR"; "" = the model's), which task levels of the data it trains on ([] = all), and
+    # a tags file whose tag sentence goes before each image's first question, `tag_noise` of it
+    # wrong, its hint the token `soft_prompt` whose embedding is learned ("" = plain words).
+    visual_input: str = ""
+    task_levels: list = field(default_factory=list)
+    tags: str = ""
+    tag_noise: float = 0.0
+    soft_prompt: str = ""
     trainable: list = field(default_factory=lambda: [r"^multi_modal_projector\.", r"^language_model\."])
     lora: dict = field(default_factory=dict)  # {"targets": [...], "rank": 128, "alpha": 256, "dropout": 0.05}
     learning_rate: float = 2e-5
@@ -154,7 +163,10 @@ def load_config(path: str, overrides: list[str]) -> tuple[TrainConfig, list[Stag
         if not item.startswith("--") or "=" not in item:
             raise ValueError(f"expected --key=value, got {item!r}")
         key, text = item[2:].split("=", 1)
-        if "." in key:
+        if "." in key and train_fields.get(key.split(".")[0]) == "dict":  # one key of a dict: --model.num_adapters=2
+            setting, key = key.split(".", 1)
+            values[setting] = {**values.get(setting, {}), key: parse_value(text)}
+        elif "." in key:
             stage_name, key = key.split(".", 1)
             if stage_name not in stage_names:
                 raise KeyError(f"--{stage_name}.{key}: no stage named {stage_name!r} (stages: {stage_names})")
@@ -210,6 +222,9 @@ def check_stage(stage: StageConfig) -> None:
     check_choice(f"{stage.name}.objective", stage.objective, ("mllm", "clip", "lm", "qformer"))
     check_choice(f"{stage.name}.template", stage.template, tuple(conversation.TEMPLATES))
     check_choice(f"{stage.name}.image_aspect_ratio", stage.image_aspect_ratio, ("", "pad", "square"))
+    check_choice(f"{stage.name}.visual_input", stage.visual_input, ("", *VISUAL_INPUTS))
+    for level in stage.task_levels:
+        check_choice(f"{stage.name}.task_levels", level, tuple(TASK_LEVELS))
     if stage.region_loss and stage.objective != "clip":
         raise ValueError(f"{where}: region_loss is a loss of the clip objective, not of {stage.objective!r}")
     if stage.micro_batch_size < 1 or stage.global_batch_size % stage.micro_batch_size:
@@ -351,12 +366,12 @@ def build_model(stage: StageConfig, config: TrainConfig, previous: Path | None, 
         for path in paths:
             if not (Path(path) / "config.json").is_file():
                 raise FileNotFoundError(f"stage {stage.name!r}: no checkpoint at {path!r} (vision_path / language_path)")
-        if overrides.get("projector_type") == "qformer":
+        if overrides.get("projector_type") in ("qformer", "lion"):
             # The Q-Former's dims come from its stage-1 checkpoint; only whether it reads the
-            # instruction (InstructBLIP) is this stage's choice.
+            # instruction (InstructBLIP, LION) is this stage's choice.
             qformer = overrides.pop("qformer_config", {}) or {}
-            overrides.pop("projector_type")
-            return MLLM.from_qformer_and_language(*paths, qformer.get("use_qformer_text_input", False), **overrides)
+            instruction_aware = qformer.get("use_qformer_text_input", overrides["projector_type"] == "lion")
+            return MLLM.from_qformer_and_language(*paths, instruction_aware, **overrides)
         return MLLM.from_vision_and_language(*paths, **overrides)
     source = previous if stage.init == "previous" else Path(resolve_path(stage.init, out_dir, stage_names))
     if source is None:
@@ -409,19 +424,23 @@ def build_dataset(stage: StageConfig, config: TrainConfig, model: torch.nn.Modul
                                    max_text_len=model.config.text_config.max_position_embeddings,
                                    on_error=config.on_data_error, with_regions=stage.region_loss)
     instruction_aware = model.multi_modal_projector.takes_instruction  # InstructBLIP: the Q-Former reads it
+    hint_id = model.config.hint_token_index
     return data.InstructionDataset(stage.data, stage.image_folder, tokenizer, stage.template,
                                    model.config.image_token_index, model.num_image_tokens,
                                    model.config.vision_config.image_size, pad_to_square,
                                    stage.max_seq_len, on_error=config.on_data_error,
                                    qformer_tokenizer=data.load_qformer_tokenizer(config.qformer_tokenizer)
                                    if instruction_aware else None,
-                                   encoder_decoder=model.config.text_config.is_encoder_decoder)
+                                   encoder_decoder=model.config.text_config.is_encoder_decoder,
+                                   task_levels=stage.task_levels or None,
+                                   tags=conversation.read_tags(stage.tags, stage.tag_noise) if stage.tags else None,
+                                   hint=conversation.PLAIN_HINT if hint_id is None else tokenizer.id_to_token(hint_id))
 
 
 def model_inputs(batch: dict, objective: str, device: torch.device) -> dict:
     """The arguments of the stage's model.forward; every model returns (output, loss)."""
     names = {"mllm": ("input_ids", "pixel_values", "attention_mask", "labels", "qformer_input_ids",
-                      "qformer_attention_mask"),
+                      "qformer_attention_mask", "task_level"),
              "clip": ("pixel_values", "input_ids", "attention_mask", "regions"),
              "qformer": ("pixel_values", "input_ids", "attention_mask"),
              "lm": ("input_ids", "attention_mask", "labels")}[objective]
@@ -459,6 +478,8 @@ def split_batch(batch: dict, num_chunks: int, image_token_index: int | None,
         if encoder_decoder:
             supervised = (batch["labels"][part] != IGNORE_INDEX).any(0).nonzero()
             chunk["labels"] = batch["labels"][part, :int(supervised.max()) + 1 if len(supervised) else 0]
+        if batch.get("task_level") is not None:  # LION's router: one level per row
+            chunk["task_level"] = batch["task_level"][part]
         images = image_slot[part][has_image[part]]
         for key in ("pixel_values", "qformer_input_ids", "qformer_attention_mask"):  # one row per image
             chunk[key] = batch[key][images] if len(images) and batch.get(key) is not None else None
@@ -588,6 +609,10 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: Runtime, previ
         # As LLaVA's train.py does: the stage's choice goes into the saved config, so that eval
         # and the next stage prepare images the way this stage trained on them.
         model.config.image_aspect_ratio = stage.image_aspect_ratio
+    if stage.objective == "mllm" and stage.visual_input:  # LION's stages: the saved config says it too
+        model.config.visual_input = model.multi_modal_projector.visual_input = stage.visual_input
+    if stage.tags and stage.soft_prompt and model.config.hint_token_index is None:  # LION's stage 3
+        model.add_soft_prompt(conversation.require_token_id(tokenizer, stage.soft_prompt))
     if stage.lora:
         lora = dict(stage.lora)
         apply_lora(model, lora.pop("targets"), **lora)
@@ -764,10 +789,11 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: Runtime, previ
 # ----------------------------------------------------------------------------------------------
 # 7. The recipe
 
-def evaluate(config: TrainConfig, model_dir: Path) -> dict:
+def evaluate(config: TrainConfig, model_dir: Path, last_stage: StageConfig) -> dict:
     """eval.run_eval over `eval_tasks` on the last stage's model. Each task may `report` metrics
     under a name of its own (results.json's headline keys); with `eval_blind`, everything again
-    with every image replaced by zeros, under "blind", so the gain from vision is visible."""
+    with every image replaced by zeros, under "blind", so the gain from vision is visible. The
+    questions carry the last stage's tags (LION) unless a task sets its own."""
     import eval as evaluation
     model = MLLM.from_pretrained(str(model_dir))
     tokenizer = data.load_tokenizer(config.tokenizer)
@@ -777,7 +803,7 @@ def evaluate(config: TrainConfig, model_dir: Path) -> dict:
     for blind in ([False, True] if config.eval_blind else [False]):
         reported, per_task = {}, {}
         for task in config.eval_tasks:
-            task = dict(task)
+            task = {"tags": last_stage.tags or None, "tag_noise": last_stage.tag_noise, **task}
             report, name = task.pop("report", {}), task.pop("name", task["task"])
             out = Path(config.out_dir) / "eval" / (("blind_" if blind else "") + name)
             per_task[name] = evaluation.run_eval(model, tokenizer, out_dir=str(out), blind=blind,
@@ -822,8 +848,8 @@ def main(argv: list[str]) -> None:
             continue
         train_stage(stage, config, runtime, previous, stage_names, resume="--resume" in argv)
 
-    if config.eval_tasks and stage_only is None and runtime.is_main:
-        results = evaluate(config, Path(config.out_dir) / stages[-1].name)
+    if config.eval_tasks and stage_only in (None, stages[-1].name) and runtime.is_main:
+        results = evaluate(config, Path(config.out_dir) / stages[-1].name, stages[-1])
         results["wall_seconds"] = time.time() - started
         (Path(config.out_dir) / "results.json").write_text(json.dumps(results, indent=2))
         print(json.dumps(results, indent=2))

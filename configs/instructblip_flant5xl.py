@@ -1,7 +1,7 @@
 """InstructBLIP (Dai et al. 2023) with Flan-T5-XL: the instruction-aware Q-Former (sec. 2.2)
 starts from BLIP-2's stage-1 Q-Former, before a frozen Flan-T5-XL; the Q-Former and its
 projection are tuned, the ViT and the LLM stay frozen. The queries and the prompt go into the T5
-encoder, the answer comes out of its decoder (data.split_for_encoder_decoder).
+encoder, the answer comes out of its decoder (conversation.split_for_encoder_decoder).
     torchrun --nproc_per_node 8 train.py configs/instructblip_flant5xl.py
 Hyperparameters: "Implementation Details" (batch 192 for the 3B model, at most 60K steps, AdamW
 beta2 0.999, weight decay 0.05, 1,000 warmup steps to 1e-5, cosine decay to 0). Paths:

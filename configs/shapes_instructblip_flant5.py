@@ -4,7 +4,7 @@ tiny T5 in place of the tiny LLaMA, the LLM family of BLIP-2-FlanT5, InstructBLI
 Stage "t5" pretrains the T5 from scratch on the world's text as a prefix LM (Raffel et al. 2020,
 sec. 3.3.2: a random prefix in the encoder, the rest from the decoder), which is how it is asked
 afterwards: the queries and the chat prompt into the encoder, the answer out of the decoder
-(data.split_for_encoder_decoder). The Q-Former's stage 1 and the instruction tuning before the
+(conversation.split_for_encoder_decoder). The Q-Former's stage 1 and the instruction tuning before the
 frozen T5 are shapes_instructblip.py's.
 """
 __file__ = __file__.replace("shapes_instructblip_flant5.py", "shapes_instructblip.py")  # which reads shapes_blip2.py

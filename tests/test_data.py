@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+import conversation
 import data
+import shapes
 from conversation import TEMPLATES, DataError, format_conversation, render_conversation, show_supervision
 
 IMAGE_TOKEN_INDEX = 1000  # outside the tiny vocabulary, as llava-hf's 32000 can be
@@ -582,8 +584,8 @@ def test_encoder_decoder_items_are_one_answer_each(tmp_path, tokenizer):
     assert second["input_ids"].tolist() + second["labels"].tolist() == whole[1:]
     assert (first["input_ids"] == IMAGE_TOKEN_INDEX).sum() == NUM_IMAGE_TOKENS
     with pytest.raises(data.DataError, match="no supervised token"):
-        data.split_for_encoder_decoder([5, 6], [data.IGNORE_INDEX] * 2, eos)
-    assert data.split_for_encoder_decoder([5, 6, 7], [data.IGNORE_INDEX, 6, 7], eos) == ([5], [6, 7, eos])
+        conversation.split_for_encoder_decoder([5, 6], [data.IGNORE_INDEX] * 2, eos)
+    assert conversation.split_for_encoder_decoder([5, 6, 7], [data.IGNORE_INDEX, 6, 7], eos) == ([5], [6, 7, eos])
 
 
 def test_prefix_lm_text_items_split_each_chunk_once(tmp_path, tokenizer):
@@ -601,3 +603,65 @@ def test_prefix_lm_text_items_split_each_chunk_once(tmp_path, tokenizer):
     again = data.TextDataset(str(text_path), tokenizer, max_seq_len=12, prefix_lm=True, seed=1)
     other = data.TextDataset(str(text_path), tokenizer, max_seq_len=12, prefix_lm=True, seed=2)
     assert again.split_points == texts.split_points != other.split_points
+
+
+# --------------------------------------------------------------------------------------------
+# LION: task levels and soft-prompted tags
+# --------------------------------------------------------------------------------------------
+
+LEVELED_RECORDS = [
+    {"id": "rec", "image": "0.png", "task_level": "region",
+     "conversations": qa("<image>\nWhere is the circle?", "[0.1,0.2,0.3,0.4]")},
+    {"id": "vqa", "image": "1.png", "conversations": qa("<image>\nWhat color is the circle?", "red")},
+    {"id": "bad", "image": "2.png", "task_level": "pixel", "conversations": qa("<image>\nHow many?", "3")},
+]
+
+
+def test_task_levels_are_read_filtered_and_collated(tmp_path, tokenizer):
+    path, folder = write_world(tmp_path, LEVELED_RECORDS)
+    dataset = make_dataset(path, folder, tokenizer)
+    assert len(dataset) == 2 and dataset.problems.counts == {"malformed_record": 1}
+    assert [dataset[index]["task_level"] for index in range(2)] == [data.TASK_LEVELS["region"], data.TASK_LEVELS["image"]]
+    batch = data.collate([dataset[0], dataset[1]], pad_token_id=0)
+    assert batch["task_level"].tolist() == [0, 1]
+    assert len(make_dataset(path, folder, tokenizer, task_levels=["region"])) == 1
+    assert [make_dataset(path, folder, tokenizer, task_levels=["image"])[0]["task_level"]] == [1]
+    with pytest.raises(ValueError, match="pixel"):
+        make_dataset(path, folder, tokenizer, task_levels=["pixel"])
+
+
+def write_tags(tmp_path, entries) -> str:
+    path = tmp_path / "tags.json"
+    path.write_text(json.dumps({name: {"tags": tags} for name, tags in entries.items()}))
+    return str(path)
+
+
+def test_tags_are_read_per_file_name_and_a_noisy_tagger_is_deterministic(tmp_path):
+    entries = {f"{index}.png": [f"tag{index}", f"tag{index + 1}", f"tag{index + 2}"] for index in range(50)}
+    path = write_tags(tmp_path, entries)
+    assert conversation.read_tags(path) == entries
+    noisy = conversation.read_tags(path, noise=0.5)
+    assert noisy == conversation.read_tags(path, noise=0.5)  # the same wrong tags every time, as a real tagger's
+    kept = sum(tag in entries[name] for name, tags in noisy.items() for tag in tags)
+    assert 0.3 * 150 < kept < 0.7 * 150 and sum(map(len, noisy.values())) < 150  # some dropped, some swapped
+    assert conversation.read_tags(path, noise=0.0) == entries
+    with pytest.raises(ValueError, match="noise"):
+        conversation.read_tags(path, noise=1.5)
+    (tmp_path / "broken.json").write_text(json.dumps({"0.png": ["no", "tags", "key"]}))
+    with pytest.raises(DataError, match="broken.json"):
+        conversation.read_tags(str(tmp_path / "broken.json"))
+
+
+def test_the_tag_sentence_goes_before_the_first_question_but_not_into_the_qformer(tmp_path, tokenizer):
+    path, folder = write_world(tmp_path, LEVELED_RECORDS[:2])
+    tags = conversation.read_tags(write_tags(tmp_path, {"0.png": ["red circle", "blue star"]}))
+    with_hint = conversation.tag_sentence(["red circle", "blue star"], "<hint>")
+    assert with_hint == ("According to <hint>, you are allowed to use or partially use the following tags: "
+                         "[red circle, blue star]. ")
+    qformer = shapes.train_qformer_tokenizer(["Where is the circle?", with_hint])
+    dataset = make_dataset(path, folder, tokenizer, tags=tags, hint="<hint>", qformer_tokenizer=qformer,
+                           max_seq_len=400)
+    assert len(dataset) == 1 and dataset.problems.counts == {"missing_tags": 1}  # 1.png has no tags
+    text = tokenizer.decode([i for i in dataset[0]["input_ids"].tolist() if i != IMAGE_TOKEN_INDEX])
+    assert with_hint.strip() + " Where is the circle?" in text
+    assert qformer.decode(dataset[0]["qformer_input_ids"].tolist()) == "where is the circle?"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+import conversation
 import eval as evaluation
 from eval import load_task
 from metrics import (box_iou, cider_d, circular_accuracy, evalai_answer, normalize_vqa_answer, parse_box, parse_choice,
@@ -695,10 +695,38 @@ def test_an_encoder_decoder_is_asked_and_scored_as_it_trains(tiny_flan_t5_model,
     batched = evaluator.rank_choices(samples, dialogues)
     for choice, score in zip(samples[0].choices, batched[0]):
         ids, labels = evaluator.encode_dialogue(dialogues[0], choice)
-        encoder_ids, target = data.split_for_encoder_decoder(ids, labels, tokenizer.token_to_id("</s>"))
+        encoder_ids, target = conversation.split_for_encoder_decoder(ids, labels, tokenizer.token_to_id("</s>"))
         with torch.no_grad():
             _, mean_loss = model(torch.tensor([encoder_ids]), pixel_values=evaluator.pixel_values(samples[:1]),
                                  labels=torch.tensor([target]))
         assert score == pytest.approx(-mean_loss.item() * len(target), rel=1e-4, abs=1e-4)
     answers = evaluator.generate(samples, dialogues, max_new_tokens=4)
     assert answers == [evaluator.generate([s], [d], max_new_tokens=4)[0] for s, d in zip(samples, dialogues)]
+
+
+def test_lion_tags_go_into_the_prompt_and_rec_runs_the_router_at_region_level(tiny_model, world, tmp_path,
+                                                                              monkeypatch):
+    """With a tags file, each image's question starts with LION's tag sentence (plain words as
+    hint for a model without a soft prompt), and model.generate gets the task level: region for
+    REC, image for the rest."""
+    model, tokenizer = tiny_model
+    tags_path = tmp_path / "tags.json"
+    tags_path.write_text(json.dumps({f"{image_id:012d}.png": {"tags": ["red circle"]} for image_id in IMAGE_SIZES}))
+    seen = []
+    original_generate = model.generate
+
+    def recording_generate(input_ids, *args, task_level=None, **kwargs):
+        seen.append((tokenizer.decode(input_ids[0].tolist()), task_level))
+        return original_generate(input_ids, *args, task_level=task_level, **kwargs)
+
+    monkeypatch.setattr(model, "generate", recording_generate)
+    for task, split in (("refcoco", "val"), ("vqa", "val")):
+        evaluation.run_eval(model, tokenizer, task, world, split, batch_size=2, limit=2, image_template=VQA_TEMPLATE,
+                            max_new_tokens=2, progress=False, print_results=False, tags=str(tags_path))
+    assert [level for _, level in seen] == [0, 1]
+    sentence = conversation.tag_sentence(["red circle"], conversation.PLAIN_HINT)
+    assert all(sentence.strip() in prompt for prompt, _ in seen)
+    with pytest.raises(ValueError, match="no entry for image"):
+        tags_path.write_text(json.dumps({"other.png": {"tags": []}}))
+        evaluation.run_eval(model, tokenizer, "vqa", world, "val", limit=1, image_template=VQA_TEMPLATE,
+                            max_new_tokens=2, progress=False, print_results=False, tags=str(tags_path))

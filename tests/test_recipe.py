@@ -27,7 +27,10 @@ def smoke_config(name: str, world: Path, out: Path, tmp_path: Path) -> Path:
              "shapes_blip2.py": {'"out/shapes_blip2"': f'"{out.with_name("blip2")}"',
                                  '"out/shapes_llava15/': f'"{out}/'},
              "shapes_instructblip.py": {'"out/shapes_instructblip"': f'"{out.with_name("instructblip")}"'},
-             "shapes_instructblip_flant5.py": {'"out/shapes_instructblip_flant5"': f'"{out.with_name("flant5")}"'}}[name]
+             "shapes_instructblip_flant5.py": {'"out/shapes_instructblip_flant5"': f'"{out.with_name("flant5")}"'},
+             # LION starts from the Flan-T5 recipe's T5 and stage-1 Q-Former.
+             "shapes_lion.py": {'"out/shapes_lion"': f'"{out.with_name("lion")}"',
+                                '"out/shapes_instructblip_flant5/': f'"{out.with_name("flant5")}/'}}[name]
     for original, moved in moves.items():
         assert original in text, f"configs/{name} no longer holds {original}"
         text = text.replace(original, moved)
@@ -112,3 +115,43 @@ def test_flan_t5_recipe_trains_a_t5_and_puts_it_behind_the_qformer(recipe):
     pretrained = t5.state_dict()
     assert all(torch.equal(value, pretrained[key]) for key, value in model.language_model.state_dict().items())
     assert len((out / "logs" / "finetune.jsonl").read_text().splitlines()) == 2
+
+
+def test_lion_recipe_trains_each_stage_its_own_parts(recipe):
+    """LION's three stages on the Flan-T5 recipe's T5 and Q-Former (LION, Fig. 4): stage "image"
+    trains the Q-Former and the image-level adapter only, "region" the aggregator, its MLP and
+    the region-level adapter only, "all" both branches, the router and the soft prompt; the T5
+    itself never changes, and eval runs with the tags."""
+    for name in ("shapes_blip2.py", "shapes_instructblip.py", "shapes_instructblip_flant5.py"):
+        flant5 = smoke_config(name, recipe / "world", recipe / "llava15", recipe)
+    if not (recipe / "flant5" / "qformer").is_dir():
+        for stage in ("t5", "qformer"):
+            train.main([str(flant5), "--stage", stage, *SMOKE])
+    config = smoke_config("shapes_lion.py", recipe / "world", recipe / "llava15", recipe)
+    train.main([str(config), *SMOKE])
+    out = recipe / "lion"
+    check_results(json.loads((out / "results.json").read_text()))
+    image, region, final = (MLLM.from_pretrained(str(out / stage)) for stage in ("image", "region", "all"))
+    assert (image.config.visual_input, region.config.visual_input, final.config.visual_input) == \
+        ("QFORMER", "AGGREGATOR", "ALL")
+    assert image.config.hint_token_index is None and final.config.hint_token_index is not None
+    states = [model.state_dict() for model in (image, region, final)]
+    t5 = T5LanguageModel.from_pretrained(str(recipe / "flant5" / "t5")).state_dict()
+    for state in states:  # the LLM is frozen but for its adapters
+        assert all(torch.equal(state[f"language_model.{key}"], value) for key, value in t5.items())
+
+    def trained(state: dict, group: str) -> bool:  # an adapter's up projection starts at zero
+        return any(bool(value.any()) for key, value in state.items() if f"{group}.up_proj.weight" in key)
+
+    assert trained(states[0], "adapters.1") and not trained(states[0], "adapters.0")
+
+    def changed(before: dict, after: dict) -> set[str]:
+        groups = ("adapters.0.", "adapters.1.", "router_gates", ".qformer.", "query_tokens", "vision_aggregator.",
+                  "aggregator_projector.", "vision_tower.")
+        return {group for group in groups for key in after
+                if group in key and key in before and not torch.equal(before[key], after[key])}
+
+    assert changed(states[0], states[1]) == {"adapters.0.", "vision_aggregator.", "aggregator_projector."}
+    assert changed(states[1], states[2]) >= {"router_gates", ".qformer.", "vision_aggregator.", "adapters.0.",
+                                             "adapters.1."}
+    assert "soft_prompt_hint" in states[2] and "soft_prompt_hint" not in states[1]

@@ -52,8 +52,8 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 def scene_objects(world: Path) -> dict[int, list[dict]]:
     """image_id -> objects with size, color, shape and pixel box, read from tags.json."""
     objects = {}
-    for image_id, entry in read_json(world / "tags.json").items():
-        objects[int(image_id)] = [dict(zip(("size", "color", "shape"), o["name"].split()), box=o["box"])
+    for file_name, entry in read_json(world / "tags.json").items():
+        objects[image_id_of(file_name)] = [dict(zip(("size", "color", "shape"), o["name"].split()), box=o["box"])
                                   for o in entry["objects"]]
     return objects
 
