@@ -12,7 +12,7 @@ LION's mixture of adapters ("LION: Empowering MLLM with Dual-Level Visual Knowle
 block's input X, O = F(X) + H(X) with H(X) = W_u ReLU(W_d X) (eq. 2); one adapter per task level
 (region-level: REC / REG; image-level: captions, VQA) and a router of per-channel gate vectors
 per task level, O^t = F(X) + sum_k G_k^t * H_k(X) (eq. 3). The batch's task level picks the gate
-row (`routed_to`).
+row (`set_task_level`).
 
 Both kinds are put into a model by one loop over module names (`matching_modules`).
 
@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import math
 import re
-from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -176,7 +174,7 @@ class AdapterRouter(nn.Module):
     task levels, width), the per-channel gate G_k^t of adapter k for task level t, one-hot at the
     start (level t reads adapter t alone: the two adapters of stages 1 and 2 meet in stage 3 as
     they were trained). `task_level` is an int for the whole batch or a (batch,) tensor, set by
-    `routed_to`. Without `learned_gates`, the gates are fixed at one: every adapter is added
+    `set_task_level`. Without `learned_gates`, the gates are fixed at one: every adapter is added
     whatever the task (LION's "directly incorporating multiple adapters", Table 3's ablation)."""
 
     def __init__(self, width: int, bottleneck: int = 64, num_adapters: int = 2, learned_gates: bool = True):
@@ -214,16 +212,11 @@ def insert_parallel_adapters(model: nn.Module, block_patterns: list[str], bottle
     return [name for name, _ in found]
 
 
-@contextmanager
-def routed_to(model: nn.Module, task_level: int | torch.Tensor | None) -> Iterator[None]:
-    """Within the block, every AdapterRouter of `model` reads the gates of `task_level`
-    (TASK_LEVELS' numbers; a (batch,) tensor gives each sample its own). None: image-level, the
-    level of a sample that names none."""
-    routers = [module for module in model.modules() if isinstance(module, AdapterRouter)]
-    for router in routers:
-        router.task_level = TASK_LEVELS["image"] if task_level is None else task_level
-    try:
-        yield
-    finally:
-        for router in routers:
-            router.task_level = TASK_LEVELS["image"]
+def set_task_level(model: nn.Module, task_level: int | torch.Tensor | None) -> None:
+    """Every AdapterRouter of `model` reads the gates of `task_level` (TASK_LEVELS' numbers; a
+    (batch,) tensor gives each sample its own; None: image-level, the level of a sample that names
+    none) until the next call. It is not reset when the forward pass returns: with gradient
+    checkpointing, backward recomputes each layer and must see the batch's level again."""
+    for module in model.modules():
+        if isinstance(module, AdapterRouter):
+            module.task_level = TASK_LEVELS["image"] if task_level is None else task_level

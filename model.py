@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import decoding
-from adapters import insert_parallel_adapters, merged_state_dict, routed_to
+from adapters import insert_parallel_adapters, merged_state_dict, set_task_level
 from checkpoints import (BLIP2_LAYOUT, INSTRUCTBLIP_LAYOUT, LION_LAYOUT, LLAMA_LAYOUT, LLAVA_HF_LAYOUT, MLLM_LAYOUTS,
                          ORIGINAL_LLAVA_LAYOUT, T5_LAYOUT, JsonConfig, Layout, blip2_config_fields, blip2_config_json,
                          detect_layout, llava_hf_config_fields, llava_hf_config_json, load_state_strict,
@@ -671,8 +671,8 @@ class MLLM(nn.Module):
             decoder["decoder_input_ids"] = decoder_input_ids
         elif decoder_input_ids is not None:
             raise ValueError("decoder_input_ids is for an encoder-decoder LLM (T5); this model's LLM is decoder-only")
-        with routed_to(self.language_model, task_level):
-            return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **decoder)
+        set_task_level(self.language_model, task_level)
+        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **decoder)
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
@@ -683,8 +683,8 @@ class MLLM(nn.Module):
         is LEFT-padded. Options: decoding.DecodingOptions."""
         options.setdefault("pad_token_id", self.config.pad_token_id)
         embeds = self.embed(input_ids, pixel_values, qformer_input_ids, qformer_attention_mask)
-        with routed_to(self.language_model, task_level):
-            return decoding.generate(self.language_model, input_ids, embeds, attention_mask, **options)
+        set_task_level(self.language_model, task_level)
+        return decoding.generate(self.language_model, input_ids, embeds, attention_mask, **options)
 
     @classmethod
     def from_pretrained(cls, path: str, vision_tower_path: str | None = None, dtype: torch.dtype = torch.float32,

@@ -52,7 +52,9 @@ def test_interactive_dialogue_and_beam_search(checkpoint):
                             input="How many objects are there?\nAnd their colors?\n\n", capture_output=True,
                             text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert len(result.stdout.splitlines()) == 2 and result.stderr.count("> ") == 3
+    # Three prompts (two questions, then the empty line that ends), each answer ending its line; a
+    # random tiny model may print any character, line breaks included, so count no more than that.
+    assert result.stderr.count("> ") == 3 and result.stdout.endswith("\n") and result.stdout.count("\n") >= 2
 
 
 def test_missing_image_is_named(checkpoint):
