@@ -174,19 +174,20 @@ class AdapterRouter(nn.Module):
     task levels, width), the per-channel gate G_k^t of adapter k for task level t, one-hot at the
     start (level t reads adapter t alone: the two adapters of stages 1 and 2 meet in stage 3 as
     they were trained). `task_level` is an int for the whole batch or a (batch,) tensor, set by
-    `set_task_level`. Without `learned_gates`, the gates are fixed at one: every adapter is added
-    whatever the task (LION's "directly incorporating multiple adapters", Table 3's ablation)."""
+    `set_task_level`. Without `learned_gates` (or with one adapter), the gates are fixed at one:
+    every adapter is added whatever the task (LION's "directly incorporating multiple adapters",
+    Table 3's ablation)."""
 
     def __init__(self, width: int, bottleneck: int = 64, num_adapters: int = 2, learned_gates: bool = True):
         super().__init__()
         self.adapters = nn.ModuleList(BottleneckAdapter(width, bottleneck) for _ in range(num_adapters))
-        if learned_gates:
+        if learned_gates and num_adapters > 1:
             gates = torch.zeros(num_adapters, len(TASK_LEVELS), width)
-            for level in range(min(num_adapters, len(TASK_LEVELS))):
+            for level in range(len(TASK_LEVELS)):
                 gates[level, level] = 1.0
             self.router_gates = nn.Parameter(gates)
-        else:  # a buffer, so that no trainable pattern can make it learn
-            self.register_buffer("router_gates", torch.ones(num_adapters, len(TASK_LEVELS), width))
+        else:  # fixed ones (one adapter: the official code keeps no gates): a buffer no pattern trains, not saved
+            self.register_buffer("router_gates", torch.ones(num_adapters, len(TASK_LEVELS), width), persistent=False)
         self.task_level: int | torch.Tensor = TASK_LEVELS["image"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

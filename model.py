@@ -556,6 +556,7 @@ class MLLM(nn.Module):
             self.soft_prompt_hint = nn.Parameter(torch.zeros(config.text_config.hidden_size))
 
     def new_connector(self) -> nn.Module:
+        """A fresh connector of the config's kind (connectors.build_connector)."""
         config = self.config
         return build_connector(config.projector_type, config.vision_config, config.text_config.hidden_size,
                                config.vision_feature_layer, config.vision_feature_select_strategy,
@@ -644,9 +645,10 @@ class MLLM(nn.Module):
                              f"but pixel_values has {images_given}")
         self.check_instruction(qformer_input_ids, images_needed > 0)
         # The image (and hint) token ids may lie outside the vocabulary, so embed a harmless id there.
-        is_hint = input_ids == (-1 if self.config.hint_token_index is None else self.config.hint_token_index)
+        hint = self.config.hint_token_index
+        is_hint = input_ids == hint if hint is not None else torch.zeros_like(is_image)
         embeds = self.language_model.input_embeddings()(input_ids.masked_fill(is_image | is_hint, 0))
-        if self.config.hint_token_index is not None:  # LION: one learned vector in place of <hint>
+        if hint is not None:  # LION: one learned vector in place of <hint>
             embeds = torch.where(is_hint[..., None], self.soft_prompt_hint.to(embeds.dtype), embeds)
         if images_needed == 0:
             return embeds
@@ -738,10 +740,7 @@ class MLLM(nn.Module):
             language_model.resize_token_embeddings(needed_vocab)
         model = build_without_init(cls, config, torch.float32)
         model.vision_tower, model.language_model = vision_tower, language_model
-        model.multi_modal_projector = build_connector(
-            config.projector_type, config.vision_config, config.text_config.hidden_size,
-            config.vision_feature_layer, config.vision_feature_select_strategy, config.qformer_config,
-            config.num_query_tokens)
+        model.multi_modal_projector = model.new_connector()
         return model
 
     @classmethod
