@@ -123,6 +123,7 @@ class TrainConfig:
     save_every: int = 500  # optimizer steps between checkpoints (and one at the end of each stage)
     stop_after_steps: int = 0  # stop the current stage after this many steps, checkpointed (time-boxed jobs)
     on_data_error: str = "skip"  # "skip" (count, report each epoch) or "raise"
+    overwrite: bool = False  # train a stage again although out_dir already holds its finished model
 
 
 def check_type(key: str, value, annotation) -> None:
@@ -842,10 +843,15 @@ def main(argv: list[str]) -> None:
         if stage_only is not None and stage.name != stage_only:
             continue
         previous = Path(config.out_dir) / stages[index - 1].name if index else None
-        if "--resume" in argv and stage_only is None and complete_directory(Path(config.out_dir) / stage.name):
+        finished = complete_directory(Path(config.out_dir) / stage.name)
+        if finished and "--resume" in argv:
             if runtime.is_main:
                 print(f"[{stage.name}] already done, skipped (--resume)")
             continue
+        if finished and not config.overwrite:  # a rerun must not silently replace a trained model
+            raise SystemExit(f"[{stage.name}] {finished} already holds this stage's finished model. Continue a "
+                             f"stopped run with --resume (finished stages are skipped), train it again with "
+                             f"--overwrite=True, or choose another --out_dir.")
         train_stage(stage, config, runtime, previous, stage_names, resume="--resume" in argv)
 
     if config.eval_tasks and stage_only in (None, stages[-1].name) and runtime.is_main:

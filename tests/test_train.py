@@ -131,6 +131,13 @@ def test_resume_continues_exactly(world, tiny_checkpoint, tmp_path):
     for (name, a), b in zip(final.state_dict().items(), reference.state_dict().values()):
         assert torch.equal(a, b), name
     assert (interrupted / "logs" / "finetune_loss.png").is_file()
+    # A finished stage is never replaced by a plain rerun: --resume skips it, --overwrite=True retrains it.
+    with pytest.raises(SystemExit, match=f"{interrupted / 'finetune'}.*--resume.*--overwrite=True"):
+        train.main([str(config), "--stage", "finetune", "--max_steps=2"])
+    train.main([str(config), "--stage", "finetune", "--resume", "--max_steps=2"])
+    assert losses(interrupted) == losses(straight)
+    train.main([str(config), "--overwrite=True", "--max_steps=2"])
+    assert len(losses(interrupted)) == 2
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(world, tiny_checkpoint, tmp_path, monkeypatch):
