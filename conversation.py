@@ -14,6 +14,8 @@ do, written so that labels can never drift from the text:
   sample then silently loses its loss). Here the full text is rendered once together with the
   character spans that must be supervised, tokenized once, and a token is supervised when its
   characters overlap a supervised span.
+- An encoder-decoder's (T5's) view of a rendered sample: the prompt for the encoder, the last
+  answer + EOS for the decoder (T5's prefix LM, Raffel et al. 2020, sec. 3.3.2).
 - LION's tag sentence with its soft-prompt token (sec. 3.2, Fig. 5), put before the first
   question of a conversation, from a tags file per image.
 data.py builds the datasets on this; eval.py renders its prompts with the same functions.

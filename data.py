@@ -463,8 +463,9 @@ class InstructionDataset(_ImageRecordDataset):
             raise DataError(f"a record must be a JSON object, got {type(record).__name__}")
         if not isinstance(record.get("conversations"), list):
             raise DataError("missing or non-list key 'conversations'")
-        if record.get("task_level", "image") not in TASK_LEVELS:
-            raise DataError(f"task_level {record['task_level']!r} is not one of {sorted(TASK_LEVELS)}")
+        level = record.get("task_level", "image")
+        if not isinstance(level, str) or level not in TASK_LEVELS:
+            raise DataError(f"task_level {level!r} is not one of {sorted(TASK_LEVELS)}")
         if self.tags is not None and isinstance(record.get("image"), str):
             if record["image"] not in self.tags:
                 raise DataError(f"the tags file has no entry for image {record['image']!r}", "missing_tags")

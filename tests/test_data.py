@@ -614,13 +614,14 @@ LEVELED_RECORDS = [
      "conversations": qa("<image>\nWhere is the circle?", "[0.1,0.2,0.3,0.4]")},
     {"id": "vqa", "image": "1.png", "conversations": qa("<image>\nWhat color is the circle?", "red")},
     {"id": "bad", "image": "2.png", "task_level": "pixel", "conversations": qa("<image>\nHow many?", "3")},
+    {"id": "odd", "image": "2.png", "task_level": ["region"], "conversations": qa("<image>\nHow many?", "3")},
 ]
 
 
 def test_task_levels_are_read_filtered_and_collated(tmp_path, tokenizer):
     path, folder = write_world(tmp_path, LEVELED_RECORDS)
     dataset = make_dataset(path, folder, tokenizer)
-    assert len(dataset) == 2 and dataset.problems.counts == {"malformed_record": 1}
+    assert len(dataset) == 2 and dataset.problems.counts == {"malformed_record": 2}
     assert [dataset[index]["task_level"] for index in range(2)] == [data.TASK_LEVELS["region"], data.TASK_LEVELS["image"]]
     batch = data.collate([dataset[0], dataset[1]], pad_token_id=0)
     assert batch["task_level"].tolist() == [0, 1]
