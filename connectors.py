@@ -301,9 +301,8 @@ class VisionAggregatorConfig(JsonConfig):
     0-based ViT blocks (i, j, k), their outputs before any final norm: the stream starts from
     V_i, block b cross-attends the next. The paper's rule (L-1, 2L/3, L/3) is the default; the
     official FusionAdapter on the 39-block EVA ViT-g taps (38, 28, 18), with 16 heads, BERT's FFN
-    3072 and eps 1e-12. The MLP after it
-    widens to `projector_hidden_size` (0 = 4x the ViT's, as `adapter_proj`). num_blocks 0 is
-    Fig. 6's ablation: the MLP reads the last layer directly."""
+    3072 and eps 1e-12. The MLP after it widens to `projector_hidden_size` (0 = 4x the ViT's, as
+    `adapter_proj`). num_blocks 0 is Fig. 6's ablation: the MLP reads the last layer directly."""
 
     model_type: ClassVar[str] = "lion_vision_aggregator"
     num_blocks: int = 2

@@ -361,6 +361,11 @@ def read_tags(path: str, noise: float = 0.0) -> dict[str, list[str]]:
     return tags
 
 
+def tag_hint(tokenizer: Tokenizer, hint_token_index: int | None) -> str:
+    """The hint of a model's tag sentence: its soft prompt's token, or PLAIN_HINT without one."""
+    return PLAIN_HINT if hint_token_index is None else tokenizer.id_to_token(hint_token_index)
+
+
 def tag_sentence(tags: list[str], hint: str) -> str:
     """LION's sentence for an image's tags: hint = the soft prompt's token, or PLAIN_HINT."""
     return TAG_PROMPT.format(hint=hint, tags=", ".join(tags))

@@ -29,8 +29,8 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from adapters import TASK_LEVELS
-from conversation import (EOS_TOKEN, IMAGE_PLACEHOLDER, PLAIN_HINT, TEMPLATES, last_supervised_run, read_tags,
-                          render_conversation, split_for_encoder_decoder, tag_sentence)
+from conversation import (EOS_TOKEN, IMAGE_PLACEHOLDER, TEMPLATES, last_supervised_run, read_tags,
+                          render_conversation, split_for_encoder_decoder, tag_hint, tag_sentence)
 from data import (REC_PROMPT, box_from_padded_square, encode_qformer_texts, load_image, load_tokenizer,
                   pad_sequences, padded_square_box, preprocess_image, read_json, read_json_lines)
 from layers import IGNORE_INDEX, row_log_likelihoods
@@ -341,8 +341,7 @@ class Evaluator:
         # LION: an image's tags before its first question (keyed by image file name), with the
         # soft prompt's token as hint when the model has one; the router's task level.
         self.tags, self.task_level = tags, TASK_LEVELS[task_level]
-        hint_id = model.config.hint_token_index
-        self.hint = PLAIN_HINT if hint_id is None else tokenizer.id_to_token(hint_id)
+        self.hint = tag_hint(tokenizer, model.config.hint_token_index)
         self.stop_strings = stop_strings or []
         if model.multi_modal_projector.takes_instruction and qformer_tokenizer is None:
             raise ValueError("this model's Q-Former reads the instruction (InstructBLIP): give its tokenizer "
@@ -726,7 +725,8 @@ def run_eval(model: MLLM, tokenizer: Tokenizer, task: str, data_dir: str | Path,
     options, scored per question too (MMBench's circular evaluation). qformer_tokenizer: the
     Q-Former's own tokenizer, for a model whose Q-Former reads the question (InstructBLIP). tags:
     LION's tags file (conversation.read_tags, with `tag_noise`), keyed by image file name; REC
-    runs LION's router at the region level, every other task at the image level. `decoding` goes to `model.generate` (max_new_tokens defaults per task kind: DEFAULT_MAX_NEW_TOKENS)."""
+    runs LION's router at the region level, every other task at the image level. `decoding` goes
+    to `model.generate` (max_new_tokens defaults per task kind: DEFAULT_MAX_NEW_TOKENS)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     kind, _, default_split = TASKS[task]

@@ -425,7 +425,6 @@ def build_dataset(stage: StageConfig, config: TrainConfig, model: torch.nn.Modul
                                    max_text_len=model.config.text_config.max_position_embeddings,
                                    on_error=config.on_data_error, with_regions=stage.region_loss)
     instruction_aware = model.multi_modal_projector.takes_instruction  # InstructBLIP: the Q-Former reads it
-    hint_id = model.config.hint_token_index
     return data.InstructionDataset(stage.data, stage.image_folder, tokenizer, stage.template,
                                    model.config.image_token_index, model.num_image_tokens,
                                    model.config.vision_config.image_size, pad_to_square,
@@ -435,7 +434,7 @@ def build_dataset(stage: StageConfig, config: TrainConfig, model: torch.nn.Modul
                                    encoder_decoder=model.config.text_config.is_encoder_decoder,
                                    task_levels=stage.task_levels or None,
                                    tags=conversation.read_tags(stage.tags, stage.tag_noise) if stage.tags else None,
-                                   hint=conversation.PLAIN_HINT if hint_id is None else tokenizer.id_to_token(hint_id))
+                                   hint=conversation.tag_hint(tokenizer, model.config.hint_token_index))
 
 
 def model_inputs(batch: dict, objective: str, device: torch.device) -> dict:

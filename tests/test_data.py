@@ -645,7 +645,6 @@ def test_tags_are_read_per_file_name_and_a_noisy_tagger_is_deterministic(tmp_pat
     assert noisy == conversation.read_tags(path, noise=0.5)  # the same wrong tags every time, as a real tagger's
     kept = sum(tag in entries[name] for name, tags in noisy.items() for tag in tags)
     assert 0.3 * 150 < kept < 0.7 * 150 and sum(map(len, noisy.values())) < 150  # some dropped, some swapped
-    assert conversation.read_tags(path, noise=0.0) == entries
     with pytest.raises(ValueError, match="noise"):
         conversation.read_tags(path, noise=1.5)
     (tmp_path / "broken.json").write_text(json.dumps({"0.png": ["no", "tags", "key"]}))
