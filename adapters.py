@@ -14,7 +14,11 @@ block's input X, O = F(X) + H(X) with H(X) = W_u ReLU(W_d X) (eq. 2); one adapte
 per task level, O^t = F(X) + sum_k G_k^t * H_k(X) (eq. 3). The batch's task level picks the gate
 row (`set_task_level`).
 
-Both kinds are put into a model by one loop over module names (`matching_modules`).
+Lynx's adapters ("What Matters in Training a GPT4-Style Language Model with Multimodal Inputs?",
+sec. 2.1, Fig. 3b): after every second decoder layer (0, 2, ..., L-2), on the layer's output h,
+h + s * W_up SiLU(W_down LN(h)), down to half the width, s a learnable scalar.
+
+LoRA and both adapter kinds are put into a model by one loop over module names (`matching_modules`).
 
 Checkpoints: `MLLM.save_pretrained` always writes merged weights (`merged_state_dict`), so a
 LoRA-finetuned model is saved as a plain LLaVA checkpoint that any loader, transformers included,
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -199,18 +204,25 @@ class AdapterRouter(nn.Module):
         return sum(gate * adapter(x) for gate, adapter in zip(gates, self.adapters))
 
 
+def insert_adapters(model: nn.Module, block_patterns: list[str], slot: str,
+                    new_adapter: Callable[[int], nn.Module]) -> list[str]:
+    """Set `new_adapter(width)` as the `slot` ("parallel_adapter" or "output_adapter") of every
+    layers.PreNormBlock whose name matches `block_patterns`, on the block's device and dtype.
+    Returns the block names."""
+    found = matching_modules(model, block_patterns, PreNormBlock)
+    for _, block in found:
+        parameter = block.post_attention_layernorm.weight
+        setattr(block, slot, new_adapter(parameter.shape[0]).to(device=parameter.device, dtype=parameter.dtype))
+    return [name for name, _ in found]
+
+
 def insert_parallel_adapters(model: nn.Module, block_patterns: list[str], bottleneck: int = 64,
                              num_adapters: int = 2, learned_gates: bool = True) -> list[str]:
     """Give every PreNormBlock whose name matches `block_patterns` an AdapterRouter beside its
     feed-forward (LION sets one in every T5 FFN, encoder and decoder; a LLaMA decoder layer's MLP
     takes it the same way). Returns the block names."""
-    found = matching_modules(model, block_patterns, PreNormBlock)
-    for _, block in found:
-        width = block.post_attention_layernorm.weight.shape[0]
-        parameter = block.post_attention_layernorm.weight
-        block.parallel_adapter = AdapterRouter(width, bottleneck, num_adapters, learned_gates).to(
-            device=parameter.device, dtype=parameter.dtype)
-    return [name for name, _ in found]
+    return insert_adapters(model, block_patterns, "parallel_adapter",
+                           lambda width: AdapterRouter(width, bottleneck, num_adapters, learned_gates))
 
 
 def set_task_level(model: nn.Module, task_level: int | torch.Tensor | None) -> None:
@@ -221,3 +233,40 @@ def set_task_level(model: nn.Module, task_level: int | torch.Tensor | None) -> N
     for module in model.modules():
         if isinstance(module, AdapterRouter):
             module.task_level = TASK_LEVELS["image"] if task_level is None else task_level
+
+
+# ----------------------------------------------------------------------------------------------
+# Lynx's adapters (sec. 2.1, Fig. 3b)
+
+
+class OutputAdapter(nn.Module):
+    """s * W_up SiLU(W_down LN(h)) with W_down to half the width (Lynx: 4096 -> 2048) and s a
+    learnable scalar (1 at the start); the block adds it to its output. The official
+    initialization: both projections N(0, 0.02), zero biases, so unlike LoRA or LION's adapters
+    it changes the frozen LLM a little from the first step. Names are ours; the official ones
+    (`adapter_norm_before`, `adapter_down`, `adapter_up`, `scaling`) are mapped by
+    checkpoints.LYNX_LAYOUT."""
+
+    def __init__(self, width: int, bottleneck: int | None = None):
+        super().__init__()
+        bottleneck = bottleneck or width // 2
+        self.norm = nn.LayerNorm(width)  # eps 1e-5, nn.LayerNorm's (the official)
+        self.down_proj = nn.Linear(width, bottleneck)
+        self.up_proj = nn.Linear(bottleneck, width)
+        self.scale = nn.Parameter(torch.ones(1))
+        for linear in (self.down_proj, self.up_proj):
+            nn.init.normal_(linear.weight, std=0.02)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.up_proj(F.silu(self.down_proj(self.norm(h)))) * self.scale
+
+
+def insert_output_adapters(model: nn.Module, num_layers: int, every: int = 2) -> list[str]:
+    """An OutputAdapter after decoder layers 0, every, 2 * every, ... < num_layers (Lynx: every
+    2nd of Vicuna's 32, `adapter_freq: 2`) of a LLaMA decoder (model.LanguageModel's
+    `model.layers.N`). Returns the layer names."""
+    if every < 1:
+        raise ValueError(f"insert_output_adapters: every must be >= 1, not {every}")
+    layers = "|".join(str(index) for index in range(0, num_layers, every))
+    return insert_adapters(model, [rf"(^|\.)layers\.({layers})$"], "output_adapter", OutputAdapter)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -244,6 +245,15 @@ def join_three(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tensors:
     return (torch.cat([q, k, v], dim=0),)
 
 
+def split_in_two(fused: torch.Tensor) -> Tensors:
+    """A fused key / value projection (rows k, then v: the resampler's `to_kv`) into its two parts."""
+    return tuple(fused.chunk(2, dim=0))
+
+
+def join_two(k: torch.Tensor, v: torch.Tensor) -> Tensors:
+    return (torch.cat([k, v], dim=0),)
+
+
 def split_folded_bias(qkv_bias: torch.Tensor) -> Tensors:
     """EVA's attention bias as transformers folds it, cat(q_bias, 0, v_bias), into the query and
     value biases (our EVA attention has no key bias). A nonzero middle third is dropped without
@@ -367,21 +377,26 @@ def qformer_rules(theirs: str, ours: str, embeddings: str) -> Layout:
                                     attention="self" if embeddings == "lavis" else "attention")
 
 
-def lavis_eva_rules(theirs: str, ours: str) -> Layout:
+def lavis_eva_rules(theirs: str, ours: str, split_qkv: bool = False) -> Layout:
     """LAVIS's EVA ViT-g (`lavis/models/eva_vit.py`, as LION and Lyrics keep it) under `theirs` ->
     our VisionTransformer under `ours`: fused `qkv.weight` with separate `q_bias` / `v_bias`,
     `norm1` / `norm2`, `attn.proj`, a (1, 1, D) `cls_token` and a (1, N, D) `pos_embed`. It has
-    no final norm: BLIP-2's `ln_vision` is a root module (our tower's post_layernorm)."""
+    no final norm: BLIP-2's `ln_vision` is a root module (our tower's post_layernorm). Lynx's copy
+    (`split_qkv`) re-keys the attention as `q_proj` (with bias), `k_proj` (none), `v_proj` (with bias)."""
     block, ours_block = f"{theirs}blocks.*.", f"{ours}encoder.layers.*."
+    attention = (Rule(f"{block}attn.q_proj.*", f"{ours_block}self_attn.q_proj.*"),
+                 Rule(f"{block}attn.k_proj.*", f"{ours_block}self_attn.k_proj.*"),
+                 Rule(f"{block}attn.v_proj.*", f"{ours_block}self_attn.v_proj.*")) if split_qkv else (
+        Rule(f"{block}attn.qkv.weight", tuple(f"{ours_block}self_attn.{name}_proj.weight" for name in "qkv"),
+             to_ours=split_in_three, to_theirs=join_three),
+        Rule(f"{block}attn.q_bias", f"{ours_block}self_attn.q_proj.bias"),
+        Rule(f"{block}attn.v_bias", f"{ours_block}self_attn.v_proj.bias"))
     return (
         Rule(f"{theirs}cls_token", f"{ours}embeddings.class_embedding", to_ours=flatten, to_theirs=as_one_token),
         Rule(f"{theirs}pos_embed", f"{ours}embeddings.position_embedding.weight",
              to_ours=drop_batch_axis, to_theirs=add_batch_axis),
         Rule(f"{theirs}patch_embed.proj.*", f"{ours}embeddings.patch_embedding.*"),
-        Rule(f"{block}attn.qkv.weight", tuple(f"{ours_block}self_attn.{name}_proj.weight" for name in "qkv"),
-             to_ours=split_in_three, to_theirs=join_three),
-        Rule(f"{block}attn.q_bias", f"{ours_block}self_attn.q_proj.bias"),
-        Rule(f"{block}attn.v_bias", f"{ours_block}self_attn.v_proj.bias"),
+        *attention,
         Rule(f"{block}attn.proj.*", f"{ours_block}self_attn.o_proj.*"),
         Rule(f"{block}norm1.*", f"{ours_block}input_layernorm.*"),
         Rule(f"{block}norm2.*", f"{ours_block}post_attention_layernorm.*"),
@@ -503,6 +518,30 @@ LION_LAYOUT: Layout = (
     *qformer_rules("Qformer.bert.", "multi_modal_projector.qformer.", embeddings="lavis"),
 )
 
+# Lynx (bytedance/lynx-llm `models/lynx.py`): the EVA ViT (`vision_encoder.*`, q/k/v split), the
+# Perceiver resampler (`bridge.*`: per layer an attention `0` and a Sequential feed-forward `1` =
+# LayerNorm, Linear, GELU, Linear), the LLaMA (`LLM.*`, LlamaForCausalLM names) with its output
+# adapters, and the video frame positions.
+LYNX_LAYOUT: Layout = (
+    *lavis_eva_rules("vision_encoder.", "vision_tower.", split_qkv=True),
+    Rule("bridge.latents", "multi_modal_projector.latents"),
+    Rule("bridge.layers.*.0.norm_media.*", "multi_modal_projector.layers.*.norm_media.*"),
+    Rule("bridge.layers.*.0.norm_latents.*", "multi_modal_projector.layers.*.norm_latents.*"),
+    Rule("bridge.layers.*.0.to_q.weight", "multi_modal_projector.layers.*.cross_attn.q_proj.weight"),
+    Rule("bridge.layers.*.0.to_kv.weight", tuple(f"multi_modal_projector.layers.*.cross_attn.{name}_proj.weight"
+                                                  for name in "kv"), to_ours=split_in_two, to_theirs=join_two),
+    Rule("bridge.layers.*.0.to_out.weight", "multi_modal_projector.layers.*.cross_attn.o_proj.weight"),
+    Rule("bridge.layers.*.1.0.*", "multi_modal_projector.layers.*.mlp_norm.*"),
+    Rule("bridge.layers.*.1.1.weight", "multi_modal_projector.layers.*.mlp.fc1.weight"),
+    Rule("bridge.layers.*.1.3.weight", "multi_modal_projector.layers.*.mlp.fc2.weight"),
+    Rule("bridge.norm.*", "multi_modal_projector.norm.*"),
+    Rule("absolute_frame_pos_embed", "multi_modal_projector.frame_position_embedding"),
+    *(Rule(f"LLM.model.layers.*.output_adapter.{theirs}", f"language_model.model.layers.*.output_adapter.{ours}")
+      for theirs, ours in (("adapter_norm_before.*", "norm.*"), ("adapter_down.*", "down_proj.*"),
+                           ("adapter_up.*", "up_proj.*"), ("scaling", "scale"))),
+    Rule("LLM.*", "language_model.*"),
+)
+
 # Keys that hold no weights of their own in any layout: older transformers saved CLIP's arange
 # position ids, T5 checkpoints may repeat the shared embedding under each stack's name, and old
 # ones carry an unused position bias in the first cross-attention (transformers ignores it too).
@@ -514,6 +553,7 @@ IGNORED_KEY_SUFFIXES: tuple[str, ...] = ("embeddings.position_ids", "encoder.emb
 MLLM_LAYOUTS: dict[str, tuple[str, Layout]] = {
     "LION (LAVIS names: visual_encoder.*, ln_vision, Qformer.bert.*, fusion_adapter.*, t5_model.*)":
         ("Qformer.bert.", LION_LAYOUT),
+    "Lynx (vision_encoder.*, bridge.*, LLM.model.*)": ("bridge.", LYNX_LAYOUT),
     "BLIP-2 (vision_model.*, query_tokens, qformer.layernorm, language_projection.*, language_model.*)":
         ("qformer.layernorm.", BLIP2_LAYOUT),
     "InstructBLIP (vision_model.*, query_tokens, qformer.embeddings.*, language_projection.*, language_model.*)":
@@ -550,6 +590,36 @@ def state_to_ours(state: dict[str, torch.Tensor], layout: Layout) -> dict[str, t
 
 def state_to_theirs(state: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
     return convert_keys(state, layout, to="theirs")
+
+
+def load_over(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a checkpoint (our names) that may hold only part of `model`: every key it has must
+    be one of the model's, with its shape; what it lacks keeps the model's values. Prints which
+    parts (module names two levels deep) the checkpoint held and which it left as they were."""
+    load_state_strict(model, {**model.state_dict(), **state}, source)
+
+    def parts(keys) -> str:
+        return ", ".join(sorted({".".join(key.split(".")[:2]) for key in keys})) or "nothing"
+
+    print(f"{source}: loaded {parts(state)}; kept as built: {parts(model.state_dict().keys() - state.keys())}",
+          file=sys.stderr)
+
+
+def fitted_to_release(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A partial release (our names) made to fit the model built from its components: a tower
+    stored at another resolution (Lynx's 420 px) resizes the model's position grid to it, and an
+    embedding or head with fewer rows than the model's grown vocabulary (Lynx's 32001 = Vicuna +
+    [PAD], our image token after it) keeps the model's extra rows."""
+    positions = state.get("vision_tower.embeddings.position_embedding.weight")
+    if positions is not None and positions.shape != model.vision_tower.embeddings.position_embedding.weight.shape:
+        model.vision_tower.interpolate_position_embedding(math.isqrt(positions.shape[0] - 1) *
+                                                          model.config.vision_config.patch_size)
+    own = model.state_dict()
+    for key in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
+        if key in state and key in own and state[key].shape[1:] == own[key].shape[1:] \
+                and len(state[key]) < len(own[key]):
+            state[key] = torch.cat([state[key], own[key][len(state[key]):].to(state[key].dtype)])
+    return state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -658,6 +728,23 @@ def blip2_config_json(config: Any) -> dict[str, Any]:
         "tie_word_embeddings": config.text_config.tie_word_embeddings,
         "image_aspect_ratio": config.image_aspect_ratio, **lion,
     }
+
+
+# Lynx's MLLMConfig fields in its config.json (our own: the official code has none).
+LYNX_FIELDS = ("projector_type", "resampler_config", "output_adapter_every", "image_token_index", "pad_token_id",
+               "vision_feature_layer", "vision_feature_select_strategy", "image_aspect_ratio")
+
+
+def lynx_config_fields(values: dict[str, Any]) -> dict[str, Any]:
+    """From the config.json lynx_config_json writes."""
+    return dict(vision_config=values["vision_config"], text_config=values["text_config"],
+                **{key: values[key] for key in LYNX_FIELDS if key in values})
+
+
+def lynx_config_json(config: Any) -> dict[str, Any]:
+    return {"architectures": ["Lynx"], "model_type": "lynx", "vision_config": config.vision_config.to_dict(),
+            "text_config": config.text_config.to_dict(),
+            **{key: getattr(config, key) for key in LYNX_FIELDS}, "resampler_config": config.resampler_config.to_dict()}
 
 
 def original_llava_config_fields(values: dict[str, Any]) -> dict[str, Any]:

@@ -22,6 +22,11 @@ of the text, the same way for every connector.
   detail of the middle of the ViT reaches the LLM (region-level tasks: REC, REG); their tokens
   follow the 32 query tokens (`visual_input`).
 
+- "resampler", Lynx ("What Matters in Training a GPT4-Style Language Model with Multimodal
+  Inputs?", sec. 2.1, after Flamingo's Perceiver resampler): learned latents of the LLM's width
+  cross-attend the raw last ViT layer in a few pre-LN layers; the LLM reads the latents (32),
+  whatever the resolution, so Lynx can raise it to 420 px for free in the LLM.
+
 Module names follow transformers' LlavaMultiModalProjector (`linear_1`, `linear_2`), so the
 llava-hf keys `multi_modal_projector.linear_{1,2}.*` load 1:1. transformers has no single-linear
 projector; ours keeps the name `linear_1` for it (checkpoints.ORIGINAL_LLAVA_LAYOUT maps LLaVA
@@ -42,7 +47,7 @@ import torch.nn.functional as F
 
 from checkpoints import (BLIP2_RETRIEVAL_LAYOUT, JsonConfig, load_state_strict, read_checkpoint, state_to_ours,
                          state_to_theirs, write_checkpoint)
-from layers import IGNORE_INDEX, PostNormBlock
+from layers import IGNORE_INDEX, Attention, FeedForward, PostNormBlock
 from vision import VisionConfig, VisionTransformer, vision_config_from_dict
 
 FEATURE_SELECT_STRATEGIES = ("default", "full")  # LLaVA's names: "default" drops CLS, "full" keeps it
@@ -392,17 +397,91 @@ class LIONConnector(QFormerConnector):
         return torch.cat(tokens, dim=1)
 
 
+# ----------------------------------------------------------------------------------------------
+# Lynx: the Perceiver resampler (sec. 2.1)
+
+
+@dataclass
+class ResamplerConfig(JsonConfig):
+    """The official PerceiverResampler(depth=3, dim_head=64, heads=8, num_latents=32, ff_mult=4).
+    `num_frames` > 0 adds the learned frame-position embedding of Lynx's video input (5 frames)."""
+
+    model_type: ClassVar[str] = "lynx_resampler"
+    num_latents: int = 32
+    depth: int = 3
+    num_attention_heads: int = 8
+    head_dim: int = 64
+    ff_mult: int = 4
+    num_frames: int = 0
+
+
+class ResamplerLayer(nn.Module):
+    """One layer: latents += W_o softmax(q k^T / sqrt(d)) v with q = W_q LN_l(latents) and k, v =
+    W_kv LN_m(x) from the image tokens x ONLY (Flamingo also feeds the latents into k, v; Lynx
+    does not), then latents += FFN(LN(latents)), GELU, x4; every projection bias-free."""
+
+    def __init__(self, vision_width: int, width: int, config: ResamplerConfig):
+        super().__init__()
+        self.norm_media = nn.LayerNorm(vision_width)
+        self.norm_latents = nn.LayerNorm(width)
+        self.cross_attn = Attention(width, config.num_attention_heads, context_dim=vision_width,
+                                    head_dim=config.head_dim, bias=False)
+        self.mlp_norm = nn.LayerNorm(width)
+        self.mlp = FeedForward(width, config.ff_mult * width, "gelu", bias=False)
+
+    def forward(self, latents: torch.Tensor, media: torch.Tensor) -> torch.Tensor:
+        latents = latents + self.cross_attn(self.norm_latents(latents), context=self.norm_media(media))
+        return latents + self.mlp(self.mlp_norm(latents))
+
+
+class PerceiverResampler(Connector):
+    """Lynx's connector (the official `bridge`): `latents` (num_latents x LLM width, N(0, 1) as
+    the official randn) read the raw last ViT layer, every token with the class token, through
+    `layers`, and a final LayerNorm; the output is already at the LLM's width. A video's frames
+    (B, F, tokens, width) get `frame_position_embedding` and are concatenated along the tokens
+    first (the official "concate" video encoding)."""
+
+    def __init__(self, vision_config: VisionConfig, text_width: int, config: ResamplerConfig):
+        super().__init__(vision_config, vision_feature_layer=-1, vision_feature_select_strategy="full")
+        vision_width = vision_config.hidden_size
+        self.latents = nn.Parameter(torch.randn(config.num_latents, text_width))
+        self.layers = nn.ModuleList(ResamplerLayer(vision_width, text_width, config) for _ in range(config.depth))
+        self.norm = nn.LayerNorm(text_width)
+        self.frame_position_embedding = None
+        if config.num_frames:  # trunc_normal(std 0.02), as the official `absolute_frame_pos_embed`
+            self.frame_position_embedding = nn.Parameter(
+                nn.init.trunc_normal_(torch.zeros(1, config.num_frames, 1, vision_width), std=0.02))
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.latents.shape[0]
+
+    def project(self, image_features: torch.Tensor) -> torch.Tensor:
+        """image_features (B, tokens, vision width), or a video's (B, frames, tokens, vision width).
+        Returns (B, num_latents, text width)."""
+        media = image_features.to(self.latents.dtype)
+        if media.ndim == 4:
+            if self.frame_position_embedding is None or media.shape[1] != self.frame_position_embedding.shape[1]:
+                raise ValueError(f"a video of {media.shape[1]} frames, but this resampler has frame positions for "
+                                 f"{0 if self.frame_position_embedding is None else self.frame_position_embedding.shape[1]}")
+            media = (media + self.frame_position_embedding).flatten(1, 2)
+        latents = self.latents.expand(media.shape[0], -1, -1)
+        for layer in self.layers:
+            latents = layer(latents, media)
+        return self.norm(latents)
+
+
 CONNECTORS = {"linear": LinearProjector, "mlp2x_gelu": MLPProjector, "qformer": QFormerConnector,
-              "lion": LIONConnector}
+              "lion": LIONConnector, "resampler": PerceiverResampler}
 
 
 def build_connector(projector_type: str, vision_config: VisionConfig, text_width: int, vision_feature_layer: int,
                     vision_feature_select_strategy: str, qformer_config: QFormerConfig | None = None,
                     num_query_tokens: int = 32, aggregator_config: VisionAggregatorConfig | None = None,
-                    visual_input: str = "ALL") -> Connector:
-    """The connector named by `projector_type` (LLaVA's `mm_projector_type`, "qformer" or
-    "lion"), reading the tower of `vision_config`: the LLaVA projectors as the two feature
-    options say, the Q-Former (and LION's branches) their own way."""
+                    visual_input: str = "ALL", resampler_config: ResamplerConfig | None = None) -> Connector:
+    """The connector named by `projector_type` (LLaVA's `mm_projector_type`, "qformer", "lion" or
+    "resampler"), reading the tower of `vision_config`: the LLaVA projectors as the two feature
+    options say, the Q-Former (and LION's branches) and Lynx's resampler their own way."""
     if projector_type not in CONNECTORS:
         raise ValueError(f"unknown projector_type {projector_type!r}; known: {sorted(CONNECTORS)}")
     if projector_type in ("qformer", "lion") and qformer_config is None:
@@ -412,6 +491,8 @@ def build_connector(projector_type: str, vision_config: VisionConfig, text_width
                              aggregator_config or VisionAggregatorConfig(), visual_input)
     if projector_type == "qformer":
         return QFormerConnector(vision_config, text_width, qformer_config, num_query_tokens)
+    if projector_type == "resampler":
+        return PerceiverResampler(vision_config, text_width, resampler_config or ResamplerConfig())
     return CONNECTORS[projector_type](vision_config, text_width, vision_feature_layer=vision_feature_layer,
                                       vision_feature_select_strategy=vision_feature_select_strategy)
 

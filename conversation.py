@@ -5,7 +5,9 @@ do, written so that labels can never drift from the text:
 - Conversation templates (the dissertation, section 3.4, Table 3.2):
     plain      stage-1 feature alignment: "<image>" + caption + "\\n" (`preprocess_plain`);
     vicuna_v0  the original LLaVA: Vicuna-v0 system message, "###" as <STOP> (Table 3.2);
-    vicuna_v1  LLaVA-1.5 (section 4.3): "USER: ... ASSISTANT: ...</s>" (`preprocess_v1`).
+    vicuna_v1  LLaVA-1.5 (section 4.3): "USER: ... ASSISTANT: ...</s>" (`preprocess_v1`);
+    lynx       Lynx (sec. 2.2; the official LYNX.yaml): the image, then BOS, then
+               "user: ...\nbot: ...</s>", all text lowercased.
   Only the assistant answers and the stop string that ends them are supervised ("the model is
   trained to predict the assistant answers and where to stop", Table 3.2); everything else is
   IGNORE_INDEX.
@@ -85,6 +87,8 @@ class Template:
     conversation_end: str
     stop: str
     image_only_user_turn: bool = False  # plain: the user turn is replaced by its image alone
+    image_first: bool = False  # lynx: the image comes before everything, BOS included
+    lowercase: bool = False  # lynx: every message lowercased (the official `lower_text`)
 
 
 TEMPLATES: dict[str, Template] = {
@@ -114,6 +118,12 @@ TEMPLATES: dict[str, Template] = {
         name="plain", system="", system_end="", user_role="", assistant_role="", turn_prefix="",
         user_end="", assistant_end="\n", conversation_end="", stop="\n",
         image_only_user_turn=True),
+    # Lynx: "User: {question}\nBot:" lowercased after the 32 resampler tokens and BOS; the answer
+    # ends with EOS, and a next turn (the describe-first dialogue) follows it directly.
+    "lynx": Template(
+        name="lynx", system="", system_end="", user_role="user", assistant_role="bot", turn_prefix="",
+        user_end="\n", assistant_end=EOS_TOKEN, conversation_end="", stop=EOS_TOKEN, image_first=True,
+        lowercase=True),
 }
 
 
@@ -142,7 +152,8 @@ def format_conversation(conversations: list[dict], template: str | Template,
 
     Turns must alternate human, gpt, human, ...; a leading gpt turn is dropped as LLaVA's
     `preprocess_v1` does. A turn holding "<image>" is rewritten as "<image>\\n" + the rest
-    (LLaVA `preprocess_multimodal`), the LLaVA-1.5 layout. With `for_generation` the
+    (LLaVA `preprocess_multimodal`), the LLaVA-1.5 layout; an `image_first` template puts it at
+    the very start instead (and _tokenize_with_labels puts BOS after it). With `for_generation` the
     conversation must end with a human turn, and the text ends with the assistant role
     ("ASSISTANT:"); the answer of training, " A</s>", starts with the space this leaves out.
     """
@@ -162,12 +173,16 @@ def format_conversation(conversations: list[dict], template: str | Template,
         raise DataError(f"template {template.name!r} takes one human and one gpt turn, "
                         f"got {len(turns)} turns")
 
-    pieces = [template.system + template.system_end]
+    has_image = any(IMAGE_PLACEHOLDER in text for _, text in turns)
+    pieces = [(IMAGE_PLACEHOLDER if template.image_first and has_image else "") + template.system + template.system_end]
     spans: list[tuple[int, int]] = []
     length = len(pieces[0])
     for speaker, text in turns:
+        if template.lowercase:
+            text = text.lower()
         if IMAGE_PLACEHOLDER in text:
-            text = IMAGE_PLACEHOLDER + "\n" + text.replace(IMAGE_PLACEHOLDER, "").strip()
+            rest = text.replace(IMAGE_PLACEHOLDER, "").strip()
+            text = rest if template.image_first else IMAGE_PLACEHOLDER + "\n" + rest
         if speaker == "human":
             if template.image_only_user_turn:
                 if IMAGE_PLACEHOLDER not in text:
@@ -225,8 +240,8 @@ def tokenize_around_images(texts: list[str], tokenizer: Tokenizer) -> list[tuple
 
 
 def _tokenize_with_labels(text: str, spans: list[tuple[int, int]], tokenizer: Tokenizer,
-                          image_token_index: int, num_image_tokens: int, add_bos: bool = True
-                          ) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+                          image_token_index: int, num_image_tokens: int, add_bos: bool = True,
+                          bos_after_image: bool = False) -> tuple[list[int], list[int], list[tuple[int, int]]]:
     """Tokenizes `text` (around its images, as LLaVA does) and labels every token from the
     character spans.
 
@@ -235,6 +250,7 @@ def _tokenize_with_labels(text: str, spans: list[tuple[int, int]], tokenizer: To
     characters (BOS gets (0, 0)). BOS is added here, not by the tokenizer's post-processor
     (`add_special_tokens=False`): tokenizer.json files differ on whether they add one, and a
     missing or doubled BOS silently hurts a pretrained LLM. T5 has no BOS (`add_bos=False`).
+    `bos_after_image`: a text that starts with its image gets BOS after the image tokens (Lynx).
     """
     placeholder_id = require_token_id(tokenizer, IMAGE_PLACEHOLDER)
     token_ids, token_offsets = tokenize_around_images([text], tokenizer)[0]
@@ -258,6 +274,10 @@ def _tokenize_with_labels(text: str, spans: list[tuple[int, int]], tokenizer: To
         input_ids.append(token_id)
         labels.append(token_id if is_supervised else IGNORE_INDEX)
         offsets.append((start, end))
+    if add_bos and bos_after_image and token_ids[:1] == [placeholder_id]:
+        image_end = 1 + num_image_tokens
+        input_ids, labels, offsets = (sequence[1:image_end] + sequence[:1] + sequence[image_end:]
+                                      for sequence in (input_ids, labels, offsets))
     return input_ids, labels, offsets
 
 
@@ -268,9 +288,10 @@ def render_conversation(conversations: list[dict], template: str | Template, tok
     "<image>" expanded to `num_image_tokens` copies of `image_token_index`, labels IGNORE_INDEX
     except on the assistant answers and their stop string. See `format_conversation` for
     `for_generation`."""
+    template = get_template(template) if isinstance(template, str) else template
     text, spans = format_conversation(conversations, template, for_generation)
     input_ids, labels, _ = _tokenize_with_labels(text, spans, tokenizer, image_token_index,
-                                                 num_image_tokens, add_bos)
+                                                 num_image_tokens, add_bos, template.image_first)
     return input_ids, labels
 
 
@@ -279,12 +300,18 @@ def show_supervision(conversations: list[dict], template: str | Template, tokeni
     """The rendered sample for a human: supervised tokens inside [brackets], the BOS as <s>, and
     an image as "<image>xN". The text is cut from the rendered string at the token offsets,
     so the brackets sit exactly where the loss starts and stops."""
+    template = get_template(template) if isinstance(template, str) else template
     text, spans = format_conversation(conversations, template)
     image_marker = -1  # any id outside the vocabulary tells image tokens apart here
     input_ids, labels, offsets = _tokenize_with_labels(text, spans, tokenizer, image_marker,
-                                                       num_image_tokens)
-    pieces, cursor, inside, position = [BOS_TOKEN], 0, False, 1
+                                                       num_image_tokens, bos_after_image=template.image_first)
+    bos_at = next(index for index, token_id in enumerate(input_ids) if token_id != image_marker)
+    pieces, cursor, inside, position = [], 0, False, 0
     while position < len(input_ids):
+        if position == bos_at:
+            pieces.append(BOS_TOKEN)
+            position += 1
+            continue
         start, end = offsets[position]
         if start > cursor:  # characters no token covers (spaces a pre-tokenizer drops)
             pieces.append(text[cursor:start])

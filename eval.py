@@ -260,7 +260,7 @@ class PromptStyle:
     """How a model family is asked each kind of question. `template` is a data.py conversation
     template (the image goes first in the first user turn, as LLaVA-1.5's data has it); None means
     the family has no chat template: the prompt is BOS, the image tokens, then `turn` text
-    (InstructBLIP / LION put the instruction after the query tokens, Lynx after the image)."""
+    (InstructBLIP / LION put the instruction after the query tokens)."""
     template: str | None
     turn: str              # one dialogue turn for template-less styles; "{}" = the message itself
     short_answer: str      # VQA, POPE, and the prompt whose continuation mc-rank scores
@@ -268,7 +268,6 @@ class PromptStyle:
     referring: str
     caption: str
     describe: str          # Lynx's plug-and-play first question
-    lowercase: bool = False
     # BLIP-2 / InstructBLIP as transformers' processors build them: the query tokens come before
     # BOS ("BLIP expects image tokens to be at the beginning even before BOS").
     image_before_bos: bool = False
@@ -306,11 +305,12 @@ PROMPT_STYLES = {
         multiple_choice="Question: {question} Options: {options} Answer:",
         referring="Identify the position of {expression} in image and share its coordinates.",
         caption="a photo of", describe="a photo of", image_before_bos=True),
-    # Lynx: "User: {question}\nBot:", lowercased text, its training prompts (Lynx appendix tables).
+    # Lynx: conversation.py's "lynx" template (image, BOS, "user: ...\nbot:", lowercased), its training
+    # prompts (Lynx appendix, Table 13).
     "lynx": PromptStyle(
-        template=None, turn="User: {}\nBot:", short_answer="{question} Give a short answer.",
+        template="lynx", turn="{}", short_answer="{question} Give a short answer.",
         multiple_choice="{question}\n{options}\nAnswer with the option's letter.", referring=REFERRING_PROMPT,
-        caption="Describe the image briefly.", describe="Describe the image in detail.", lowercase=True),
+        caption="Describe the image briefly.", describe="Describe the image in detail."),
 }
 
 
@@ -325,7 +325,7 @@ def user_message(kind: str, sample: Sample, style: PromptStyle) -> str:
         message = style.multiple_choice.format(question=sample.text, options=options)
     else:  # VQA, POPE, and the question whose candidate answers mc-rank scores
         message = style.short_answer.format(question=sample.text)
-    return message.lower() if style.lowercase else message
+    return message
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,9 +462,7 @@ class Evaluator:
         for index, (sample, dialogue) in enumerate(zip(samples, dialogues)):
             for choice in sample.choices:
                 row_dialogues.append(dialogue)
-                rows.append(self.encode_dialogue(self.tagged(dialogue, sample),
-                                                 choice.lower() if self.style.lowercase else choice,
-                                                 sample.image is not None))
+                rows.append(self.encode_dialogue(self.tagged(dialogue, sample), choice, sample.image is not None))
                 owners.append(index)
         decoder = {}
         if self.encoder_decoder:  # the candidate is the decoder's target, the dialogue the encoder's input
@@ -798,8 +796,12 @@ def format_table(task: str, split: str, metrics: dict[str, float]) -> str:
 # tokens, repetition penalty 1.5; its top_p 0.9 acts only with sampling, off by default), which
 # LION's generate() keeps (JiuTian-LION's lion_t5.py).
 DECODING_PRESETS: dict[str, dict[str, Any]] = {
-    name: dict(num_beams=5, max_new_tokens=256, min_new_tokens=1, repetition_penalty=1.5, length_penalty=1.0,
-               top_p=0.9, temperature=1.0) for name in ("instructblip", "lion")
+    **{name: dict(num_beams=5, max_new_tokens=256, min_new_tokens=1, repetition_penalty=1.5, length_penalty=1.0,
+                  top_p=0.9, temperature=1.0) for name in ("instructblip", "lion")},
+    # Lynx's official LYNX.yaml: beam sampling; its `min_length: 2` counts new tokens only, since
+    # the prompt reaches transformers' generate as embeddings.
+    "lynx": dict(do_sample=True, num_beams=5, top_p=0.9, top_k=3, max_new_tokens=64, min_new_tokens=2,
+                 length_penalty=-2.0, no_repeat_ngram_size=2, temperature=1.0, repetition_penalty=1.0),
 }
 
 DECODING_OPTIONS = ("max_new_tokens", "min_new_tokens", "num_beams", "length_penalty", "no_repeat_ngram_size",

@@ -279,7 +279,8 @@ class PreNormBlock(nn.Module):
     `post_attention_layernorm`, `mlp`), and the layout tables map CLIP's `layer_norm1` /
     `layer_norm2` and T5's `layer.N` onto them. `parallel_adapter` (None until
     adapters.insert_parallel_adapters sets one): LION's adapter beside the feed-forward, reading
-    the same pre-norm input, x + mlp(norm(x)) + adapter(x) (LION eq. 1)."""
+    the same pre-norm input, x + mlp(norm(x)) + adapter(x) (LION eq. 1). `output_adapter` (set by
+    adapters.insert_output_adapters): Lynx's adapter on the block's output h, h + adapter(h)."""
 
     def __init__(self, self_attn: Attention, mlp: nn.Module, input_layernorm: nn.Module,
                  post_attention_layernorm: nn.Module, cross_attn: Attention | None = None,
@@ -294,6 +295,7 @@ class PreNormBlock(nn.Module):
         self.post_attention_layernorm = post_attention_layernorm
         self.mlp = mlp
         self.parallel_adapter: nn.Module | None = None
+        self.output_adapter: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
                 rotary: tuple[torch.Tensor, torch.Tensor] | None = None, cache: KVCacheLike | None = None,
@@ -310,8 +312,10 @@ class PreNormBlock(nn.Module):
             x = x + self.cross_attn(self.cross_attn_layernorm(x), context=context, attn_mask=context_mask,
                                     keys_values=context_keys_values)
         if self.parallel_adapter is not None:
-            return x + self.mlp(self.post_attention_layernorm(x)) + self.parallel_adapter(x)
-        return x + self.mlp(self.post_attention_layernorm(x))
+            x = x + self.mlp(self.post_attention_layernorm(x)) + self.parallel_adapter(x)
+        else:
+            x = x + self.mlp(self.post_attention_layernorm(x))
+        return x if self.output_adapter is None else x + self.output_adapter(x)
 
 
 class PostNormBlock(nn.Module):

@@ -21,7 +21,6 @@ Reading order of this file:
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -31,14 +30,15 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import decoding
-from adapters import insert_parallel_adapters, merged_state_dict, set_task_level
-from checkpoints import (BLIP2_LAYOUT, INSTRUCTBLIP_LAYOUT, LION_LAYOUT, LLAMA_LAYOUT, LLAVA_HF_LAYOUT, MLLM_LAYOUTS,
-                         ORIGINAL_LLAVA_LAYOUT, T5_LAYOUT, JsonConfig, Layout, blip2_config_fields, blip2_config_json,
-                         detect_layout, llava_hf_config_fields, llava_hf_config_json, load_state_strict,
-                         original_llava_config_fields, read_checkpoint, read_config_json, state_to_ours,
-                         state_to_theirs, t5_head_tying, write_checkpoint)
-from connectors import (LIONConnector, QFormerConfig, QFormerStage1, VisionAggregatorConfig, bert_initialization,
-                        build_connector)
+from adapters import insert_output_adapters, insert_parallel_adapters, merged_state_dict, set_task_level
+from checkpoints import (BLIP2_LAYOUT, INSTRUCTBLIP_LAYOUT, LION_LAYOUT, LLAMA_LAYOUT, LLAVA_HF_LAYOUT, LYNX_LAYOUT,
+                         MLLM_LAYOUTS, ORIGINAL_LLAVA_LAYOUT, T5_LAYOUT, JsonConfig, Layout, blip2_config_fields,
+                         blip2_config_json, detect_layout, llava_hf_config_fields, llava_hf_config_json,
+                         fitted_to_release, load_over, load_state_strict, lynx_config_fields, lynx_config_json, original_llava_config_fields,
+                         read_checkpoint, read_config_json, state_to_ours, state_to_theirs, t5_head_tying,
+                         write_checkpoint)
+from connectors import (LIONConnector, PerceiverResampler, QFormerConfig, QFormerStage1, ResamplerConfig,
+                        VisionAggregatorConfig, bert_initialization, build_connector)
 from layers import (IGNORE_INDEX, Attention, GatedFeedForward, PreNormBlock, RMSNorm, activation_named, additive_mask,
                     causal_attention_mask, relative_position_buckets, rotary_cos_sin, shifted_cross_entropy,
                     supervised_cross_entropy)
@@ -520,6 +520,10 @@ class MLLMConfig:
     adapter_bottleneck: int = 64
     adapter_router: bool = True
     hint_token_index: int | None = None
+    # Lynx (projector_type "resampler"): the Perceiver resampler's dims, and an OutputAdapter after
+    # every `output_adapter_every`-th LLaMA layer, from layer 0 (Lynx: 2; 0: none).
+    resampler_config: ResamplerConfig | None = None
+    output_adapter_every: int = 0
 
     def __post_init__(self):
         """Nested configs may come as config.json dicts (checkpoints' translations): built here,
@@ -534,6 +538,8 @@ class MLLMConfig:
                 {**self.qformer_config, "encoder_hidden_size": self.vision_config.hidden_size})
         if isinstance(self.aggregator_config, dict):
             self.aggregator_config = VisionAggregatorConfig.from_dict(self.aggregator_config)
+        if isinstance(self.resampler_config, dict) or (self.projector_type == "resampler" and not self.resampler_config):
+            self.resampler_config = ResamplerConfig.from_dict(self.resampler_config or {})
 
 
 class MLLM(nn.Module):
@@ -561,14 +567,18 @@ class MLLM(nn.Module):
         return build_connector(config.projector_type, config.vision_config, config.text_config.hidden_size,
                                config.vision_feature_layer, config.vision_feature_select_strategy,
                                config.qformer_config, config.num_query_tokens, config.aggregator_config,
-                               config.visual_input)
+                               config.visual_input, config.resampler_config)
 
     def add_adapters(self) -> None:
-        """LION's AdapterRouters beside every feed-forward of the LLM (both T5 stacks, or LLaMA's
-        decoder layers), fresh: they change nothing until trained."""
+        """Fresh adapters in the LLM, as the config asks: LION's AdapterRouters beside every
+        feed-forward (both T5 stacks, or LLaMA's decoder layers; they change nothing until
+        trained), Lynx's OutputAdapters after every `output_adapter_every`-th LLaMA layer."""
         if self.config.num_adapters:
             insert_parallel_adapters(self.language_model, [r"layers\.\d+$"], self.config.adapter_bottleneck,
                                      self.config.num_adapters, self.config.adapter_router)
+        if self.config.output_adapter_every:
+            insert_output_adapters(self.language_model, self.config.text_config.num_hidden_layers,
+                                   self.config.output_adapter_every)
 
     def initialize_lion_parts(self) -> None:
         """What LION adds to InstructBLIP, fresh: the aggregator (its official initialization),
@@ -597,12 +607,19 @@ class MLLM(nn.Module):
                        qformer_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """H_v of eq. 3.1: (num_images, num_image_tokens, text width). The tower runs only up to the
         layer the connector reads (LLaVA-1.5's layer -2: the last block would be wasted).
-        InstructBLIP's Q-Former also reads each image's instruction (qformer_input_ids, one row per image)."""
+        InstructBLIP's Q-Former also reads each image's instruction (qformer_input_ids, one row per image).
+        Lynx's resampler also reads videos, pixel_values (num_videos, frames, 3, H, W)."""
         connector = self.multi_modal_projector
         self.check_instruction(qformer_input_ids, has_images=True)
         dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
-        hidden_states = self.vision_tower(pixel_values.to(dtype), num_layers=connector.num_vision_layers_used,
+        frames = pixel_values.shape[1] if pixel_values.ndim == 5 else 0
+        if frames and not isinstance(connector, PerceiverResampler):
+            raise ValueError(f"pixel_values {tuple(pixel_values.shape)} is a video; only Lynx's resampler reads videos")
+        hidden_states = self.vision_tower((pixel_values.flatten(0, 1) if frames else pixel_values).to(dtype),
+                                          num_layers=connector.num_vision_layers_used,
                                           normalize_last=connector.normalizes_last_layer)
+        if frames:  # each video's frames side by side: (videos, frames, tokens, width)
+            return connector.project(connector.select_features(hidden_states).unflatten(0, (-1, frames)))
         if not connector.takes_instruction:
             return connector(hidden_states)
         if qformer_input_ids.shape[0] != pixel_values.shape[0]:
@@ -692,18 +709,26 @@ class MLLM(nn.Module):
     def from_pretrained(cls, path: str, vision_tower_path: str | None = None, dtype: torch.dtype = torch.float32,
                         components: tuple[str, str] | None = None, **config_overrides) -> MLLM:
         """Load a checkpoint directory in any layout of checkpoints.MLLM_LAYOUTS (LLaVA's, BLIP-2's,
-        InstructBLIP's, LION's); dims from config.json. The original LLaVA layout takes its vision
-        tower from the CLIP checkpoint `vision_tower_path` (its config's `mm_vision_tower` names
-        the public one). A release that holds only what it trained and no config.json (LION's
-        `LION-FlanT5-XL.pth`, converted) loads over `components` = (stage-1 Q-Former checkpoint,
-        LLM checkpoint) built with `config_overrides` (a config file's `model` dict), and says
-        which parts came from where. Nothing tokenizer-related is attached."""
+        InstructBLIP's, LION's, Lynx's); dims from config.json. The original LLaVA layout takes its
+        vision tower from the CLIP checkpoint `vision_tower_path` (its config's `mm_vision_tower`
+        names the public one). A release that holds only what it trained and no config.json (LION's
+        `LION-FlanT5-XL.pth`, Lynx's `finetune_lynx.pt`, converted) loads over `components` =
+        (stage-1 Q-Former or, for Lynx, vision tower checkpoint; LLM checkpoint) built with
+        `config_overrides` (a config file's `model` dict), and says which parts came from where.
+        Nothing tokenizer-related is attached."""
         values, state = read_checkpoint(path, config=components is None)
         name, layout = detect_layout(state, MLLM_LAYOUTS, path)
         if components is not None:
-            model = cls.from_qformer_and_language(*components, instruction_aware=True, **config_overrides)
-            load_over(model, state_to_ours(state, layout), f"{path} (layout: {name})")
+            if layout is LYNX_LAYOUT:
+                model = cls.from_vision_and_language(*components, **config_overrides)
+            else:
+                model = cls.from_qformer_and_language(*components, instruction_aware=True, **config_overrides)
+            load_over(model, fitted_to_release(model, state_to_ours(state, layout)), f"{path} (layout: {name})")
             return model.to(dtype)
+        if layout is LYNX_LAYOUT:
+            model = build_without_init(cls, MLLMConfig(**lynx_config_fields(values)), dtype)
+            load_state(model, state, layout, f"{path} (layout: {name})")
+            return model
         if layout is not ORIGINAL_LLAVA_LAYOUT:
             qformer = layout in (BLIP2_LAYOUT, INSTRUCTBLIP_LAYOUT, LION_LAYOUT)
             fields = blip2_config_fields(values, state) if qformer else llava_hf_config_fields(values)
@@ -741,6 +766,7 @@ class MLLM(nn.Module):
         model = build_without_init(cls, config, torch.float32)
         model.vision_tower, model.language_model = vision_tower, language_model
         model.multi_modal_projector = model.new_connector()
+        model.add_adapters()  # Lynx's, into the LLM just loaded
         return model
 
     @classmethod
@@ -781,7 +807,11 @@ class MLLM(nn.Module):
         single-linear one), Blip2ForConditionalGeneration or InstructBlipForConditionalGeneration
         (with an EVA tower; a Q-Former over a CLIP tower, as in the shapes world, keeps the same
         layout, which only this codebase reads); LION in the official code's names, with
-        InstructBLIP's config.json plus LION's fields. LoRA is saved merged."""
+        InstructBLIP's config.json plus LION's fields; Lynx in the official code's names, with a
+        config.json of our fields. LoRA is saved merged."""
+        if self.config.projector_type == "resampler":
+            write_checkpoint(path, lynx_config_json(self.config), save_state(self, LYNX_LAYOUT))
+            return
         if self.config.projector_type in ("qformer", "lion"):
             instruct = self.multi_modal_projector.takes_instruction
             layout = LION_LAYOUT if self.config.projector_type == "lion" else (
@@ -822,19 +852,6 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], layout: Layout,
         if prefix + embedding_key in state:
             state.setdefault(prefix + "lm_head.weight", state[prefix + embedding_key])
     load_state_strict(model, state, source)
-
-
-def load_over(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load a checkpoint (our names) that may hold only part of `model`: every key it has must
-    be one of the model's, with its shape; what it lacks keeps the model's values. Prints which
-    parts (module names two levels deep) the checkpoint held and which it left as they were."""
-    load_state_strict(model, {**model.state_dict(), **state}, source)
-
-    def parts(keys) -> str:
-        return ", ".join(sorted({".".join(key.split(".")[:2]) for key in keys})) or "nothing"
-
-    print(f"{source}: loaded {parts(state)}; kept as built: {parts(model.state_dict().keys() - state.keys())}",
-          file=sys.stderr)
 
 
 def save_state(model: nn.Module, layout: Layout) -> dict[str, torch.Tensor]:

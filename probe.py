@@ -9,12 +9,15 @@
         --lm.data=data/text_binding/train.jsonl --lm.max_steps=2000 --stop_after_steps=250
     python probe.py text-binding score out/text_binding/checkpoints/lm --data data/text_binding
     (again with train.py's --resume for the next 250 steps, and so on)
+    python probe.py text-loss out/shapes_lynx/instruct                # any MLLM or LlamaForCausalLM checkpoint
 
 vision: linear probes on a vision tower, for the object attributes of the shapes world its
 features hold. image-use: does a LLaVA checkpoint use its image (answer loss with its own image,
 another's, zeros)? text-binding: can the language model answer POPE's existence question from a
 description it has just read, with the vision tower out of the picture? `write` makes the
 documents for train.py's lm stage, `score` measures the yes / no accuracy of its checkpoint.
+text-loss: how much language ability an MLLM's LLM kept (Lynx's question: adapters vs finetuning
+the whole LLM), as its loss on held-out text documents of the world.
 `python probe.py SUBCOMMAND --help` says more.
 """
 from __future__ import annotations
@@ -36,7 +39,7 @@ import data
 import shapes
 from checkpoints import read_config_json
 from conversation import BOS_TOKEN, require_token_id
-from layers import row_log_likelihoods
+from layers import IGNORE_INDEX, row_log_likelihoods
 from model import MLLM, LanguageModel
 from vision import VisionTransformer
 
@@ -297,6 +300,39 @@ def score_text_binding(args: argparse.Namespace) -> None:
           f"(chance 0.5; yes is the answer of {yes_share:.3f})")
 
 
+# text-loss: the language ability an MLLM's LLM keeps
+
+@torch.no_grad()
+def probe_text_loss(args: argparse.Namespace) -> None:
+    """Mean next-token loss (nats per token) of a checkpoint's LLM on held-out text, no image.
+
+    The documents are the world's language-model documents (shapes.text_document: caption,
+    description, questions and answers), written for the eval split's scenes, which no training
+    document describes. An MLLM is measured through its language model with whatever the recipe
+    put there (Lynx's adapters, a finetuned LLaMA); compare with the LM stage's own checkpoint.
+    """
+    config = read_config_json(args.checkpoint)
+    model = (MLLM.from_pretrained(args.checkpoint).language_model if "text_config" in config
+             else LanguageModel.from_pretrained(args.checkpoint)).eval()
+    tokenizer = data.load_tokenizer(args.tokenizer)
+    scenes = [shapes.sample_scene(args.seed, "eval", index, index + 1, args.image_size) for index in range(args.documents)]
+    texts = [shapes.text_document(shapes.annotation_rng(scene, "train"), scene) for scene in scenes]
+    bos_id = require_token_id(tokenizer, BOS_TOKEN)
+    total, count = 0.0, 0
+    for start in range(0, len(texts), args.batch_size):
+        encoded = [[bos_id] + encoding.ids for encoding in tokenizer.encode_batch(texts[start:start + args.batch_size],
+                                                                                   add_special_tokens=False)]
+        batch = data.collate([{"input_ids": torch.tensor(ids), "labels": torch.tensor(ids), "pixel_values": None}
+                              for ids in encoded], model.config.pad_token_id)
+        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+        labels = batch["labels"][:, 1:]
+        total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), reduction="sum",
+                                       ignore_index=IGNORE_INDEX))
+        count += int((labels != IGNORE_INDEX).sum())
+    print(f"{args.checkpoint}: held-out text loss {total / count:.4f} nats / token over {count} tokens "
+          f"({len(texts)} documents of eval scenes)")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line (sys.argv when argv is None; the tests pass a list) and run the subcommand."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -328,6 +364,14 @@ def main(argv: list[str] | None = None) -> None:
     score.add_argument("checkpoint", help="a LlamaForCausalLM directory (train.py's lm stage)")
     score.add_argument("--data", default="data/text_binding")
     score.add_argument("--tokenizer", default=SHAPES_TOKENIZER)
+
+    text_loss = add_command(commands, "text-loss", probe_text_loss)
+    text_loss.add_argument("checkpoint", help="an MLLM or LlamaForCausalLM checkpoint directory")
+    text_loss.add_argument("--tokenizer", default=SHAPES_TOKENIZER)
+    text_loss.add_argument("--documents", type=int, default=300, help="eval scenes of the world to describe")
+    text_loss.add_argument("--batch-size", type=int, default=32)
+    text_loss.add_argument("--seed", type=int, default=0, help="the world's seed")
+    text_loss.add_argument("--image-size", type=int, default=shapes.DEFAULT_IMAGE_SIZE, help="the world's longer side")
 
     args = parser.parse_args(argv)
     args.run(args)

@@ -75,6 +75,9 @@ class StageConfig:
     # "pad" (expand to square with the mean color) or "square" (CLIP's resize + center crop);
     # "" = the model's. LLaVA-1.5 pads in stage 2 only: its pretrain.sh leaves the default.
     image_aspect_ratio: str = ""
+    # Lynx's resolution enhancement (sec. 2.2): the tower's input size from this stage on, its
+    # position grid interpolated (vision.VisionTransformer.interpolate_position_embedding); 0 = as is.
+    image_size: int = 0
     template: str = "vicuna_v1"
     max_seq_len: int = 2048
     # LION (sec. 3.1.2, 3.2): which visual tokens the LLM reads this stage ("ALL", "QFORMER",
@@ -89,10 +92,12 @@ class StageConfig:
     trainable: list = field(default_factory=lambda: [r"^multi_modal_projector\.", r"^language_model\."])
     lora: dict = field(default_factory=dict)  # {"targets": [...], "rank": 128, "alpha": 256, "dropout": 0.05}
     learning_rate: float = 2e-5
-    # Per-module learning rates: [{"pattern": regex, "learning_rate": x, "schedule": "cosine"|"constant"}].
+    # After warmup, "cosine" (LLaVA) or "linear" (Lynx, Table 8) decay to learning_rate * min_lr_ratio.
+    schedule: str = "cosine"
+    # Per-module learning rates: [{"pattern": regex, "learning_rate": x, "schedule": SCHEDULES}].
     # LLaVA-1.5 LoRA trains the projector at 2e-5 beside LoRA at 2e-4; LION keeps its aggregator at 1e-5.
     param_groups: list = field(default_factory=list)
-    min_lr_ratio: float = 0.0  # cosine decays to learning_rate * min_lr_ratio
+    min_lr_ratio: float = 0.0
     warmup_ratio: float = 0.03
     warmup_steps: int = 0  # overrides warmup_ratio when > 0
     weight_decay: float = 0.0
@@ -224,6 +229,7 @@ def check_stage(stage: StageConfig) -> None:
     check_choice(f"{stage.name}.template", stage.template, tuple(conversation.TEMPLATES))
     check_choice(f"{stage.name}.image_aspect_ratio", stage.image_aspect_ratio, ("", "pad", "square"))
     check_choice(f"{stage.name}.visual_input", stage.visual_input, ("", *VISUAL_INPUTS))
+    check_choice(f"{stage.name}.schedule", stage.schedule, SCHEDULES[:2])
     for level in stage.task_levels:
         check_choice(f"{stage.name}.task_levels", level, tuple(TASK_LEVELS))
     if stage.region_loss and stage.objective != "clip":
@@ -236,7 +242,7 @@ def check_stage(stage: StageConfig) -> None:
         if unknown or "pattern" not in group:
             raise KeyError(f"{where}: param_groups entry {group} needs 'pattern' and may have 'learning_rate', "
                            f"'schedule' (unknown: {sorted(unknown)})")
-        check_choice(f"{stage.name}.param_groups.schedule", group.get("schedule", "cosine"), ("cosine", "constant"))
+        check_choice(f"{stage.name}.param_groups.schedule", group.get("schedule", stage.schedule), SCHEDULES)
     unknown = set(stage.lora) - {"targets", "rank", "alpha", "dropout"}
     if unknown or (stage.lora and "targets" not in stage.lora):
         raise KeyError(f"{where}: lora needs 'targets' and may have 'rank', 'alpha', 'dropout' (unknown: {sorted(unknown)})")
@@ -506,7 +512,7 @@ def build_optimizer(model: torch.nn.Module, stage: StageConfig) -> torch.optim.A
             continue
         rule = next((g for g in stage.param_groups if re.search(g["pattern"], name)), {})
         lr = rule.get("learning_rate", stage.learning_rate)
-        schedule = rule.get("schedule", "cosine")
+        schedule = rule.get("schedule", stage.schedule)
         decay = stage.weight_decay if parameter.ndim >= 2 else 0.0
         groups.setdefault((lr, schedule, decay), []).append(parameter)
     return torch.optim.AdamW(
@@ -515,13 +521,21 @@ def build_optimizer(model: torch.nn.Module, stage: StageConfig) -> torch.optim.A
         betas=tuple(stage.betas), fused=False)
 
 
-def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
-    """Linear warmup, then cosine decay to `min_ratio` (LLaVA's `cosine` with warmup_ratio 0.03).
-    The schedule is a pure function of the step, so resuming needs only the step."""
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float,
+                         schedule: str = "cosine") -> float:
+    """Linear warmup, then cosine (LLaVA's `cosine` with warmup_ratio 0.03) or linear decay
+    (Lynx) to `min_ratio`; "constant" is 1 throughout. A pure function of the step, so resuming
+    needs only the step."""
+    if schedule == "constant":
+        return 1.0
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    decay = 1 - progress if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return min_ratio + (1 - min_ratio) * decay
 
 
 # ----------------------------------------------------------------------------------------------
@@ -609,6 +623,8 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: Runtime, previ
         # As LLaVA's train.py does: the stage's choice goes into the saved config, so that eval
         # and the next stage prepare images the way this stage trained on them.
         model.config.image_aspect_ratio = stage.image_aspect_ratio
+    if stage.objective == "mllm" and stage.image_size not in (0, model.config.vision_config.image_size):
+        model.vision_tower.interpolate_position_embedding(stage.image_size)  # the saved config says it too
     if stage.objective == "mllm" and stage.visual_input:  # LION's stages: the saved config says it too
         model.config.visual_input = model.multi_modal_projector.visual_input = stage.visual_input
     if stage.tags and stage.soft_prompt and model.config.hint_token_index is None:  # LION's stage 3
@@ -707,9 +723,9 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: Runtime, previ
         loader.batch_sampler.skip_batches(batches_done)
         for batch in loader:
             dataset.problems.extend(batch["problems"])
-            factor = learning_rate_factor(step, total_steps, warmup_steps, stage.min_lr_ratio)
             for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * (factor if group["schedule"] == "cosine" else 1.0)
+                group["lr"] = group["base_lr"] * learning_rate_factor(step, total_steps, warmup_steps,
+                                                                      stage.min_lr_ratio, group["schedule"])
             chunks = (split_batch(batch, accumulation, image_token_index, encoder_decoder)
                       if batch["input_ids"].shape[0] else [])
             step_started, loss_sum, tokens, loss_parts = time.time(), 0.0, 0, {}
@@ -744,7 +760,8 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: Runtime, previ
             step, batches_done, steps_this_run = step + 1, batches_done + 1, steps_this_run + 1
             if runtime.is_main:
                 log_step(log_path, progress, stage.name, config.log_every, total_steps, {
-                    "step": step, "loss": loss_value, "lr": stage.learning_rate * factor,
+                    "step": step, "loss": loss_value, "lr": stage.learning_rate * learning_rate_factor(
+                        step - 1, total_steps, warmup_steps, stage.min_lr_ratio, stage.schedule),
                     "grad_norm": float(grad_norm),
                     **{name: mean_over_processes(value, runtime) for name, value in loss_parts.items()},
                     "tokens_per_second": tokens * runtime.world_size / max(1e-9, time.time() - step_started)})

@@ -2,7 +2,8 @@
 object features line up with the scenes' objects. image-use: the answer loss matches the model's
 own loss, differs between images for a model that reads them, and is the same under every image
 for one that cannot. text-binding: the documents answer POPE's question right and are balanced,
-and the accuracy reads each row's own last position through the padding."""
+and the accuracy reads each row's own last position through the padding. text-loss: the LLM's
+own loss, through the padding of a batch, from an MLLM checkpoint or its LLM's."""
 import json
 from pathlib import Path
 
@@ -152,7 +153,7 @@ def test_accuracy_reads_each_rows_last_position(documents, tokenizer):
 # the command line
 
 @pytest.mark.parametrize("command", [[], ["vision"], ["image-use"], ["text-binding"], ["text-binding", "write"],
-                                     ["text-binding", "score"]])
+                                     ["text-binding", "score"], ["text-loss"]])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         probe.main([*command, "--help"])
@@ -192,3 +193,20 @@ def test_text_binding_write_and_score_through_the_command_line(world, tokenizer,
     probe.main(["text-binding", "score", str(checkpoint), "--data", str(documents),
                 "--tokenizer", str(world / "tokenizer.json")])
     assert f"on {len(read_jsonl(documents / 'heldout.jsonl'))} held-out questions" in capsys.readouterr().out
+
+
+def test_text_loss_is_the_llms_own_loss_through_either_checkpoint(llava_checkpoint, world, tokenizer, tmp_path, capsys):
+    model = MLLM.from_pretrained(str(llava_checkpoint))
+    model.language_model.save_pretrained(str(tmp_path / "lm"))
+    arguments = ["--tokenizer", str(world / "tokenizer.json"), "--documents", "3", "--batch-size", "2"]
+    probe.main(["text-loss", str(llava_checkpoint), *arguments])
+    probe.main(["text-loss", str(tmp_path / "lm"), *arguments])
+    losses = [float(line.split("loss ")[1].split()[0]) for line in capsys.readouterr().out.splitlines()]
+    scenes = [shapes.sample_scene(0, "eval", index, index + 1, shapes.DEFAULT_IMAGE_SIZE) for index in range(3)]
+    total = count = 0
+    for scene in scenes:  # one document at a time, no padding: the model's own mean loss, weighted by length
+        ids = [tokenizer.token_to_id(BOS_TOKEN)] + tokenizer.encode(
+            shapes.text_document(shapes.annotation_rng(scene, "train"), scene), add_special_tokens=False).ids
+        _, loss = model.language_model(torch.tensor([ids]), labels=torch.tensor([ids]))
+        total, count = total + float(loss.detach()) * (len(ids) - 1), count + len(ids) - 1
+    assert losses[0] == losses[1] == pytest.approx(total / count, rel=1e-4)
