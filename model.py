@@ -33,10 +33,10 @@ import decoding
 from adapters import insert_output_adapters, insert_parallel_adapters, merged_state_dict, set_task_level
 from checkpoints import (BLIP2_LAYOUT, INSTRUCTBLIP_LAYOUT, LION_LAYOUT, LLAMA_LAYOUT, LLAVA_HF_LAYOUT, LYNX_LAYOUT,
                          MLLM_LAYOUTS, ORIGINAL_LLAVA_LAYOUT, T5_LAYOUT, JsonConfig, Layout, blip2_config_fields,
-                         blip2_config_json, detect_layout, llava_hf_config_fields, llava_hf_config_json,
-                         fitted_to_release, load_over, load_state_strict, lynx_config_fields, lynx_config_json, original_llava_config_fields,
-                         read_checkpoint, read_config_json, state_to_ours, state_to_theirs, t5_head_tying,
-                         write_checkpoint)
+                         blip2_config_json, detect_layout, fitted_to_release, llava_hf_config_fields,
+                         llava_hf_config_json, load_over, load_state_strict, lynx_config_fields, lynx_config_json,
+                         original_llava_config_fields, read_checkpoint, read_config_json, state_to_ours,
+                         state_to_theirs, t5_head_tying, write_checkpoint)
 from connectors import (LIONConnector, PerceiverResampler, QFormerConfig, QFormerStage1, ResamplerConfig,
                         VisionAggregatorConfig, bert_initialization, build_connector)
 from layers import (IGNORE_INDEX, Attention, GatedFeedForward, PreNormBlock, RMSNorm, activation_named, additive_mask,

@@ -155,10 +155,19 @@ def sample_kind(record_id: str) -> str:
 
 
 @torch.no_grad()
+def rows_of_other_images(files: list[str]) -> list[int]:
+    """For each row, the first row after it (cyclically) whose image file differs; the row itself
+    when every row shows the same file."""
+    count = len(files)
+    return [next(((row + shift) % count for shift in range(1, count) if files[(row + shift) % count] != files[row]),
+                 row) for row in range(count)]
+
+
 def image_use(model: MLLM, dataset: data.InstructionDataset, num_samples: int,
               batch_size: int = 16) -> dict[str, dict[str, float]]:
     """{kind: {condition: mean answer-token loss}} over the first num_samples image samples. Another
-    sample's image is the next one in the batch (the batch's images rolled by one)."""
+    sample's image is the next one in the batch showing another image file (the world's records
+    come in runs of one image's samples, so the plain next sample would often show the same)."""
     model.eval()
     indices = [i for i, has_image in enumerate(dataset.has_image) if has_image][:num_samples]
     sums: dict[str, dict[str, float]] = defaultdict(lambda: dict.fromkeys(IMAGE_CONDITIONS, 0.0))
@@ -168,7 +177,8 @@ def image_use(model: MLLM, dataset: data.InstructionDataset, num_samples: int,
         batch = data.collate([dataset[i] for i in rows], model.config.pad_token_id)
         pixels = batch["pixel_values"]
         kinds = [sample_kind(dataset.records[i].get("id", "")) for i in rows]
-        for condition, images in zip(IMAGE_CONDITIONS, (pixels, pixels.roll(1, 0), torch.zeros_like(pixels))):
+        others = rows_of_other_images([dataset.records[i]["image"] for i in rows])
+        for condition, images in zip(IMAGE_CONDITIONS, (pixels, pixels[others], torch.zeros_like(pixels))):
             logits = model(batch["input_ids"], images, batch["attention_mask"])
             log_likelihoods, num_tokens = row_log_likelihoods(logits, batch["labels"])
             for kind, log_likelihood in zip(kinds, log_likelihoods.tolist()):

@@ -94,6 +94,11 @@ def test_a_model_blind_to_its_image_scores_every_image_alike(world):
         assert losses["own image"] == pytest.approx(losses["another sample's image"], abs=1e-5), kind
 
 
+def test_another_image_is_another_file():
+    assert probe.rows_of_other_images(["a", "a", "a", "b", "c", "c"]) == [3, 3, 3, 4, 0, 0]
+    assert probe.rows_of_other_images(["a", "a"]) == [0, 1]
+
+
 def test_sample_kind():
     assert probe.sample_kind("000000000012_grounding") == "grounding"
     assert probe.sample_kind("text_000003") == "all"

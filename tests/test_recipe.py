@@ -30,7 +30,10 @@ def smoke_config(name: str, world: Path, out: Path, tmp_path: Path) -> Path:
              "shapes_instructblip_flant5.py": {'"out/shapes_instructblip_flant5"': f'"{out.with_name("flant5")}"'},
              # LION starts from the Flan-T5 recipe's T5 and stage-1 Q-Former.
              "shapes_lion.py": {'"out/shapes_lion"': f'"{out.with_name("lion")}"',
-                                '"out/shapes_instructblip_flant5/': f'"{out.with_name("flant5")}/'}}[name]
+                                '"out/shapes_instructblip_flant5/': f'"{out.with_name("flant5")}/'},
+             # Lynx starts from the main job's towers.
+             "shapes_lynx.py": {'"out/shapes_lynx"': f'"{out.with_name("lynx")}"',
+                                '"out/shapes_llava15/': f'"{out}/'}}[name]
     for original, moved in moves.items():
         assert original in text, f"configs/{name} no longer holds {original}"
         text = text.replace(original, moved)
@@ -155,3 +158,27 @@ def test_lion_recipe_trains_each_stage_its_own_parts(recipe):
     assert changed(states[1], states[2]) >= {"router_gates", ".qformer.", "vision_aggregator.", "adapters.0.",
                                              "adapters.1."}
     assert "soft_prompt_hint" in states[2] and "soft_prompt_hint" not in states[1]
+
+
+def test_lynx_recipe_raises_the_resolution_and_trains_only_the_bridge(recipe):
+    """Lynx's three stages on the main job's CLIP and LLaMA (Lynx, sec. 2.2): the resolution
+    stage moves the tower to the world's 96 px and trains it, the others leave it; the resampler
+    gives 32 tokens at any resolution; the LLaMA never changes but for its adapters."""
+    config = smoke_config("shapes_lynx.py", recipe / "world", recipe / "llava15", recipe)
+    train.main([str(config), *SMOKE])
+    out = recipe / "lynx"
+    check_results(json.loads((out / "results.json").read_text()))
+    models = [MLLM.from_pretrained(str(out / stage)) for stage in ("pretrain", "resolution", "instruct")]
+    assert [model.config.vision_config.image_size for model in models] == [64, 96, 96]
+    assert all(model.num_image_tokens == 32 for model in models)
+    states = [model.state_dict() for model in models]
+    llama = LanguageModel.from_pretrained(str(recipe / "llava15" / "lm")).state_dict()
+    for state in states:
+        assert all(torch.equal(state[f"language_model.{key}"], value) for key, value in llama.items())
+
+    def changed(before: dict, after: dict) -> set[str]:
+        return {key.split(".")[0] + (".output_adapter" if "output_adapter" in key else "") for key in after
+                if before[key].shape == after[key].shape and not torch.equal(before[key], after[key])}
+
+    assert changed(states[0], states[1]) == {"multi_modal_projector", "language_model.output_adapter", "vision_tower"}
+    assert changed(states[1], states[2]) == {"multi_modal_projector", "language_model.output_adapter"}
