@@ -633,8 +633,8 @@ LION_FIELDS = ("aggregator_config", "visual_input", "num_adapters", "adapter_bot
 
 def llava_hf_config_fields(values: dict[str, Any]) -> dict[str, Any]:
     """From a llava-hf config.json. Fields transformers' LlavaConfig lacks (projector_type,
-    image_aspect_ratio) are our extra keys; without them the llava-hf projector is LLaVA-1.5's MLP
-    and the aspect ratio LLaVA-1.5's padding."""
+    image_aspect_ratio, Lynx's output_adapter_every) are our extra keys; without them the llava-hf
+    projector is LLaVA-1.5's MLP, the aspect ratio LLaVA-1.5's padding, and there are no adapters."""
     if values.get("projector_hidden_act", "gelu") != "gelu":
         raise ValueError(f"projector_hidden_act {values['projector_hidden_act']!r} is not supported (only gelu)")
     if not isinstance(values.get("vision_feature_layer", -2), int):
@@ -648,7 +648,8 @@ def llava_hf_config_fields(values: dict[str, Any]) -> dict[str, Any]:
                                 else 32001),
         vision_feature_layer=values.get("vision_feature_layer", -2),
         vision_feature_select_strategy=values.get("vision_feature_select_strategy", "default"),
-        image_aspect_ratio=values.get("image_aspect_ratio", "pad"))
+        image_aspect_ratio=values.get("image_aspect_ratio", "pad"),
+        output_adapter_every=values.get("output_adapter_every", 0))
 
 
 def llava_hf_config_json(config: Any, num_image_tokens: int) -> dict[str, Any]:
@@ -664,6 +665,7 @@ def llava_hf_config_json(config: Any, num_image_tokens: int) -> dict[str, Any]:
         "image_seq_length": num_image_tokens,
         "tie_word_embeddings": config.text_config.tie_word_embeddings,
         "projector_type": config.projector_type, "image_aspect_ratio": config.image_aspect_ratio,
+        **({"output_adapter_every": config.output_adapter_every} if config.output_adapter_every else {}),
     }
 
 

@@ -215,6 +215,18 @@ def test_lynx_checkpoint_round_trips_in_the_official_names(tmp_path):
     torch.testing.assert_close(loaded(input_ids, pixels), model(input_ids, pixels))
 
 
+def test_adapters_beside_an_mlp_connector_round_trip_in_the_llava_hf_layout(tmp_path):
+    """The resampler's comparison (configs/shapes_lynx_mlp.py): LLaVA-1.5's connector with Lynx's
+    adapters saves as llava-hf plus the adapter setting, and loads back whole."""
+    model = build_lynx(projector_type="mlp2x_gelu", resampler_config=None, vision_feature_layer=-1,
+                       vision_feature_select_strategy="full")
+    model.save_pretrained(tmp_path)
+    loaded = MLLM.from_pretrained(str(tmp_path))
+    assert loaded.config.output_adapter_every == 2 and loaded.language_model.model.layers[2].output_adapter is not None
+    input_ids, pixels = torch.tensor([[IMAGE] * model.num_image_tokens + [BOS, 7, 8]]), torch.randn(1, 3, 28, 28)
+    torch.testing.assert_close(loaded(input_ids, pixels), model(input_ids, pixels))
+
+
 def test_partial_official_release_loads_over_its_components_at_its_resolution(tmp_path):
     """finetune_lynx.pt in the official names, as a pickle holding the trained parts and a tower
     at a higher resolution (42 px: 36 patches), converted, then loaded over an EVA checkpoint and
