@@ -173,8 +173,8 @@ def format_conversation(conversations: list[dict], template: str | Template,
         raise DataError(f"template {template.name!r} takes one human and one gpt turn, "
                         f"got {len(turns)} turns")
 
-    has_image = any(IMAGE_PLACEHOLDER in text for _, text in turns)
-    pieces = [(IMAGE_PLACEHOLDER if template.image_first and has_image else "") + template.system + template.system_end]
+    image_first = template.image_first and any(IMAGE_PLACEHOLDER in text for _, text in turns)
+    pieces = [(IMAGE_PLACEHOLDER if image_first else "") + template.system + template.system_end]
     spans: list[tuple[int, int]] = []
     length = len(pieces[0])
     for speaker, text in turns:

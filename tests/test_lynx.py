@@ -287,3 +287,5 @@ def test_lynx_configs_load_with_the_papers_stages():
     for name in ("shapes_lynx", "shapes_lynx_low_resolution", "shapes_lynx_full_finetune", "shapes_lynx_mlp"):
         train.load_config(str(ROOT / "configs" / f"{name}.py"), [])
     assert math.isclose(stages[0].min_lr_ratio, 0.1)
+    with pytest.raises(ValueError, match="'pretrain.schedule' must be one of"):
+        train.check_stage(train.StageConfig(name="pretrain", schedule="lineer"))
