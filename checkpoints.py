@@ -732,21 +732,22 @@ def blip2_config_json(config: Any) -> dict[str, Any]:
     }
 
 
-# Lynx's MLLMConfig fields in its config.json (our own: the official code has none).
-LYNX_FIELDS = ("projector_type", "resampler_config", "output_adapter_every", "image_token_index", "pad_token_id",
-               "vision_feature_layer", "vision_feature_select_strategy", "image_aspect_ratio")
+# Lynx's MLLMConfig fields in its config.json (our own: the official code has none), beside the
+# nested vision, text and resampler configs.
+LYNX_FIELDS = ("projector_type", "output_adapter_every", "image_token_index", "pad_token_id", "vision_feature_layer",
+               "vision_feature_select_strategy", "image_aspect_ratio")
 
 
 def lynx_config_fields(values: dict[str, Any]) -> dict[str, Any]:
     """From the config.json lynx_config_json writes."""
     return dict(vision_config=values["vision_config"], text_config=values["text_config"],
-                **{key: values[key] for key in LYNX_FIELDS if key in values})
+                resampler_config=values["resampler_config"], **{key: values[key] for key in LYNX_FIELDS if key in values})
 
 
 def lynx_config_json(config: Any) -> dict[str, Any]:
     return {"architectures": ["Lynx"], "model_type": "lynx", "vision_config": config.vision_config.to_dict(),
-            "text_config": config.text_config.to_dict(),
-            **{key: getattr(config, key) for key in LYNX_FIELDS}, "resampler_config": config.resampler_config.to_dict()}
+            "text_config": config.text_config.to_dict(), "resampler_config": config.resampler_config.to_dict(),
+            **{key: getattr(config, key) for key in LYNX_FIELDS}}
 
 
 def original_llava_config_fields(values: dict[str, Any]) -> dict[str, Any]:
