@@ -577,6 +577,8 @@ class MLLM(nn.Module):
             insert_parallel_adapters(self.language_model, [r"layers\.\d+$"], self.config.adapter_bottleneck,
                                      self.config.num_adapters, self.config.adapter_router)
         if self.config.output_adapter_every:
+            if self.config.text_config.is_encoder_decoder:
+                raise ValueError("output_adapter_every: Lynx's output adapters follow LLaMA decoder layers; this LLM is T5")
             insert_output_adapters(self.language_model, self.config.text_config.num_hidden_layers,
                                    self.config.output_adapter_every)
 

@@ -289,3 +289,12 @@ def test_lynx_configs_load_with_the_papers_stages():
     assert math.isclose(stages[0].min_lr_ratio, 0.1)
     with pytest.raises(ValueError, match="'pretrain.schedule' must be one of"):
         train.check_stage(train.StageConfig(name="pretrain", schedule="lineer"))
+    with pytest.raises(ValueError, match="image_size resizes an MLLM's tower; the 'lm' objective has none"):
+        train.check_stage(train.StageConfig(name="lm", objective="lm", image_size=96))
+
+
+def test_output_adapters_refuse_a_t5_by_name():
+    from model import T5Config
+    t5 = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4)
+    with pytest.raises(ValueError, match="output adapters follow LLaMA decoder layers; this LLM is T5"):
+        MLLM(MLLMConfig(vision_config=VISION, text_config=t5, **LYNX_FIELDS))
