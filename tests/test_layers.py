@@ -54,3 +54,28 @@ def test_rotary_preserves_norms_and_rotates_relative_positions():
 
     torch.testing.assert_close(at(q, 5).norm(), q.norm())
     torch.testing.assert_close((at(q, 7) * at(k, 3)).sum(), (at(q, 14) * at(k, 10)).sum(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("adapter", [None, "output", "parallel"])
+def test_a_decoder_layer_is_one_graph_for_torch_compile(adapter):
+    """A LLaMA decoder layer, bare or with Lynx's output adapter or LION's router, traces into one
+    graph with no break, so compiling layer by layer (short compile times) loses nothing."""
+    import torch._dynamo
+
+    from adapters import insert_output_adapters, insert_parallel_adapters
+    from model import LanguageModel, TextConfig
+    from layers import causal_attention_mask
+    config = TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2)
+    model = LanguageModel(config)
+    if adapter == "output":
+        insert_output_adapters(model, 1)
+    elif adapter == "parallel":
+        insert_parallel_adapters(model, [r"layers\.0$"], 8, 2)
+    layer = model.model.layers[0]
+    x = torch.randn(2, 5, 32)
+    rotary = rotary_cos_sin(torch.arange(5).expand(2, -1), config.head_dim, config.rope_theta, x.dtype)
+    mask, is_causal = causal_attention_mask(torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]), 5, 0)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(layer)(x, mask, is_causal, rotary, None)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
