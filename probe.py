@@ -334,11 +334,9 @@ def probe_text_loss(args: argparse.Namespace) -> None:
                                                                                    add_special_tokens=False)]
         batch = data.collate([{"input_ids": torch.tensor(ids), "labels": torch.tensor(ids), "pixel_values": None}
                               for ids in encoded], model.config.pad_token_id)
-        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
-        labels = batch["labels"][:, 1:]
-        total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), reduction="sum",
-                                       ignore_index=IGNORE_INDEX))
-        count += int((labels != IGNORE_INDEX).sum())
+        _, loss = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        predicted = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # the model's loss is their mean
+        total, count = total + float(loss) * predicted, count + predicted
     print(f"{args.checkpoint}: held-out text loss {total / count:.4f} nats / token over {count} tokens "
           f"({len(texts)} documents of eval scenes)")
 
