@@ -436,10 +436,12 @@ CLIP_LAYOUT = clip_tower_rules("vision_model.", "vision_model.") + clip_tower_ru
 # LlamaForCausalLM: our LanguageModel uses its names.
 LLAMA_LAYOUT: Layout = (Rule("model.*", "model.*"), Rule("lm_head.*", "lm_head.*"))
 T5_LAYOUT = t5_rules("", "")
-# llava-hf on disk: the hub's llava-1.5-*-hf checkpoints (CLIPVisionModel keeps `vision_model.`);
-# our save_pretrained writes this one. Projector and LLM keep their names.
+# llava-hf on disk: the hub's llava-1.5-*-hf and llava-v1.6-*-hf checkpoints (CLIPVisionModel keeps
+# `vision_model.`); our save_pretrained writes this one. Projector, LLaVA-NeXT's `image_newline` and
+# the LLM keep their names.
 LLAVA_HF_PROJECTOR_AND_LLM: Layout = (
     Rule("multi_modal_projector.*", "multi_modal_projector.*"),
+    Rule("image_newline", "image_newline"),
     Rule("language_model.model.*", "language_model.model.*"),
     Rule("language_model.lm_head.*", "language_model.lm_head.*"),
 )
@@ -450,6 +452,7 @@ TRANSFORMERS5_SAVED_LAYOUT = clip_tower_rules("vision_tower.", "vision_tower.") 
 # its "model." level under `model.language_model.`, the head at the root.
 TRANSFORMERS5_MEMORY_LAYOUT = clip_tower_rules("model.vision_tower.", "vision_tower.") + (
     Rule("model.multi_modal_projector.*", "multi_modal_projector.*"),
+    Rule("model.image_newline", "image_newline"),
     Rule("model.language_model.*", "language_model.model.*"),
     Rule("lm_head.*", "language_model.lm_head.*"),
 )
@@ -461,6 +464,7 @@ ORIGINAL_LLAVA_LAYOUT = clip_tower_rules("model.vision_tower.vision_tower.vision
     Rule("model.mm_projector.0.*", "multi_modal_projector.linear_1.*"),
     Rule("model.mm_projector.2.*", "multi_modal_projector.linear_2.*"),
     Rule("model.mm_projector.*", "multi_modal_projector.linear_1.*"),
+    Rule("model.image_newline", "image_newline"),
     Rule("model.*", "language_model.model.*"),
     Rule("lm_head.*", "language_model.lm_head.*"),
 )
@@ -632,14 +636,19 @@ LION_FIELDS = ("aggregator_config", "visual_input", "num_adapters", "adapter_bot
 
 
 def llava_hf_config_fields(values: dict[str, Any]) -> dict[str, Any]:
-    """From a llava-hf config.json. Fields transformers' LlavaConfig lacks (projector_type,
-    image_aspect_ratio, Lynx's output_adapter_every) are our extra keys; without them the llava-hf
-    projector is LLaVA-1.5's MLP, the aspect ratio LLaVA-1.5's padding, and there are no adapters."""
+    """From a llava-hf config.json (LlavaConfig, or LlavaNextConfig: AnyRes with its
+    image_grid_pinpoints). Fields transformers lacks (projector_type, image_aspect_ratio,
+    mm_patch_merge_type, Lynx's output_adapter_every) are our extra keys; without them the llava-hf
+    projector is LLaVA-1.5's MLP, the aspect ratio LLaVA-1.5's padding (LLaVA-NeXT's AnyRes with
+    unpadding for llava_next), and there are no adapters."""
     if values.get("projector_hidden_act", "gelu") != "gelu":
         raise ValueError(f"projector_hidden_act {values['projector_hidden_act']!r} is not supported (only gelu)")
     if not isinstance(values.get("vision_feature_layer", -2), int):
         raise ValueError("vision_feature_layer must be one layer index (several layers are not supported)")
     text = values.get("text_config", {})
+    anyres = values.get("model_type") == "llava_next"
+    next_fields = dict(image_grid_pinpoints=values["image_grid_pinpoints"],
+                       mm_patch_merge_type=values.get("mm_patch_merge_type", "spatial_unpad")) if anyres else {}
     return dict(
         vision_config={"model_type": "clip_vision_model", **values.get("vision_config", {})}, text_config=text,
         projector_type=values.get("projector_type", "mlp2x_gelu"),
@@ -648,14 +657,20 @@ def llava_hf_config_fields(values: dict[str, Any]) -> dict[str, Any]:
                                 else 32001),
         vision_feature_layer=values.get("vision_feature_layer", -2),
         vision_feature_select_strategy=values.get("vision_feature_select_strategy", "default"),
-        image_aspect_ratio=values.get("image_aspect_ratio", "pad"),
-        output_adapter_every=values.get("output_adapter_every", 0))
+        image_aspect_ratio=values.get("image_aspect_ratio", "anyres" if anyres else "pad"),
+        output_adapter_every=values.get("output_adapter_every", 0), **next_fields)
 
 
 def llava_hf_config_json(config: Any, num_image_tokens: int) -> dict[str, Any]:
-    """A config.json transformers' LlavaForConditionalGeneration reads (it keeps our extra keys)."""
+    """A config.json transformers' LlavaForConditionalGeneration reads (it keeps our extra keys), or
+    with AnyRes LlavaNextForConditionalGeneration's (which knows only LLaVA-NeXT's unpadded merge:
+    LLaVA-1.5-HD's `mm_patch_merge_type` "spatial" is read here only)."""
+    anyres = config.image_aspect_ratio == "anyres"
     return {
-        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+        "architectures": ["LlavaNextForConditionalGeneration" if anyres else "LlavaForConditionalGeneration"],
+        "model_type": "llava_next" if anyres else "llava",
+        **({"image_grid_pinpoints": config.image_grid_pinpoints, "mm_patch_merge_type": config.mm_patch_merge_type}
+           if anyres else {}),
         "vision_config": config.vision_config.to_dict(),
         "text_config": {**config.text_config.to_dict(), "pad_token_id": config.pad_token_id},
         "image_token_index": config.image_token_index, "pad_token_id": config.pad_token_id,
@@ -754,17 +769,21 @@ def original_llava_config_fields(values: dict[str, Any]) -> dict[str, Any]:
     """From an original LLaVA config.json (LlamaConfig fields plus mm_* fields), all but the vision
     tower's, which comes from its CLIP checkpoint. Its image token never enters the vocabulary
     (LLaVA splices features at the id -200), so ours is vocab_size, an id that is never embedded;
-    padding uses <unk> = 0 as LLaVA's vicuna_v1 does."""
+    padding uses <unk> = 0 as LLaVA's vicuna_v1 does. LLaVA-NeXT's `image_grid_pinpoints` are
+    (width, height) pairs there, (height, width) here."""
     feature = values.get("mm_vision_select_feature", "patch")
     if feature not in ("patch", "cls_patch"):
         raise ValueError(f"mm_vision_select_feature {feature!r} is not supported (patch or cls_patch)")
+    aspect = values.get("image_aspect_ratio")
     return dict(
         text_config=values, projector_type=values.get("mm_projector_type", "linear"),
         image_token_index=values.get("vocab_size", 32000),
         pad_token_id=values["pad_token_id"] if values.get("pad_token_id") is not None else 0,
         vision_feature_layer=values.get("mm_vision_select_layer", -2),
         vision_feature_select_strategy="default" if feature == "patch" else "full",
-        image_aspect_ratio="pad" if values.get("image_aspect_ratio") == "pad" else "square")
+        image_aspect_ratio=aspect if aspect in ("pad", "anyres") else "square",
+        **(dict(image_grid_pinpoints=[[height, width] for width, height in values["image_grid_pinpoints"]],
+                mm_patch_merge_type=values.get("mm_patch_merge_type", "flat")) if aspect == "anyres" else {}))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,6 +22,12 @@ of the text, the same way for every connector.
   detail of the middle of the ViT reaches the LLM (region-level tasks: REC, REG); their tokens
   follow the 32 query tokens (`visual_input`).
 
+- High resolution, LLaVA-1.5-HD (section 4.3, Figure 4.2) and LLaVA-NeXT's AnyRes (section 4.5,
+  "Dynamic High Resolution"): the image is cut into tiles the encoder's size, each tile goes
+  through the tower and the LLaVA connector on its own, and `HighResolution.pack` lays their
+  features back into one feature map of the whole image, after the features of a downsized copy
+  (the global context). No position-embedding interpolation, any resolution.
+
 - "resampler", Lynx ("What Matters in Training a GPT4-Style Language Model with Multimodal
   Inputs?", sec. 2.1, after Flamingo's Perceiver resampler): learned latents of the LLM's width
   cross-attend the raw last ViT layer in a few pre-LN layers; the LLM reads the latents (32),
@@ -35,6 +41,7 @@ v1's `model.mm_projector.*` and LLaVA-1.5's `model.mm_projector.0/2.*` onto thes
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -127,6 +134,81 @@ class MLPProjector(Connector):
 
     def project(self, image_features: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(image_features)))
+
+
+# ----------------------------------------------------------------------------------------------
+# High resolution: LLaVA-1.5-HD and LLaVA-NeXT's AnyRes, as a layout of the LLaVA connector's tokens
+
+def select_best_resolution(image_size: tuple[int, int], grid_pinpoints: Sequence[Sequence[int]]) -> tuple[int, int]:
+    """The pinpoint (height, width) an image of `image_size` (height, width) is resized into: the
+    one that keeps most of its pixels after an aspect-preserving resize (never counting more than
+    it has), then wastes the fewest (LLaVA-NeXT's `select_best_resolution`; transformers' order)."""
+    height, width = image_size
+    best, best_effective, best_wasted = None, 0, float("inf")
+    for target_height, target_width in grid_pinpoints:
+        scale = min(target_width / width, target_height / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        wasted = target_width * target_height - effective
+        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
+            best, best_effective, best_wasted = (target_height, target_width), effective, wasted
+    return best
+
+
+@dataclass(frozen=True)
+class HighResolution:
+    """The geometry of one image in tiles, shared by the preprocessing (data.high_resolution_tiles)
+    and the model: an image of (height, width) is resized into its best pinpoint and cut into
+    `tile_size` tiles, row by row, after the base tile (the whole image squashed to one tile).
+
+    LLaVA-NeXT (`unpad`, transformers' only merge, "spatial_unpad"): the tiles' features become one
+    map, the rows or columns that fell on the letterbox padding are cut, and a learned
+    `image_newline` ends every row, so the LLM sees the image's aspect ratio and its token count
+    follows the image. LLaVA-1.5-HD (the dissertation's Figure 4.2, LLaVA's "spatial" merge): the
+    map as it is. Both put the base tile's tokens first (LLaVA's `prepare_inputs_labels_for_multimodal`)."""
+    grid_pinpoints: tuple[tuple[int, int], ...]  # (height, width), multiples of tile_size
+    tile_size: int  # the tower's input side
+    patches_per_side: int  # tile_size // patch size: one tile's feature map is this square
+    unpad: bool = True
+
+    def grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """(rows, columns) of tiles for an image of (height, width)."""
+        height, width = select_best_resolution(image_size, self.grid_pinpoints)
+        return height // self.tile_size, width // self.tile_size
+
+    def num_tiles(self, image_size: tuple[int, int]) -> int:
+        rows, columns = self.grid(image_size)
+        return 1 + rows * columns
+
+    def feature_map_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """(rows, columns) of the tiles' merged feature map, unpadded: the padding is centered, so
+        as many rows (or columns) go at each end, floored as LLaVA-NeXT's `unpad_image` (whose float
+        order this keeps, so that every size rounds as there)."""
+        rows, columns = (count * self.patches_per_side for count in self.grid(image_size))
+        if not self.unpad:
+            return rows, columns
+        height, width = image_size
+        if width / height > columns / rows:  # wider than the map: padding above and below
+            return rows - 2 * ((rows - int(round(height * (columns / width), 7))) // 2), columns
+        return rows, columns - 2 * ((columns - int(round(width * (rows / height), 7))) // 2)
+
+    def num_image_tokens(self, image_size: tuple[int, int]) -> int:
+        """How many image tokens an image of (height, width) fills: base tile, map, newlines."""
+        rows, columns = self.feature_map_size(image_size)
+        return self.patches_per_side ** 2 + rows * (columns + self.unpad)
+
+    def pack(self, tile_features: torch.Tensor, image_size: tuple[int, int],
+             image_newline: torch.Tensor | None) -> torch.Tensor:
+        """(num_image_tokens, width) from one image's (num_tiles, patches_per_side ** 2, width)."""
+        side = self.patches_per_side
+        rows, columns = self.grid(image_size)
+        grid = tile_features[1:].unflatten(0, (rows, columns)).unflatten(2, (side, side))
+        grid = grid.permute(0, 2, 1, 3, 4).flatten(2, 3).flatten(0, 1)  # (rows * side, columns * side, width)
+        map_rows, map_columns = self.feature_map_size(image_size)
+        top, left = (rows * side - map_rows) // 2, (columns * side - map_columns) // 2
+        grid = grid[top:top + map_rows, left:left + map_columns]
+        if self.unpad:
+            grid = torch.cat([grid, image_newline.to(grid.dtype).expand(map_rows, 1, -1)], dim=1)
+        return torch.cat([tile_features[0], grid.flatten(0, 1)])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from adapters import TASK_LEVELS
+from connectors import HighResolution, select_best_resolution
 from conversation import (BOS_TOKEN, EOS_TOKEN, IMAGE_PLACEHOLDER, PLAIN_HINT, DataError, format_conversation,
                           get_template, render_conversation, require_token_id, split_for_encoder_decoder,
                           tokenize_around_images, with_tag_prompt)
@@ -214,11 +215,37 @@ def preprocess_image(image: Image.Image, image_size: int, pad_to_square: bool) -
     new_size = (image_size, new_long) if width <= height else (new_long, image_size)
     image = image.resize(new_size, resample=Image.Resampling.BICUBIC)
     left, top = (new_size[0] - image_size) // 2, (new_size[1] - image_size) // 2
-    image = image.crop((left, top, left + image_size, top + image_size))
+    return normalized_pixels(image.crop((left, top, left + image_size, top + image_size)))
+
+
+def normalized_pixels(image: Image.Image) -> torch.Tensor:
+    """(3, H, W) float32: x / 255, then CLIP's (x - mean) / std."""
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
     mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
     std = torch.tensor(CLIP_STD).view(3, 1, 1)
     return ((pixels - mean) / std).contiguous()
+
+
+def high_resolution_tiles(image: Image.Image, high_resolution: HighResolution) -> torch.Tensor:
+    """(num_tiles, 3, S, S): LLaVA-NeXT's AnyRes input (`process_anyres_image`), as transformers'
+    LlavaNextImageProcessor computes it. The base tile is the whole image squashed to S x S; then
+    the image is resized into its best pinpoint keeping its aspect ratio (the long side fills it,
+    the other is ceil'd), centered on black, and cut into S x S tiles row by row. PIL bicubic on
+    uint8 throughout, as there."""
+    size = high_resolution.tile_size
+    target_height, target_width = select_best_resolution((image.height, image.width), high_resolution.grid_pinpoints)
+    scale_width, scale_height = target_width / image.width, target_height / image.height
+    if scale_width < scale_height:
+        new_width, new_height = target_width, min(math.ceil(image.height * scale_width), target_height)
+    else:
+        new_width, new_height = min(math.ceil(image.width * scale_height), target_width), target_height
+    canvas = Image.new("RGB", (target_width, target_height))
+    canvas.paste(image.resize((new_width, new_height), resample=Image.Resampling.BICUBIC),
+                 ((target_width - new_width) // 2, (target_height - new_height) // 2))
+    tiles = [canvas.crop((left, top, left + size, top + size))
+             for top in range(0, target_height, size) for left in range(0, target_width, size)]
+    base = image.resize((size, size), resample=Image.Resampling.BICUBIC)
+    return torch.stack([normalized_pixels(tile) for tile in [base, *tiles]])
 
 
 def box_in_view(box: Sequence[float], image_size: tuple[int, int], pad_to_square: bool) -> list[float]:

@@ -37,7 +37,7 @@ from checkpoints import (BLIP2_LAYOUT, INSTRUCTBLIP_LAYOUT, LION_LAYOUT, LLAMA_L
                          llava_hf_config_json, load_over, load_state_strict, lynx_config_fields, lynx_config_json,
                          original_llava_config_fields, read_checkpoint, read_config_json, state_to_ours,
                          state_to_theirs, t5_head_tying, write_checkpoint)
-from connectors import (LIONConnector, PerceiverResampler, QFormerConfig, QFormerStage1, ResamplerConfig,
+from connectors import (HighResolution, LIONConnector, PerceiverResampler, QFormerConfig, QFormerStage1, ResamplerConfig,
                         VisionAggregatorConfig, bert_initialization, build_connector)
 from layers import (IGNORE_INDEX, Attention, GatedFeedForward, PreNormBlock, RMSNorm, activation_named, additive_mask,
                     causal_attention_mask, relative_position_buckets, rotary_cos_sin, shifted_cross_entropy,
@@ -510,7 +510,12 @@ class MLLMConfig:
     pad_token_id: int = 32001
     vision_feature_layer: int = -2  # LLaVA-1.5; -1 = last layer (LLaVA's ablation, 0.96 points worse)
     vision_feature_select_strategy: str = "default"  # "default" drops CLS, "full" keeps it
-    image_aspect_ratio: str = "pad"  # "pad" (LLaVA-1.5 stage 2) or "square" (CLIP center crop)
+    # "pad" (LLaVA-1.5 stage 2), "square" (CLIP center crop) or "anyres": LLaVA-NeXT (section 4.5) and
+    # LLaVA-1.5-HD (section 4.3) tile each image into the best of `image_grid_pinpoints` (height,
+    # width); `mm_patch_merge_type` "spatial_unpad" (NeXT) or "spatial" (1.5-HD): connectors.HighResolution.
+    image_aspect_ratio: str = "pad"
+    image_grid_pinpoints: list[list[int]] | None = None
+    mm_patch_merge_type: str = "spatial_unpad"
     # LION (projector_type "lion"): the vision aggregator and which visual tokens the LLM reads;
     # `num_adapters` AdapterRouters beside every feed-forward of the LLM (0: none), without
     # `adapter_router` summed alone; `hint_token_index`: the token the soft prompt replaces.
@@ -540,6 +545,27 @@ class MLLMConfig:
             self.aggregator_config = VisionAggregatorConfig.from_dict(self.aggregator_config)
         if isinstance(self.resampler_config, dict) or (self.projector_type == "resampler" and not self.resampler_config):
             self.resampler_config = ResamplerConfig.from_dict(self.resampler_config or {})
+        if self.image_aspect_ratio not in ("pad", "square", "anyres"):
+            raise ValueError(f"image_aspect_ratio must be 'pad', 'square' or 'anyres', not {self.image_aspect_ratio!r}")
+        if self.image_aspect_ratio == "anyres":
+            self.check_high_resolution()
+
+    def check_high_resolution(self) -> None:
+        """AnyRes lays out the LLaVA connector's patch grid; its pinpoints must be whole tiles."""
+        tile = self.vision_config.image_size
+        if not self.image_grid_pinpoints:
+            raise ValueError("image_aspect_ratio 'anyres' needs image_grid_pinpoints, [[height, width], ...]")
+        uneven = [pinpoint for pinpoint in self.image_grid_pinpoints
+                  if len(pinpoint) != 2 or pinpoint[0] % tile or pinpoint[1] % tile or min(pinpoint) <= 0]
+        if uneven:
+            raise ValueError(f"image_grid_pinpoints {uneven} are not [height, width] multiples of the tower's {tile} px")
+        if self.mm_patch_merge_type not in ("spatial_unpad", "spatial"):
+            raise ValueError(f"mm_patch_merge_type must be 'spatial_unpad' (LLaVA-NeXT) or 'spatial' (LLaVA-1.5-HD), "
+                             f"not {self.mm_patch_merge_type!r}")
+        if self.projector_type not in ("linear", "mlp2x_gelu") or self.vision_feature_select_strategy != "default":
+            raise ValueError("image_aspect_ratio 'anyres' tiles the patch grid of LLaVA's connector: it needs "
+                             "projector_type 'linear' or 'mlp2x_gelu' and vision_feature_select_strategy 'default', "
+                             f"not {self.projector_type!r} and {self.vision_feature_select_strategy!r}")
 
 
 class MLLM(nn.Module):
@@ -560,6 +586,19 @@ class MLLM(nn.Module):
         self.add_adapters()
         if config.hint_token_index is not None:  # LION's soft prompt (sec. 3.2, Fig. 5)
             self.soft_prompt_hint = nn.Parameter(torch.zeros(config.text_config.hidden_size))
+        self.high_resolution = None
+        if config.image_aspect_ratio == "anyres":
+            tower = config.vision_config
+            self.high_resolution = HighResolution(tuple(map(tuple, config.image_grid_pinpoints)), tower.image_size,
+                                                  tower.image_size // tower.patch_size,
+                                                  unpad=config.mm_patch_merge_type == "spatial_unpad")
+            if self.high_resolution.unpad:
+                self.image_newline = self.new_image_newline()
+
+    def new_image_newline(self) -> nn.Parameter:
+        """LLaVA-NeXT's learned row end, fresh: N(0, 1 / width), the scale of word embeddings."""
+        width = self.config.text_config.hidden_size
+        return nn.Parameter(torch.randn(width) / width ** 0.5)
 
     def new_connector(self) -> nn.Module:
         """A fresh connector of the config's kind (connectors.build_connector)."""
@@ -606,20 +645,34 @@ class MLLM(nn.Module):
         return self.multi_modal_projector.num_image_tokens
 
     def image_features(self, pixel_values: torch.Tensor, qformer_input_ids: torch.Tensor | None = None,
-                       qformer_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                       qformer_attention_mask: torch.Tensor | None = None,
+                       image_sizes: torch.Tensor | None = None) -> torch.Tensor:
         """H_v of eq. 3.1: (num_images, num_image_tokens, text width). The tower runs only up to the
         layer the connector reads (LLaVA-1.5's layer -2: the last block would be wasted).
         InstructBLIP's Q-Former also reads each image's instruction (qformer_input_ids, one row per image).
-        Lynx's resampler also reads videos, pixel_values (num_videos, frames, 3, H, W)."""
+        Lynx's resampler also reads videos, pixel_values (num_videos, frames, 3, H, W).
+        AnyRes (LLaVA-NeXT, LLaVA-1.5-HD): pixel_values (num_images, max tiles, 3, H, W) with
+        zero tiles after each image's own (LlavaNextImageProcessor's), image_sizes (num_images, 2)
+        as (height, width); every image's tiles go through tower and connector in one batch, and
+        the result is the images' packed tokens one after another, (total image tokens, text width)."""
         connector = self.multi_modal_projector
         self.check_instruction(qformer_input_ids, has_images=True)
         dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
-        frames = pixel_values.shape[1] if pixel_values.ndim == 5 else 0
+        frames = pixel_values.shape[1] if pixel_values.ndim == 5 and self.high_resolution is None else 0
         if frames and not isinstance(connector, PerceiverResampler):
             raise ValueError(f"pixel_values {tuple(pixel_values.shape)} is a video; only Lynx's resampler reads videos")
-        hidden_states = self.vision_tower((pixel_values.flatten(0, 1) if frames else pixel_values).to(dtype),
-                                          num_layers=connector.num_vision_layers_used,
+        if self.high_resolution is not None:
+            sizes = [tuple(size) for size in image_sizes.tolist()]
+            tiles = [self.high_resolution.num_tiles(size) for size in sizes]
+            pixels = torch.cat([image[:count] for image, count in zip(pixel_values, tiles)])
+        else:
+            pixels = pixel_values.flatten(0, 1) if frames else pixel_values
+        hidden_states = self.vision_tower(pixels.to(dtype), num_layers=connector.num_vision_layers_used,
                                           normalize_last=connector.normalizes_last_layer)
+        if self.high_resolution is not None:
+            newline = getattr(self, "image_newline", None)
+            return torch.cat([self.high_resolution.pack(image, size, newline)
+                              for image, size in zip(connector(hidden_states).split(tiles), sizes)])
         if frames:  # each video's frames side by side: (videos, frames, tokens, width)
             return connector.project(connector.select_features(hidden_states).unflatten(0, (-1, frames)))
         if not connector.takes_instruction:
@@ -643,50 +696,89 @@ class MLLM(nn.Module):
                              f"only InstructBLIP's Q-Former takes one")
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-              qformer_input_ids: torch.Tensor | None = None,
-              qformer_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Word embeddings with each image's features written over its num_image_tokens image
-        tokens, images taken in batch order (transformers' convention); text-only samples have no
-        image tokens and need no image (nor an instruction)."""
+              qformer_input_ids: torch.Tensor | None = None, qformer_attention_mask: torch.Tensor | None = None,
+              image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """Word embeddings with each image's features written over its image tokens, images taken
+        in batch order (transformers' convention); text-only samples have no image tokens and need
+        no image (nor an instruction)."""
         is_image = input_ids == self.config.image_token_index
-        images_per_sample = is_image.sum(1).tolist()
-        bad = [f"sample {index}: {count} image tokens" for index, count in enumerate(images_per_sample)
-               if count % self.num_image_tokens]
-        if bad:
-            raise ValueError(f"each image must be exactly {self.num_image_tokens} copies of image token "
-                             f"{self.config.image_token_index}; got " + ", ".join(bad))
-        images_needed = sum(images_per_sample) // self.num_image_tokens
-        images_given = 0 if pixel_values is None else pixel_values.shape[0]
-        if images_needed != images_given:
-            holders = ", ".join(f"sample {index}: {count // self.num_image_tokens}"
-                                for index, count in enumerate(images_per_sample) if count)
-            raise ValueError(f"input_ids hold {images_needed} images ({holders or 'none'}) "
-                             f"but pixel_values has {images_given}")
-        self.check_instruction(qformer_input_ids, images_needed > 0)
+        self.check_image_tokens(is_image.sum(1).tolist(), pixel_values, image_sizes)
+        self.check_instruction(qformer_input_ids, bool(is_image.any()))
         # The image (and hint) token ids may lie outside the vocabulary, so embed a harmless id there.
         hint = self.config.hint_token_index
         is_hint = input_ids == hint if hint is not None else torch.zeros_like(is_image)
         embeds = self.language_model.input_embeddings()(input_ids.masked_fill(is_image | is_hint, 0))
         if hint is not None:  # LION: one learned vector in place of <hint>
             embeds = torch.where(is_hint[..., None], self.soft_prompt_hint.to(embeds.dtype), embeds)
-        if images_needed == 0:
+        if not is_image.any():
             return embeds
-        features = self.image_features(pixel_values, qformer_input_ids, qformer_attention_mask).to(embeds.dtype)
-        return embeds.masked_scatter(is_image[..., None], features)
+        features = self.image_features(pixel_values, qformer_input_ids, qformer_attention_mask, image_sizes)
+        return embeds.masked_scatter(is_image[..., None], features.to(embeds.dtype))
+
+    def check_image_tokens(self, tokens_per_sample: list[int], pixel_values: torch.Tensor | None,
+                           image_sizes: torch.Tensor | None) -> None:
+        """Every sample's image tokens must be exactly what its images fill, images in batch order:
+        `num_image_tokens` each, or with AnyRes what each image's size yields (and its tiles must
+        be the ones its size asks for); an error names the sample and both counts."""
+        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if self.high_resolution is None:
+            if image_sizes is not None:
+                raise ValueError("image_sizes is for AnyRes (image_aspect_ratio 'anyres'); this model "
+                                 f"sees every image as one {self.config.vision_config.image_size} px square")
+            counts = [self.num_image_tokens] * num_images
+        else:
+            counts = self.high_resolution_token_counts(pixel_values, image_sizes)
+        image, owners = 0, []
+        for sample, tokens in enumerate(tokens_per_sample):
+            first, filled = image, 0
+            while filled < tokens and image < num_images:
+                filled, image = filled + counts[image], image + 1
+                owners.append(sample)
+            if filled != tokens:
+                held = f"images {first}..{image - 1} fill {filled}" if image > first else "no image is left for it"
+                raise ValueError(f"sample {sample}: {tokens} image tokens (id {self.config.image_token_index}) "
+                                 f"in the text, but {held} (pixel_values has {num_images} images; each fills "
+                                 f"{'what its image_sizes yields' if self.high_resolution else self.num_image_tokens})")
+        if image != num_images:
+            raise ValueError(f"pixel_values has {num_images} images but the text's image tokens hold {image}")
+        if self.high_resolution is not None:
+            self.check_tiles(pixel_values, image_sizes, owners)
+
+    def high_resolution_token_counts(self, pixel_values: torch.Tensor | None,
+                                     image_sizes: torch.Tensor | None) -> list[int]:
+        """The image tokens each AnyRes image fills, from its size."""
+        if pixel_values is None:
+            return []
+        if image_sizes is None or pixel_values.ndim != 5 or image_sizes.shape != (pixel_values.shape[0], 2):
+            raise ValueError(f"AnyRes needs pixel_values (images, tiles, 3, H, W) and image_sizes (images, 2); got "
+                             f"{tuple(pixel_values.shape)} and {None if image_sizes is None else tuple(image_sizes.shape)}")
+        return [self.high_resolution.num_image_tokens(tuple(size)) for size in image_sizes.tolist()]
+
+    def check_tiles(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor, owners: list[int]) -> None:
+        """Each image's tiles are the ones its size asks for, zero padding tiles after them."""
+        for index, (height, width) in enumerate(image_sizes.tolist()):
+            tiles = self.high_resolution.num_tiles((height, width))
+            with_pixels = pixel_values[index].flatten(1).any(1).nonzero()
+            holds = int(with_pixels.max()) + 1 if len(with_pixels) else 0
+            if holds != tiles:
+                raise ValueError(f"sample {owners[index]}, image {index}: image_sizes {height} x {width} (height x "
+                                 f"width) yields {tiles} tiles, but pixel_values holds {holds} (then zero padding)")
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 qformer_input_ids: torch.Tensor | None = None, qformer_attention_mask: torch.Tensor | None = None,
-                decoder_input_ids: torch.Tensor | None = None,
-                task_level: int | torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                decoder_input_ids: torch.Tensor | None = None, task_level: int | torch.Tensor | None = None,
+                image_sizes: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (batch, length, vocab); with labels, (logits, mean cross-entropy over labels
         != -100). pixel_values: (num_images, 3, H, W) for the samples holding images only;
         qformer_input_ids / qformer_attention_mask: InstructBLIP's instruction, one row per image.
         Decoder-only LLM: labels align with input_ids and are shifted. Encoder-decoder (T5):
         input_ids are the encoder's, labels the decoder's targets, decoder_input_ids (default:
         labels shifted right) its inputs, and the logits are the decoder's. task_level: LION's
-        router gates (adapters.TASK_LEVELS; per batch or a (batch,) tensor; None = image-level)."""
-        embeds = self.embed(input_ids, pixel_values, qformer_input_ids, qformer_attention_mask)
+        router gates (adapters.TASK_LEVELS; per batch or a (batch,) tensor; None = image-level).
+        AnyRes: pixel_values (num_images, max tiles, 3, H, W) and image_sizes (num_images, 2), as
+        LlavaNextImageProcessor returns them (image_features)."""
+        embeds = self.embed(input_ids, pixel_values, qformer_input_ids, qformer_attention_mask, image_sizes)
         decoder = {}
         if self.config.text_config.is_encoder_decoder:
             decoder["decoder_input_ids"] = decoder_input_ids
@@ -699,11 +791,11 @@ class MLLM(nn.Module):
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, qformer_input_ids: torch.Tensor | None = None,
                  qformer_attention_mask: torch.Tensor | None = None, task_level: int | torch.Tensor | None = None,
-                 **options) -> torch.Tensor:
+                 image_sizes: torch.Tensor | None = None, **options) -> torch.Tensor:
         """New tokens only, (batch, new_length), padded with pad_token_id after the end; the batch
         is LEFT-padded. Options: decoding.DecodingOptions."""
         options.setdefault("pad_token_id", self.config.pad_token_id)
-        embeds = self.embed(input_ids, pixel_values, qformer_input_ids, qformer_attention_mask)
+        embeds = self.embed(input_ids, pixel_values, qformer_input_ids, qformer_attention_mask, image_sizes)
         set_task_level(self.language_model, task_level)
         return decoding.generate(self.language_model, input_ids, embeds, attention_mask, **options)
 
@@ -768,6 +860,8 @@ class MLLM(nn.Module):
         model = build_without_init(cls, config, torch.float32)
         model.vision_tower, model.language_model = vision_tower, language_model
         model.multi_modal_projector = model.new_connector()
+        if hasattr(model, "image_newline"):
+            model.image_newline = model.new_image_newline()
         model.add_adapters()  # Lynx's, into the LLM just loaded
         return model
 

@@ -197,7 +197,7 @@ def test_image_token_mismatch_names_the_sample(hf_llava_dir):
     broken[2, 1] = 5  # sample 2 loses one image token
     with pytest.raises(ValueError, match="sample 2: 7 image tokens"):
         model(broken, pixel_values)
-    with pytest.raises(ValueError, match="input_ids hold 3 images .*but pixel_values has 2"):
+    with pytest.raises(ValueError, match="sample 2: 8 image tokens .* fill 4 .*pixel_values has 2 images"):
         model(input_ids, pixel_values[:2])
 
 

@@ -40,6 +40,6 @@ def test_no_import_cycle_among_top_level_files():
 def test_core_files_stay_readable_and_free_of_reference_libraries():
     for name in CORE:
         source = (ROOT / name).read_text()
-        assert len(source.splitlines()) <= 900, f"{name} has {len(source.splitlines())} lines"
+        assert len(source.splitlines()) <= 1000, f"{name} has {len(source.splitlines())} lines"
         modules = {module for module in local_imports(ROOT / name, {"transformers", "peft", "timm"})}
         assert not modules, f"{name} imports {modules}"
