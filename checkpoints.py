@@ -647,8 +647,7 @@ def llava_hf_config_fields(values: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("vision_feature_layer must be one layer index (several layers are not supported)")
     text = values.get("text_config", {})
     anyres = values.get("model_type") == "llava_next"
-    next_fields = dict(image_grid_pinpoints=values["image_grid_pinpoints"],
-                       mm_patch_merge_type=values.get("mm_patch_merge_type", "spatial_unpad")) if anyres else {}
+    next_fields = {key: values[key] for key in ("image_grid_pinpoints", "mm_patch_merge_type") if key in values}
     return dict(
         vision_config={"model_type": "clip_vision_model", **values.get("vision_config", {})}, text_config=text,
         projector_type=values.get("projector_type", "mlp2x_gelu"),
@@ -670,7 +669,7 @@ def llava_hf_config_json(config: Any, num_image_tokens: int) -> dict[str, Any]:
         "architectures": ["LlavaNextForConditionalGeneration" if anyres else "LlavaForConditionalGeneration"],
         "model_type": "llava_next" if anyres else "llava",
         **({"image_grid_pinpoints": config.image_grid_pinpoints, "mm_patch_merge_type": config.mm_patch_merge_type}
-           if anyres else {}),
+           if config.image_grid_pinpoints else {}),
         "vision_config": config.vision_config.to_dict(),
         "text_config": {**config.text_config.to_dict(), "pad_token_id": config.pad_token_id},
         "image_token_index": config.image_token_index, "pad_token_id": config.pad_token_id,

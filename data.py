@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tokenizers import Tokenizer
 
@@ -404,6 +405,11 @@ class InstructionDataset(_ImageRecordDataset):
     `problems` counts what was skipped, `num_truncated` what was cut.
     Items: input_ids, labels (LongTensor), pixel_values (3, S, S) or None, length, has_image, task_level.
 
+    With `high_resolution` (LLaVA-NeXT's AnyRes, LLaVA-1.5-HD), pixel_values are the image's
+    tiles (tiles, 3, S, S) and the item has its `image_size` (height, width); "<image>" expands to
+    the tokens that size yields, read from the image header when the dataset is built, so
+    `lengths` (and the modality-length sampler's batches) count every sample's own image tokens.
+
     With `qformer_tokenizer` (InstructBLIP, sec. 2.2: the Q-Former reads the instruction), an item
     with an image also has `qformer_input_ids`: its first question without the image placeholder,
     "[CLS] question [SEP]" in the Q-Former's tokenizer, cut from the left to `qformer_max_length`.
@@ -425,7 +431,8 @@ class InstructionDataset(_ImageRecordDataset):
                  pad_to_square: bool, max_seq_len: int, on_error: str = "skip",
                  qformer_tokenizer: Tokenizer | None = None, qformer_max_length: int = 128,
                  encoder_decoder: bool = False, task_levels: Sequence[str] | None = None,
-                 tags: dict[str, list[str]] | None = None, hint: str = PLAIN_HINT):
+                 tags: dict[str, list[str]] | None = None, hint: str = PLAIN_HINT,
+                 high_resolution: HighResolution | None = None):
         unknown = set(task_levels or ()) - set(TASK_LEVELS)
         if unknown:
             raise ValueError(f"task_levels {sorted(unknown)}: the task levels are {sorted(TASK_LEVELS)}")
@@ -439,22 +446,24 @@ class InstructionDataset(_ImageRecordDataset):
         self.num_image_tokens = num_image_tokens
         self.image_size = image_size
         self.pad_to_square = pad_to_square
+        self.high_resolution = high_resolution
         self.max_seq_len = max_seq_len
         self.problems = DataProblems(on_error)
         placeholder_id = require_token_id(tokenizer, IMAGE_PLACEHOLDER)
 
         candidates = list(self._validated_records(json_path))
-        encodings = tokenize_around_images([text for _, _, (text, _, _) in candidates], tokenizer)
+        encodings = tokenize_around_images([text for _, _, (text, _, _, _) in candidates], tokenizer)
         self.records: list[dict] = []
+        self.image_tokens: list[int] = []  # per record: what its image fills (AnyRes: from its size)
         self.sources = []
         self.lengths: list[int] = []
         self.has_image: list[bool] = []
         self.num_truncated = 0
         questions = []  # each image's first question as written, without LION's tags (the Q-Former's input)
-        for (where, record, (_, spans, rendered)), (ids, offsets) in zip(candidates, encodings):
+        for (where, record, (_, spans, rendered, image_tokens)), (ids, offsets) in zip(candidates, encodings):
             if task_levels is not None and record.get("task_level", "image") not in task_levels:
                 continue
-            full_length, kept_length = self._lengths(ids, offsets, spans, placeholder_id)
+            full_length, kept_length = self._lengths(ids, offsets, spans, placeholder_id, image_tokens)
             if kept_length is None:
                 self.problems.report("too_long", f"{where}: {full_length} tokens, longer than "
                                      f"max_seq_len {max_seq_len}, and cutting it would cut its "
@@ -463,6 +472,7 @@ class InstructionDataset(_ImageRecordDataset):
             self.num_truncated += kept_length < full_length
             questions.append(first_question(record["conversations"]) if "image" in record else None)
             self.records.append(rendered)
+            self.image_tokens.append(image_tokens)
             self.sources.append(where)
             self.lengths.append(kept_length)
             self.has_image.append("image" in record)
@@ -483,9 +493,9 @@ class InstructionDataset(_ImageRecordDataset):
             self.has_image = [self.has_image[record] for record, _ in self.items]
             self.sources = [f"{self.sources[record]} answer {turn}" for record, turn in self.items]
 
-    def _validate(self, record: Any) -> tuple[str, list[tuple[int, int]], dict]:
-        """The rendered text and spans of a usable record and the record as trained (with LION's
-        tags), or a DataError saying what is wrong."""
+    def _validate(self, record: Any) -> tuple[str, list[tuple[int, int]], dict, int]:
+        """The rendered text and spans of a usable record, the record as trained (with LION's
+        tags) and how many image tokens its image fills, or a DataError saying what is wrong."""
         if not isinstance(record, dict):
             raise DataError(f"a record must be a JSON object, got {type(record).__name__}")
         if not isinstance(record.get("conversations"), list):
@@ -511,14 +521,21 @@ class InstructionDataset(_ImageRecordDataset):
                 raise DataError(f"image file not found: {path}", "missing_image")
         elif num_placeholders:
             raise DataError(f"a text-only sample (no 'image') holds {IMAGE_PLACEHOLDER}")
-        return text, spans, record
+        image_tokens = self.num_image_tokens if "image" in record else 0
+        if image_tokens and self.high_resolution is not None:  # the header's size, without decoding
+            try:
+                with Image.open(path) as image:
+                    image_tokens = self.high_resolution.num_image_tokens((image.height, image.width))
+            except (OSError, SyntaxError, ValueError) as error:
+                raise DataError(f"cannot read image {path}: {error}", "corrupt_image") from error
+        return text, spans, record, image_tokens
 
     def _lengths(self, ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]],
-                 placeholder_id: int) -> tuple[int, int | None]:
+                 placeholder_id: int, image_tokens: int) -> tuple[int, int | None]:
         """(full token count, count after truncation or None when the sample must be dropped).
         Positions count the BOS in front and the image expansion."""
         image_at = ids.index(placeholder_id) if placeholder_id in ids else None
-        image_expansion = self.num_image_tokens - 1 if image_at is not None else 0
+        image_expansion = image_tokens - 1 if image_at is not None else 0
 
         def position(token_index: int) -> int:
             after_image = image_at is not None and token_index > image_at
@@ -527,7 +544,7 @@ class InstructionDataset(_ImageRecordDataset):
         full_length = 1 + len(ids) + image_expansion
         if full_length <= self.max_seq_len:
             return full_length, full_length
-        if image_at is not None and position(image_at) + self.num_image_tokens > self.max_seq_len:
+        if image_at is not None and position(image_at) + image_tokens > self.max_seq_len:
             return full_length, None
         first_answer_char = spans[0][0]
         first_supervised = next((index for index, (_, end) in enumerate(offsets)
@@ -542,16 +559,26 @@ class InstructionDataset(_ImageRecordDataset):
     def _sample(self, index: int) -> dict[str, Any]:
         record_index, answer_turn = self.items[index]
         record = self.records[record_index]
-        pixel_values = self._pixels(record["image"]) if "image" in record else None
+        pixel_values, image_size = None, None
+        if "image" in record and self.high_resolution is not None:
+            image = load_image(os.path.join(self.image_folder, record["image"]))
+            pixel_values, image_size = high_resolution_tiles(image, self.high_resolution), (image.height, image.width)
+            if self.high_resolution.num_image_tokens(image_size) != self.image_tokens[record_index]:
+                raise DataError(f"image {record['image']} is {image.width} x {image.height} px now, not the size "
+                                "its header gave when the dataset was built", "corrupt_image")
+        elif "image" in record:
+            pixel_values = self._pixels(record["image"])
         conversations = record["conversations"] if answer_turn is None else record["conversations"][:answer_turn + 1]
         input_ids, labels = render_conversation(conversations, self.template, self.tokenizer, self.image_token_index,
-                                                self.num_image_tokens, add_bos=not self.encoder_decoder)
+                                                self.image_tokens[record_index], add_bos=not self.encoder_decoder)
         input_ids, labels = input_ids[:self.max_seq_len], labels[:self.max_seq_len]
         if self.encoder_decoder:
             input_ids, labels = split_for_encoder_decoder(input_ids, labels, self.eos_id)
         sample = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
                   "pixel_values": pixel_values, "length": len(input_ids), "has_image": pixel_values is not None,
                   "task_level": TASK_LEVELS[record.get("task_level", "image")]}
+        if image_size is not None:
+            sample["image_size"] = torch.tensor(image_size)
         if self.qformer_input_ids[record_index] is not None:
             sample["qformer_input_ids"] = torch.tensor(self.qformer_input_ids[record_index])
         return sample
@@ -746,6 +773,15 @@ def pad_sequences(rows: Sequence[Sequence[int] | torch.Tensor], pad_value: int,
     return values, attention_mask
 
 
+def stack_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(num_images, 3, S, S); AnyRes tiles (num_images, most tiles, 3, S, S), zero tiles after each
+    image's own, as LlavaNextImageProcessor pads a batch."""
+    if images[0].ndim == 4:
+        most = max(len(tiles) for tiles in images)
+        images = [F.pad(tiles, (0, 0, 0, 0, 0, 0, 0, most - len(tiles))) for tiles in images]
+    return torch.stack(list(images))
+
+
 def collate(batch: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
     """Pads a list of samples into a training batch (RIGHT padding: the causal LM sees its
     tokens first and padding never shifts positions).
@@ -755,7 +791,9 @@ def collate(batch: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
     pixel_values (num_images, 3, S, S) stacked only for the samples that have an image, in batch
     order (transformers convention), or None; problems: the (kind, message) of samples skipped
     in the workers. When every sample was skipped, B is 0. Samples with an instruction for the
-    Q-Former (InstructBLIP) add qformer_input_ids / qformer_attention_mask, one row per image.
+    Q-Former (InstructBLIP) add qformer_input_ids / qformer_attention_mask, one row per image;
+    AnyRes samples make pixel_values (num_images, most tiles, 3, S, S), zero tiles after each
+    image's own, and add image_sizes (num_images, 2) as (height, width).
     """
     problems = [sample["problem"] for sample in batch if "problem" in sample]
     samples = [sample for sample in batch if "problem" not in sample]
@@ -765,7 +803,9 @@ def collate(batch: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
     images = [sample["pixel_values"] for sample in samples if sample["pixel_values"] is not None]
     batch = {"input_ids": input_ids, "labels": labels,
              "attention_mask": attention_mask,
-             "pixel_values": torch.stack(images) if images else None, "problems": problems}
+             "pixel_values": stack_images(images) if images else None, "problems": problems}
+    if samples and any("image_size" in sample for sample in samples):
+        batch["image_sizes"] = torch.stack([sample["image_size"] for sample in samples if "image_size" in sample])
     if samples and "region_boxes" in samples[0]:
         batch["regions"] = collate_regions(samples, pad_token_id)
     if samples and "task_level" in samples[0]:  # LION's router: one level per row

@@ -24,15 +24,16 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from PIL import ImageDraw
+from PIL import Image, ImageDraw
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from adapters import TASK_LEVELS
 from conversation import (EOS_TOKEN, IMAGE_PLACEHOLDER, TEMPLATES, last_supervised_run, read_tags,
                           render_conversation, split_for_encoder_decoder, tag_hint, tag_sentence)
-from data import (REC_PROMPT, box_from_padded_square, encode_qformer_texts, load_image, load_tokenizer,
-                  pad_sequences, padded_square_box, preprocess_image, read_json, read_json_lines)
+from data import (CLIP_BACKGROUND, REC_PROMPT, box_from_padded_square, encode_qformer_texts, high_resolution_tiles,
+                  load_image, load_tokenizer, pad_sequences, padded_square_box, preprocess_image, read_json,
+                  read_json_lines, stack_images)
 from layers import IGNORE_INDEX, row_log_likelihoods
 from metrics import (box_iou, caption_tokens, cider_d, circular_accuracy, evalai_answer, parse_box, parse_choice,
                      pope_answer, pope_metrics, vqa_accuracy)
@@ -361,12 +362,25 @@ class Evaluator:
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
 
+    def image_tokens(self, sample: Sample) -> int:
+        """How many image tokens the sample's image fills: none without one, with AnyRes what its
+        size yields (read from the file's header)."""
+        if sample.image is None:
+            return 0
+        if self.model.high_resolution is None:
+            return self.model.num_image_tokens
+        with Image.open(sample.image) as image:
+            return self.model.high_resolution.num_image_tokens((image.height, image.width))
+
     def encode_dialogue(self, turns: list[tuple[str, str | None]], answer: str | None,
-                        with_image: bool = True) -> tuple[list[int], list[int]]:
+                        image_tokens: int | None = None) -> tuple[list[int], list[int]]:
         """Token ids (and labels marking `answer`'s tokens) of a dialogue: finished (question,
         reply) turns, then the last question, then `answer`, or the open assistant turn for
-        generation when `answer` is None. Without an image the prompt has no image tokens
+        generation when `answer` is None. image_tokens: the image's (`image_tokens`; None: the
+        model's fixed count); without an image (0) the prompt has no image tokens
         (model_vqa_science.py's text-only questions)."""
+        image_tokens = self.model.num_image_tokens if image_tokens is None else image_tokens
+        with_image = image_tokens > 0
         if self.style.template is not None:
             conversation = []
             for index, (question, reply) in enumerate(turns):
@@ -377,14 +391,14 @@ class Evaluator:
             if answer is not None:
                 conversation.append({"from": "gpt", "value": answer})
             input_ids, labels = render_conversation(conversation, self.style.template, self.tokenizer,
-                                                    self.image_token_index, self.model.num_image_tokens,
+                                                    self.image_token_index, image_tokens,
                                                     for_generation=answer is None, add_bos=not self.encoder_decoder)
             return list(input_ids), _last_labeled_span(list(labels))
         text = "".join(self.style.turn.format(question) + (f" {reply}\n" if reply is not None else "")
                        for question, reply in turns)
-        image_tokens = [self.image_token_index] * self.model.num_image_tokens if with_image else []
+        image = [self.image_token_index] * image_tokens
         bos = [] if self.bos_token_id is None else [self.bos_token_id]
-        start = image_tokens + bos if self.style.image_before_bos else bos + image_tokens
+        start = image + bos if self.style.image_before_bos else bos + image
         prompt = start + self._encode(text)
         if answer is None:
             return prompt, [IGNORE_INDEX] * len(prompt)
@@ -415,28 +429,33 @@ class Evaluator:
         ids, mask = encode_qformer_texts(self.qformer_tokenizer, questions, max_length=128, truncation_side="left")
         return {"qformer_input_ids": ids.to(self.device), "qformer_attention_mask": mask.to(self.device)}
 
-    def pixel_values(self, samples: list[Sample]) -> torch.Tensor | None:
-        """One preprocessed image per sample that has one, in batch order (model.MLLM.embed takes
-        images for the rows holding image tokens only), None if none has; zeros for the blind
-        baseline (what vision adds)."""
-        with_image = [sample for sample in samples if sample.image is not None]
-        if not with_image:
-            return None
-        images = torch.stack([preprocess_image(load_image(sample.image), self.image_size, self.pad_to_square)
-                              for sample in with_image])
+    def image_inputs(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+        """The model's image arguments: pixel_values, one preprocessed image per sample that has
+        one, in batch order (model.MLLM.embed takes images for the rows holding image tokens only),
+        with AnyRes their tiles and image_sizes; {} if none has. The blind baseline (what vision
+        adds) sees each image replaced by a uniform one of its size in CLIP's mean color."""
+        images = [load_image(sample.image) for sample in samples if sample.image is not None]
+        if not images:
+            return {}
         if self.blind:
-            images = torch.zeros_like(images)
-        return images.to(self.device, self.dtype)
+            images = [Image.new("RGB", image.size, CLIP_BACKGROUND) for image in images]
+        inputs = {}
+        if self.model.high_resolution is None:
+            pixels = [preprocess_image(image, self.image_size, self.pad_to_square) for image in images]
+        else:
+            pixels = [high_resolution_tiles(image, self.model.high_resolution) for image in images]
+            inputs["image_sizes"] = torch.tensor([(image.height, image.width) for image in images], device=self.device)
+        return {"pixel_values": stack_images(pixels).to(self.device, self.dtype), **inputs}
 
     def generate(self, samples: list[Sample], dialogues: list[list[tuple[str, str | None]]],
                  **decoding) -> list[str]:
         """Answers to the last question of each dialogue, generated as one left-padded batch."""
-        prompts = [self.encode_dialogue(self.tagged(dialogue, sample), None, sample.image is not None)[0]
+        prompts = [self.encode_dialogue(self.tagged(dialogue, sample), None, self.image_tokens(sample))[0]
                    for sample, dialogue in zip(samples, dialogues)]
         input_ids, attention_mask = pad_sequences(prompts, self.pad_token_id, side="left")
         if self.stop_strings:
             decoding["stop_token_sequences"] = [self._encode(stop) for stop in self.stop_strings]
-        generated = self.model.generate(input_ids.to(self.device), pixel_values=self.pixel_values(samples),
+        generated = self.model.generate(input_ids.to(self.device), **self.image_inputs(samples),
                                         attention_mask=attention_mask.to(self.device), task_level=self.task_level,
                                         **self.instructions(samples, dialogues), **decoding)
         return [self.decode(row.tolist()) for row in generated]
@@ -460,9 +479,10 @@ class Evaluator:
         image gets that image, a text-only sample's rows none."""
         rows, owners, row_dialogues = [], [], []
         for index, (sample, dialogue) in enumerate(zip(samples, dialogues)):
+            image_tokens = self.image_tokens(sample)
             for choice in sample.choices:
                 row_dialogues.append(dialogue)
-                rows.append(self.encode_dialogue(self.tagged(dialogue, sample), choice, sample.image is not None))
+                rows.append(self.encode_dialogue(self.tagged(dialogue, sample), choice, image_tokens))
                 owners.append(index)
         decoder = {}
         if self.encoder_decoder:  # the candidate is the decoder's target, the dialogue the encoder's input
@@ -472,8 +492,7 @@ class Evaluator:
         labels = labels.to(self.device)
         if self.encoder_decoder:
             decoder["decoder_input_ids"] = self.model.language_model.shift_right(labels)
-        pixel_values = self._row_images(samples, owners)
-        logits = self.model(input_ids.to(self.device), pixel_values=pixel_values,
+        logits = self.model(input_ids.to(self.device), **self._row_images(samples, owners),
                             attention_mask=attention_mask.to(self.device), task_level=self.task_level,
                             **self.instructions([samples[owner] for owner in owners], row_dialogues), **decoder)
         totals, _ = row_log_likelihoods(logits, labels, shifted=not self.encoder_decoder)
@@ -482,14 +501,13 @@ class Evaluator:
             per_sample[owner].append(total)
         return per_sample
 
-    def _row_images(self, samples: list[Sample], owners: list[int]) -> torch.Tensor | None:
-        """The image of each row's sample, for the rows whose sample has one (rows in order)."""
-        images = self.pixel_values(samples)
-        if images is None:
-            return None
+    def _row_images(self, samples: list[Sample], owners: list[int]) -> dict[str, torch.Tensor]:
+        """The image inputs of each row's sample, for the rows whose sample has one (rows in order)."""
+        inputs = self.image_inputs(samples)
         image_of = {index: position for position, index in
                     enumerate(index for index, sample in enumerate(samples) if sample.image is not None)}
-        return images[torch.tensor([image_of[owner] for owner in owners if owner in image_of])]
+        rows = torch.tensor([image_of[owner] for owner in owners if owner in image_of], device=self.device)
+        return {name: value[rows] for name, value in inputs.items()}
 
 
 def _last_labeled_span(labels: list[int]) -> list[int]:

@@ -545,13 +545,14 @@ class MLLMConfig:
             self.aggregator_config = VisionAggregatorConfig.from_dict(self.aggregator_config)
         if isinstance(self.resampler_config, dict) or (self.projector_type == "resampler" and not self.resampler_config):
             self.resampler_config = ResamplerConfig.from_dict(self.resampler_config or {})
+        self.check_image_aspect_ratio()
+
+    def check_image_aspect_ratio(self) -> None:
+        """AnyRes lays out the LLaVA connector's patch grid; its pinpoints must be whole tiles."""
         if self.image_aspect_ratio not in ("pad", "square", "anyres"):
             raise ValueError(f"image_aspect_ratio must be 'pad', 'square' or 'anyres', not {self.image_aspect_ratio!r}")
-        if self.image_aspect_ratio == "anyres":
-            self.check_high_resolution()
-
-    def check_high_resolution(self) -> None:
-        """AnyRes lays out the LLaVA connector's patch grid; its pinpoints must be whole tiles."""
+        if self.image_aspect_ratio != "anyres":
+            return
         tile = self.vision_config.image_size
         if not self.image_grid_pinpoints:
             raise ValueError("image_aspect_ratio 'anyres' needs image_grid_pinpoints, [[height, width], ...]")
@@ -586,19 +587,39 @@ class MLLM(nn.Module):
         self.add_adapters()
         if config.hint_token_index is not None:  # LION's soft prompt (sec. 3.2, Fig. 5)
             self.soft_prompt_hint = nn.Parameter(torch.zeros(config.text_config.hidden_size))
-        self.high_resolution = None
-        if config.image_aspect_ratio == "anyres":
-            tower = config.vision_config
-            self.high_resolution = HighResolution(tuple(map(tuple, config.image_grid_pinpoints)), tower.image_size,
-                                                  tower.image_size // tower.patch_size,
-                                                  unpad=config.mm_patch_merge_type == "spatial_unpad")
-            if self.high_resolution.unpad:
-                self.image_newline = self.new_image_newline()
+        self.high_resolution: HighResolution | None = None
+        self.set_image_aspect_ratio(config.image_aspect_ratio)
+
+    def set_image_aspect_ratio(self, image_aspect_ratio: str, image_grid_pinpoints: list[list[int]] | None = None,
+                               mm_patch_merge_type: str | None = None) -> None:
+        """How images are prepared, in the config (as LLaVA's train.py saves a stage's choice) and
+        the model: "anyres" lays out the tiles (with the pinpoints and merge given, else the
+        config's) and, with unpadding, adds a fresh `image_newline` unless there is one (LLaVA-NeXT
+        starts from LLaVA-1.5's connector, trained at one tile)."""
+        config = self.config
+        config.image_aspect_ratio = image_aspect_ratio
+        config.image_grid_pinpoints = image_grid_pinpoints or config.image_grid_pinpoints
+        config.mm_patch_merge_type = mm_patch_merge_type or config.mm_patch_merge_type
+        config.check_image_aspect_ratio()
+        if image_aspect_ratio != "anyres":
+            self.high_resolution = None
+            if hasattr(self, "image_newline"):
+                del self.image_newline
+            return
+        tower = config.vision_config
+        self.high_resolution = HighResolution(tuple(map(tuple, config.image_grid_pinpoints)), tower.image_size,
+                                              tower.image_size // tower.patch_size,
+                                              unpad=config.mm_patch_merge_type == "spatial_unpad")
+        if self.high_resolution.unpad and not hasattr(self, "image_newline"):
+            self.image_newline = self.new_image_newline()
+        elif not self.high_resolution.unpad and hasattr(self, "image_newline"):
+            del self.image_newline
 
     def new_image_newline(self) -> nn.Parameter:
         """LLaVA-NeXT's learned row end, fresh: N(0, 1 / width), the scale of word embeddings."""
         width = self.config.text_config.hidden_size
-        return nn.Parameter(torch.randn(width) / width ** 0.5)
+        like = next(self.language_model.parameters())
+        return nn.Parameter(torch.randn(width, device=like.device, dtype=like.dtype) / width ** 0.5)
 
     def new_connector(self) -> nn.Module:
         """A fresh connector of the config's kind (connectors.build_connector)."""
@@ -741,7 +762,7 @@ class MLLM(nn.Module):
                                  f"{'what its image_sizes yields' if self.high_resolution else self.num_image_tokens})")
         if image != num_images:
             raise ValueError(f"pixel_values has {num_images} images but the text's image tokens hold {image}")
-        if self.high_resolution is not None:
+        if self.high_resolution is not None and num_images:
             self.check_tiles(pixel_values, image_sizes, owners)
 
     def high_resolution_token_counts(self, pixel_values: torch.Tensor | None,
@@ -756,10 +777,10 @@ class MLLM(nn.Module):
 
     def check_tiles(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor, owners: list[int]) -> None:
         """Each image's tiles are the ones its size asks for, zero padding tiles after them."""
-        for index, (height, width) in enumerate(image_sizes.tolist()):
+        has_pixels = pixel_values.flatten(2).any(2)  # (images, tiles); one device sync for the batch below
+        last_with_pixels = has_pixels * torch.arange(1, has_pixels.shape[1] + 1, device=has_pixels.device)
+        for index, ((height, width), holds) in enumerate(zip(image_sizes.tolist(), last_with_pixels.amax(1).tolist())):
             tiles = self.high_resolution.num_tiles((height, width))
-            with_pixels = pixel_values[index].flatten(1).any(1).nonzero()
-            holds = int(with_pixels.max()) + 1 if len(with_pixels) else 0
             if holds != tiles:
                 raise ValueError(f"sample {owners[index]}, image {index}: image_sizes {height} x {width} (height x "
                                  f"width) yields {tiles} tiles, but pixel_values holds {holds} (then zero padding)")

@@ -200,6 +200,9 @@ def probe_image_use(args: argparse.Namespace) -> None:
     needs a whole stage 2 first and mixes in decoding.
     """
     model = MLLM.from_pretrained(args.checkpoint)
+    if model.high_resolution is not None:
+        raise SystemExit(f"{args.checkpoint}: image-use swaps images between samples, and with AnyRes an image's "
+                         "token count follows its size; probe the same recipe at one tile instead")
     config = model.config
     dataset = data.InstructionDataset(args.data, args.image_folder, data.load_tokenizer(args.tokenizer),
                                       args.template, config.image_token_index, model.num_image_tokens,

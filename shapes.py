@@ -224,12 +224,16 @@ def weighted_pick(rng: np.random.Generator, names: tuple[str, ...], cumulative_w
     return names[int(np.searchsorted(cumulative_weights, rng.random() * cumulative_weights[-1], side="right"))]
 
 
-def sample_scene(seed: int, split: str, index: int, image_id: int, image_size: int) -> Scene:
+def sample_scene(seed: int, split: str, index: int, image_id: int, image_size: int,
+                 object_scale: float = 1.0) -> Scene:
     """Draw a scene: canvas size, background, then objects placed by rejection sampling.
 
     image_size is the longer side; the shorter side of a square image is uniform in
     [2/3 * image_size, image_size], and NON_SQUARE_SHARE of the images are image_size x 2/3 of it
-    (either orientation) so that LLaVA-1.5's pad-to-square path is exercised.
+    (either orientation) so that LLaVA-1.5's pad-to-square path is exercised. object_scale shrinks
+    every object's side (SIZE_FRACTIONS of the long side) by that factor: at 192 px and 0.5 the
+    objects have the pixel sizes of the 96 px world on a canvas twice as wide, the high-resolution
+    miniature's world.
     """
     rng = random_stream(seed, split, index, "image")
     short_side = round(image_size * 2 / 3)
@@ -253,7 +257,7 @@ def sample_scene(seed: int, split: str, index: int, image_id: int, image_size: i
             if all((o.shape, o.color, o.size) != attributes for o in objects):
                 break
         low, high = SIZE_FRACTIONS[attributes[2]]
-        side = int(round(rng.uniform(low, high) * long_side))
+        side = int(round(rng.uniform(low, high) * object_scale * long_side))
         corners = np.stack([rng.integers(0, width - side + 1, PLACEMENT_ATTEMPTS),
                             rng.integers(0, height - side + 1, PLACEMENT_ATTEMPTS)], axis=1)
         candidates = np.concatenate([corners, corners + side], axis=1)
@@ -1032,12 +1036,13 @@ def generator_sha256() -> str:
 
 
 def generator_arguments(seed: int, num_train_images: int, num_eval_images: int, image_size: int,
-                        box_style: str) -> dict:
+                        box_style: str, object_scale: float) -> dict:
     """What the marker file records: every argument that changes the bytes, so a world built with
     another one (box_style included) regenerates; the source hash does the same for an edit of the
     generator."""
     return {"seed": seed, "num_train_images": num_train_images, "num_eval_images": num_eval_images,
-            "image_size": image_size, "box_style": box_style, "generator_sha256": generator_sha256()}
+            "image_size": image_size, "box_style": box_style, "object_scale": object_scale,
+            "generator_sha256": generator_sha256()}
 
 
 def marker_arguments(marker: Path) -> dict | None:
@@ -1061,10 +1066,11 @@ def train_annotations(scene: Scene, box_style: str) -> tuple[dict, list[dict], s
     return caption, instruct_samples(rng, scene, box_style), text_document(rng, scene)
 
 
-def draw_image(job: tuple[int, str, int, int, int, Path]) -> Scene:
-    """Sample one scene and save its PNG; job = (seed, split, index, image_id, image_size, images_dir)."""
-    seed, split, index, image_id, image_size, images_dir = job
-    scene = sample_scene(seed, split, index, image_id, image_size)
+def draw_image(job: tuple[int, str, int, int, int, float, Path]) -> Scene:
+    """Sample one scene and save its PNG; job = (seed, split, index, image_id, image_size,
+    object_scale, images_dir)."""
+    seed, split, index, image_id, image_size, object_scale, images_dir = job
+    scene = sample_scene(seed, split, index, image_id, image_size, object_scale)
     render_scene(scene).save(images_dir / scene.file_name)
     return scene
 
@@ -1092,7 +1098,7 @@ def default_workers(num_images: int) -> int:
 def build_world(out_dir: str | Path = DEFAULT_WORLD_DIR, seed: int = 0,
                 num_train_images: int = DEFAULT_SIZES["num_train_images"],
                 num_eval_images: int = DEFAULT_SIZES["num_eval_images"], image_size: int = DEFAULT_IMAGE_SIZE,
-                box_style: str = "lion", workers: int | None = None) -> Path:
+                box_style: str = "lion", object_scale: float = 1.0, workers: int | None = None) -> Path:
     """Write the shapes world into out_dir (layout in the module docstring) and return
     out_dir. Cached: if out_dir/world.json records the same arguments, nothing is done; otherwise
     the world's entries (WORLD_ENTRIES, nothing else) are removed and regenerated.
@@ -1100,16 +1106,17 @@ def build_world(out_dir: str | Path = DEFAULT_WORLD_DIR, seed: int = 0,
     box_style: how REC answers and REG questions write boxes (data.format_box, data.BOX_STYLES):
     "lion", LION's "[0.525,0.000,0.675,0.394]", or "llava15", LLaVA-1.5's "[0.53, 0.0, 0.68, 0.39]".
     A model learns the one it is trained on, and eval reads both.
+    object_scale: the objects' size factor (sample_scene).
     workers: processes for the per-image work (None: default_workers). The bytes written never
     depend on it.
     """
-    if num_train_images < 1 or num_eval_images < 1 or image_size < 32:
-        raise ValueError(f"build_world needs >= 1 train and eval image and image_size >= 32, got "
-                         f"{num_train_images}, {num_eval_images}, {image_size}")
+    if num_train_images < 1 or num_eval_images < 1 or image_size < 32 or not 0 < object_scale <= 1:
+        raise ValueError(f"build_world needs >= 1 train and eval image, image_size >= 32 and object_scale in "
+                         f"(0, 1], got {num_train_images}, {num_eval_images}, {image_size}, {object_scale}")
     if box_style not in BOX_STYLES:
         raise ValueError(f"unknown box_style {box_style!r}; known: {BOX_STYLES}")
     out_dir = Path(out_dir)
-    arguments = generator_arguments(seed, num_train_images, num_eval_images, image_size, box_style)
+    arguments = generator_arguments(seed, num_train_images, num_eval_images, image_size, box_style, object_scale)
     marker = out_dir / MARKER_FILE
     if marker_arguments(marker) == arguments and all((out_dir / entry).exists() for entry in WORLD_ENTRIES):
         return out_dir
@@ -1124,8 +1131,8 @@ def build_world(out_dir: str | Path = DEFAULT_WORLD_DIR, seed: int = 0,
     if workers is None:
         workers = default_workers(num_train_images + num_eval_images)
 
-    jobs = [(seed, "train", index, index + 1, image_size, images_dir) for index in range(num_train_images)]
-    jobs += [(seed, "eval", index, num_train_images + index + 1, image_size, images_dir)
+    jobs = [(seed, "train", index, index + 1, image_size, object_scale, images_dir) for index in range(num_train_images)]
+    jobs += [(seed, "eval", index, num_train_images + index + 1, image_size, object_scale, images_dir)
              for index in range(num_eval_images)]
     scenes = parallel_map(draw_image, jobs, workers)
     train_scenes, eval_scenes = scenes[:num_train_images], scenes[num_train_images:]
@@ -1187,6 +1194,7 @@ def main() -> None:
     parser.add_argument("--num-eval-images", type=int, default=DEFAULT_SIZES["num_eval_images"])
     parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="longer image side in pixels")
     parser.add_argument("--box-style", choices=BOX_STYLES, default="lion", help="box text of REC / REG samples")
+    parser.add_argument("--object-scale", type=float, default=1.0, help="factor on every object's size")
     parser.add_argument("--small", action="store_true",
                         help=f"the CI smoke world: {SMALL_WORLD['num_train_images']} train, "
                              f"{SMALL_WORLD['num_eval_images']} eval images (overrides --num-*)")
@@ -1194,7 +1202,8 @@ def main() -> None:
     sizes = SMALL_WORLD if args.small else {"num_train_images": args.num_train_images,
                                             "num_eval_images": args.num_eval_images}
     start = time.perf_counter()
-    out_dir = build_world(args.out, seed=args.seed, image_size=args.image_size, box_style=args.box_style, **sizes)
+    out_dir = build_world(args.out, seed=args.seed, image_size=args.image_size, box_style=args.box_style,
+                          object_scale=args.object_scale, **sizes)
     counts = json.loads((out_dir / MARKER_FILE).read_text(encoding="utf-8"))["counts"]
     print(f"shapes world in {out_dir} ({time.perf_counter() - start:.1f} s): "
           + ", ".join(f"{k} {v}" for k, v in counts.items()))

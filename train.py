@@ -210,7 +210,7 @@ def load_config(path: str, overrides: list[str]) -> tuple[TrainConfig, list[Stag
     for key in config.model:
         if key not in model_fields:
             raise KeyError(f"model.{key}: not an MLLMConfig field ({sorted(model_fields)})")
-    check_choice("model.image_aspect_ratio", config.model.get("image_aspect_ratio", "pad"), ("pad", "square"))
+    check_choice("model.image_aspect_ratio", config.model.get("image_aspect_ratio", "pad"), ("pad", "square", "anyres"))
     for task in config.eval_tasks:
         if "task" not in task:
             raise KeyError(f"eval_tasks: {task} has no 'task'")
@@ -227,7 +227,7 @@ def check_stage(stage: StageConfig) -> None:
     where = f"stage {stage.name!r}"
     check_choice(f"{stage.name}.objective", stage.objective, ("mllm", "clip", "lm", "qformer"))
     check_choice(f"{stage.name}.template", stage.template, tuple(conversation.TEMPLATES))
-    check_choice(f"{stage.name}.image_aspect_ratio", stage.image_aspect_ratio, ("", "pad", "square"))
+    check_choice(f"{stage.name}.image_aspect_ratio", stage.image_aspect_ratio, ("", "pad", "square", "anyres"))
     check_choice(f"{stage.name}.visual_input", stage.visual_input, ("", *VISUAL_INPUTS))
     check_choice(f"{stage.name}.schedule", stage.schedule, SCHEDULES[:2])
     for level in stage.task_levels:
@@ -442,13 +442,14 @@ def build_dataset(stage: StageConfig, config: TrainConfig, model: torch.nn.Modul
                                    encoder_decoder=model.config.text_config.is_encoder_decoder,
                                    task_levels=stage.task_levels or None,
                                    tags=conversation.read_tags(stage.tags, stage.tag_noise) if stage.tags else None,
-                                   hint=conversation.tag_hint(tokenizer, model.config.hint_token_index))
+                                   hint=conversation.tag_hint(tokenizer, model.config.hint_token_index),
+                                   high_resolution=model.high_resolution)
 
 
 def model_inputs(batch: dict, objective: str, device: torch.device) -> dict:
     """The arguments of the stage's model.forward; every model returns (output, loss)."""
     names = {"mllm": ("input_ids", "pixel_values", "attention_mask", "labels", "qformer_input_ids",
-                      "qformer_attention_mask", "task_level"),
+                      "qformer_attention_mask", "task_level", "image_sizes"),
              "clip": ("pixel_values", "input_ids", "attention_mask", "regions"),
              "qformer": ("pixel_values", "input_ids", "attention_mask"),
              "lm": ("input_ids", "attention_mask", "labels")}[objective]
@@ -489,7 +490,7 @@ def split_batch(batch: dict, num_chunks: int, image_token_index: int | None,
         if batch.get("task_level") is not None:  # LION's router: one level per row
             chunk["task_level"] = batch["task_level"][part]
         images = image_slot[part][has_image[part]]
-        for key in ("pixel_values", "qformer_input_ids", "qformer_attention_mask"):  # one row per image
+        for key in ("pixel_values", "qformer_input_ids", "qformer_attention_mask", "image_sizes"):  # a row per image
             chunk[key] = batch[key][images] if len(images) and batch.get(key) is not None else None
         chunks.append(chunk)
     return chunks
@@ -623,9 +624,14 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: Runtime, previ
     model = build_model(stage, config, previous, stage_names, tokenizer)
     if stage.objective == "mllm" and stage.image_aspect_ratio:
         # As LLaVA's train.py does: the stage's choice goes into the saved config, so that eval
-        # and the next stage prepare images the way this stage trained on them.
-        model.config.image_aspect_ratio = stage.image_aspect_ratio
+        # and the next stage prepare images the way this stage trained on them; AnyRes's grids
+        # and merge are the config file's.
+        model.set_image_aspect_ratio(stage.image_aspect_ratio, config.model.get("image_grid_pinpoints"),
+                                     config.model.get("mm_patch_merge_type"))
     if stage.objective == "mllm" and stage.image_size not in (0, model.config.vision_config.image_size):
+        if model.high_resolution is not None:
+            raise ValueError(f"stage {stage.name!r}: image_size interpolates the tower's positions; AnyRes "
+                             "tiles at the tower's own size instead (LLaVA-1.5-HD, section 4.3)")
         model.vision_tower.interpolate_position_embedding(stage.image_size)  # the saved config says it too
     if stage.objective == "mllm" and stage.visual_input:  # LION's stages: the saved config says it too
         model.config.visual_input = model.multi_modal_projector.visual_input = stage.visual_input

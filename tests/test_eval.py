@@ -445,7 +445,7 @@ def test_rank_scores_are_candidate_log_likelihoods(tiny_model, world):
     sample, dialogue = samples[0], dialogues[0]
     for choice, score in zip(sample.choices, batched[0]):
         ids, labels = evaluator.encode_dialogue(dialogue, choice)
-        pixel_values = evaluator.pixel_values([sample])
+        pixel_values = evaluator.image_inputs([sample])["pixel_values"]
         with torch.no_grad():
             _, mean_loss = model(torch.tensor([ids]), pixel_values=pixel_values, labels=torch.tensor([labels]))
         answer_tokens = sum(label != evaluation.IGNORE_INDEX for label in labels)
@@ -549,7 +549,7 @@ def test_text_only_prompts_have_no_image_tokens(tiny_model, style):
     model, tokenizer = tiny_model
     evaluator = evaluation.Evaluator(model, tokenizer, evaluation.PROMPT_STYLES[style])
     with_image, _ = evaluator.encode_dialogue([("Which?", None)], None)
-    text_only, _ = evaluator.encode_dialogue([("Which?", None)], None, with_image=False)
+    text_only, _ = evaluator.encode_dialogue([("Which?", None)], None, image_tokens=0)
     assert with_image.count(model.config.image_token_index) == model.num_image_tokens
     assert model.config.image_token_index not in text_only
     assert len(with_image) - len(text_only) >= model.num_image_tokens
@@ -560,8 +560,8 @@ def test_mixed_batches_match_one_by_one(tiny_model, world, mixed_mc):
     style = evaluation.PROMPT_STYLES["llava15"]
     evaluator = evaluation.Evaluator(model, tokenizer, style)
     samples = _load_mixed(world, mixed_mc)
-    assert evaluator.pixel_values(samples).shape[0] == 2  # images of the questions that have one
-    assert evaluator.pixel_values([samples[1], samples[3]]) is None
+    assert evaluator.image_inputs(samples)["pixel_values"].shape[0] == 2  # images of the questions that have one
+    assert evaluator.image_inputs([samples[1], samples[3]]) == {}
     for kind in ("choice", "rank"):
         dialogues = [[(evaluation.user_message(kind, s, style), None)] for s in samples]
         if kind == "choice":
@@ -697,7 +697,7 @@ def test_an_encoder_decoder_is_asked_and_scored_as_it_trains(tiny_flan_t5_model,
         ids, labels = evaluator.encode_dialogue(dialogues[0], choice)
         encoder_ids, target = conversation.split_for_encoder_decoder(ids, labels, tokenizer.token_to_id("</s>"))
         with torch.no_grad():
-            _, mean_loss = model(torch.tensor([encoder_ids]), pixel_values=evaluator.pixel_values(samples[:1]),
+            _, mean_loss = model(torch.tensor([encoder_ids]), pixel_values=evaluator.image_inputs(samples[:1])["pixel_values"],
                                  labels=torch.tensor([target]))
         assert score == pytest.approx(-mean_loss.item() * len(target), rel=1e-4, abs=1e-4)
     answers = evaluator.generate(samples, dialogues, max_new_tokens=4)

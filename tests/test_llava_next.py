@@ -108,6 +108,9 @@ def test_logits_and_greedy_tokens_equal_transformers(next_pair):
                              image_sizes=inputs["image_sizes"], position_ids=position_ids).logits
         actual = ours(input_ids, inputs["pixel_values"], mask, image_sizes=inputs["image_sizes"])
     assert torch.allclose(actual[mask.bool()], expected[mask.bool()], atol=1e-5)
+    with torch.no_grad():  # a text-only batch needs neither pixel_values nor image_sizes
+        text_only = ours(input_ids[1:2], attention_mask=mask[1:2])
+    assert torch.allclose(text_only[0, mask[1].bool()], actual[1, mask[1].bool()], atol=1e-5)
     generated = reference.generate(input_ids=input_ids, attention_mask=mask, pixel_values=inputs["pixel_values"],
                                    image_sizes=inputs["image_sizes"], max_new_tokens=8, do_sample=False,
                                    pad_token_id=PAD_TOKEN)[:, input_ids.shape[1]:]
@@ -192,3 +195,61 @@ def test_bad_input_names_the_sample_and_both_counts(next_pair):
     with pytest.raises(ValueError, match="not .*multiples of the tower's 56 px"):
         MLLMConfig(vision_config=ours.config.vision_config, text_config=ours.config.text_config,
                    image_aspect_ratio="anyres", image_grid_pinpoints=[[56, 100]])
+
+
+def test_dataset_expands_each_image_to_its_own_tokens_and_collate_pads_tiles(tmp_path):
+    """The data path: "<image>" becomes what each image's size yields, `lengths` count it (the
+    modality-length sampler's unit), and a batch of different grids pads its tiles with zeros."""
+    from data import InstructionDataset, collate, load_tokenizer
+    from shapes import build_world
+    world = build_world(tmp_path / "world", num_train_images=12, num_eval_images=2)
+    tokenizer = load_tokenizer(str(world / "tokenizer.json"))
+    image_token = tokenizer.token_to_id("<image>")
+    geometry = HighResolution(((32, 64), (64, 32), (64, 64), (32, 96), (96, 32)), 32, 4)
+    dataset = InstructionDataset(str(world / "train" / "instruct.json"), str(world / "images"), tokenizer,
+                                 "vicuna_v1", image_token, 16, 32, False, 512, high_resolution=geometry)
+    items = [dataset[index] for index in range(len(dataset)) if dataset.has_image[index]]
+    sizes = {tuple(item["image_size"].tolist()) for item in items}
+    assert len({geometry.num_image_tokens(size) for size in sizes}) > 1  # square and letterboxed images
+    for index, item in enumerate(dataset[index] for index in range(len(dataset))):
+        assert len(item["input_ids"]) == dataset.lengths[index]
+        if item["pixel_values"] is not None:
+            size = tuple(item["image_size"].tolist())
+            assert int((item["input_ids"] == image_token).sum()) == geometry.num_image_tokens(size)
+            assert item["pixel_values"].shape == (geometry.num_tiles(size), 3, 32, 32)
+    batch = collate(items, pad_token_id=tokenizer.token_to_id("<pad>"))
+    assert batch["pixel_values"].shape == (len(items), max(len(item["pixel_values"]) for item in items), 3, 32, 32)
+    for row, item in enumerate(items):
+        assert torch.equal(batch["image_sizes"][row], item["image_size"])
+        assert not batch["pixel_values"][row, len(item["pixel_values"]):].any()
+
+
+def test_original_llava_next_layout_with_clip_checkpoint(next_pair, tmp_path):
+    """liuhaotian/llava-v1.6-*: a LlamaForCausalLM whose `model.` also holds the projector and
+    `model.image_newline`, the tower from its CLIP checkpoint, pinpoints as (width, height)."""
+    directory, reference, _ = next_pair
+    state = safetensors.torch.load_file(directory / "model.safetensors")
+    renames = {"language_model.model.": "model.", "language_model.lm_head.": "lm_head.",
+               "multi_modal_projector.linear_1.": "model.mm_projector.0.",
+               "multi_modal_projector.linear_2.": "model.mm_projector.2.", "image_newline": "model.image_newline"}
+    original = {theirs + key[len(ours):]: value for key, value in state.items()
+                for ours, theirs in renames.items() if key.startswith(ours)}
+    (tmp_path / "llava").mkdir()
+    safetensors.torch.save_file(original, tmp_path / "llava" / "model.safetensors")
+    text = json.loads((directory / "config.json").read_text())["text_config"]
+    (tmp_path / "llava" / "config.json").write_text(json.dumps({
+        **text, "model_type": "llava_llama", "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch", "image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad",
+        "image_grid_pinpoints": [[width, height] for height, width in PINPOINTS]}))
+    tower = transformers.CLIPVisionModel(reference.config.vision_config)
+    tower.load_state_dict(reference.model.vision_tower.state_dict())
+    tower.save_pretrained(tmp_path / "clip")
+    ours = MLLM.from_pretrained(str(tmp_path / "llava"), vision_tower_path=str(tmp_path / "clip")).eval()
+    assert ours.config.image_grid_pinpoints == PINPOINTS
+    inputs = hf_processor()(random_images()[:1], return_tensors="pt")
+    input_ids = torch.tensor([[1, 5, *[ours.config.image_token_index] * 42, 7]])
+    with torch.no_grad():
+        actual = ours(input_ids, inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+        expected = reference(input_ids=input_ids.masked_fill(input_ids == ours.config.image_token_index, IMAGE_TOKEN),
+                             pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"]).logits
+    assert torch.allclose(actual[..., :128], expected, atol=1e-5)

@@ -33,7 +33,14 @@ def smoke_config(name: str, world: Path, out: Path, tmp_path: Path) -> Path:
                                 '"out/shapes_instructblip_flant5/': f'"{out.with_name("flant5")}/'},
              # Lynx starts from the main job's towers.
              "shapes_lynx.py": {'"out/shapes_lynx"': f'"{out.with_name("lynx")}"',
-                                '"out/shapes_llava15/': f'"{out}/'}}[name]
+                                '"out/shapes_llava15/': f'"{out}/'},
+             # LLaVA-NeXT: its own 192 px world, the main job's towers and tokenizer.
+             "shapes_llava_next.py": {'"out/shapes_llava_next"': f'"{out.with_name("llava_next")}"',
+                                      '"out/shapes_llava15/': f'"{out}/', '"data/shapes_192"': f'"{world}_192"',
+                                      '"data/shapes/tokenizer.json"': f'"{world}/tokenizer.json"'},
+             # LLaVA-1.5-HD execs smoke_shapes_llava_next.py beside it, then starts from its stage 1.
+             "shapes_llava15_hd.py": {'"out/shapes_llava15_hd"': f'"{out.with_name("llava15_hd")}"',
+                                      '"out/shapes_llava_next/': f'"{out.with_name("llava_next")}/'}}[name]
     for original, moved in moves.items():
         assert original in text, f"configs/{name} no longer holds {original}"
         text = text.replace(original, moved)
@@ -182,3 +189,25 @@ def test_lynx_recipe_raises_the_resolution_and_trains_only_the_bridge(recipe):
 
     assert changed(states[0], states[1]) == {"multi_modal_projector", "language_model.output_adapter", "vision_tower"}
     assert changed(states[1], states[2]) == {"multi_modal_projector", "language_model.output_adapter"}
+
+
+def test_llava_next_and_hd_recipes_tile_the_finetune_stage(recipe):
+    """LLaVA-NeXT in miniature: stage 1 at one tile, stage 2 with AnyRes, which adds the
+    image_newline and trains it with the projector, the LLM and the tower (LLaVA-NeXT); LLaVA-1.5-HD
+    from the same stage 1, with its own grid and merge from the config file and no newline."""
+    config = smoke_config("shapes_llava_next.py", recipe / "world", recipe / "llava15", recipe)
+    train.main([str(config), *SMOKE])
+    out = recipe / "llava_next"
+    results = json.loads((out / "results.json").read_text())
+    assert all(0.0 <= results[key] <= (10.0 if key == "cider" else 1.0) for key in HEADLINE)
+    pretrain, finetune = (MLLM.from_pretrained(str(out / stage)) for stage in ("pretrain", "finetune"))
+    assert pretrain.high_resolution is None and not hasattr(pretrain, "image_newline")
+    assert finetune.config.image_aspect_ratio == "anyres" and finetune.high_resolution.grid((192, 192)) == (2, 2)
+    before, after = pretrain.state_dict(), finetune.state_dict()
+    changed = {key.split(".")[0] for key in before if not torch.equal(before[key], after[key])}
+    assert changed == {"multi_modal_projector", "language_model", "vision_tower"} and "image_newline" in after
+    hd_config = smoke_config("shapes_llava15_hd.py", recipe / "world", recipe / "llava15", recipe)
+    train.main([str(hd_config), *SMOKE])
+    hd = MLLM.from_pretrained(str(recipe / "llava15_hd" / "finetune"))
+    assert hd.config.mm_patch_merge_type == "spatial" and hd.config.image_grid_pinpoints == [[128, 128]]
+    assert not hasattr(hd, "image_newline") and hd.high_resolution.num_image_tokens((100, 190)) == 64 + 16 * 16
