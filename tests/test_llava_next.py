@@ -15,7 +15,7 @@ import transformers
 from PIL import Image
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-from conftest import IMAGE_TOKEN, PAD_TOKEN, hf_logits, randomize, tiny_llama_config
+from conftest import IMAGE_TOKEN, PAD_TOKEN, randomize, tiny_llama_config
 from connectors import HighResolution, select_best_resolution
 from data import high_resolution_tiles
 from model import MLLM, MLLMConfig, TextConfig
