@@ -349,7 +349,9 @@ class Evaluator:
                              "(qformer_tokenizer, --qformer-tokenizer)")
         self.qformer_tokenizer = qformer_tokenizer
         config = model.config
-        self.pad_to_square = config.image_aspect_ratio == "pad"
+        # Boxes are fractions of the padded square with AnyRes too: LLaVA-NeXT learns LLaVA-1.5's
+        # REC data, written that way (its pixels are tiles, which never read this flag).
+        self.pad_to_square = config.image_aspect_ratio in ("pad", "anyres")
         self.image_size = config.vision_config.image_size
         self.image_token_index = config.image_token_index
         self.pad_token_id = config.pad_token_id
