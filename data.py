@@ -6,6 +6,8 @@ What it implements, and where it comes from (the dissertation and the LLaVA code
   samples, multi-turn conversations and "<image>" expanded to `num_image_tokens` ids.
 - Image preprocessing of CLIP (section 3.4: ViT-L/14) and LLaVA-1.5's `image_aspect_ratio=pad`
   (section 4.3, `expand2square` in `llava/train/train.py`).
+- LLaVA-NeXT's AnyRes tiles (section 4.5; `process_anyres_image` in the LLaVA code), each
+  sample's "<image>" expanded to what its image's size yields.
 - `group_by_modality_length` of LLaVA-1.5 (`llava/train/llava_trainer.py`): every batch holds
   only image samples or only text samples, of similar lengths.
 - The datasets of the other stages: image-caption pairs for CLIP contrastive pretraining and

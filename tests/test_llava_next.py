@@ -218,6 +218,10 @@ def test_dataset_expands_each_image_to_its_own_tokens_and_collate_pads_tiles(tmp
             assert int((item["input_ids"] == image_token).sum()) == geometry.num_image_tokens(size)
             assert item["pixel_values"].shape == (geometry.num_tiles(size), 3, 32, 32)
     batch = collate(items, pad_token_id=tokenizer.token_to_id("<pad>"))
+    first = next(index for index in range(len(dataset)) if dataset.has_image[index])
+    image_path = world / "images" / dataset.records[first]["image"]
+    Image.open(image_path).resize((40, 90)).save(image_path)  # replaced after the dataset read its size
+    assert "not the size its header gave" in dataset[first]["problem"][1]
     assert batch["pixel_values"].shape == (len(items), max(len(item["pixel_values"]) for item in items), 3, 32, 32)
     for row, item in enumerate(items):
         assert torch.equal(batch["image_sizes"][row], item["image_size"])
