@@ -435,11 +435,12 @@ class Evaluator:
         """The model's image arguments: pixel_values, one preprocessed image per sample that has
         one, in batch order (model.MLLM.embed takes images for the rows holding image tokens only),
         with AnyRes their tiles and image_sizes; {} if none has. The blind baseline (what vision
-        adds) sees each image replaced by a uniform one of its size in CLIP's mean color."""
+        adds) gets zeros, CLIP's mean color after normalization; with AnyRes, whose zero tiles are
+        padding, a uniform image of that color (to 1/255) in each image's place."""
         images = [load_image(sample.image) for sample in samples if sample.image is not None]
         if not images:
             return {}
-        if self.blind:
+        if self.blind and self.model.high_resolution is not None:
             images = [Image.new("RGB", image.size, CLIP_BACKGROUND) for image in images]
         inputs = {}
         if self.model.high_resolution is None:
@@ -447,7 +448,10 @@ class Evaluator:
         else:
             pixels = [high_resolution_tiles(image, self.model.high_resolution) for image in images]
             inputs["image_sizes"] = torch.tensor([(image.height, image.width) for image in images], device=self.device)
-        return {"pixel_values": stack_images(pixels).to(self.device, self.dtype), **inputs}
+        pixel_values = stack_images(pixels)
+        if self.blind and self.model.high_resolution is None:
+            pixel_values = torch.zeros_like(pixel_values)
+        return {"pixel_values": pixel_values.to(self.device, self.dtype), **inputs}
 
     def generate(self, samples: list[Sample], dialogues: list[list[tuple[str, str | None]]],
                  **decoding) -> list[str]:
