@@ -210,6 +210,26 @@ class HighResolution:
             grid = torch.cat([grid, image_newline.to(grid.dtype).expand(map_rows, 1, -1)], dim=1)
         return torch.cat([tile_features[0], grid.flatten(0, 1)])
 
+    def token_counts(self, pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None) -> list[int]:
+        """The image tokens each image of a batch fills, from its size."""
+        if pixel_values is None:
+            return []
+        if image_sizes is None or pixel_values.ndim != 5 or image_sizes.shape != (pixel_values.shape[0], 2):
+            raise ValueError(f"AnyRes needs pixel_values (images, tiles, 3, H, W) and image_sizes (images, 2); got "
+                             f"{tuple(pixel_values.shape)} and {None if image_sizes is None else tuple(image_sizes.shape)}")
+        return [self.num_image_tokens(tuple(size)) for size in image_sizes.tolist()]
+
+    def check_tiles(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor, owners: list[int]) -> None:
+        """Each image's tiles are the ones its size asks for, zero padding tiles after them;
+        `owners`: the sample of each image, for the message."""
+        has_pixels = pixel_values.flatten(2).any(2)  # (images, tiles); one device sync for the batch below
+        last_with_pixels = has_pixels * torch.arange(1, has_pixels.shape[1] + 1, device=has_pixels.device)
+        for index, ((height, width), holds) in enumerate(zip(image_sizes.tolist(), last_with_pixels.amax(1).tolist())):
+            tiles = self.num_tiles((height, width))
+            if holds != tiles:
+                raise ValueError(f"sample {owners[index]}, image {index}: image_sizes {height} x {width} (height x "
+                                 f"width) yields {tiles} tiles, but pixel_values holds {holds} (then zero padding)")
+
 
 # ----------------------------------------------------------------------------------------------
 # The Q-Former (BLIP-2, sec. 3.1; InstructBLIP, sec. 2.2)

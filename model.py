@@ -748,7 +748,7 @@ class MLLM(nn.Module):
                                  f"sees every image as one {self.config.vision_config.image_size} px square")
             counts = [self.num_image_tokens] * num_images
         else:
-            counts = self.high_resolution_token_counts(pixel_values, image_sizes)
+            counts = self.high_resolution.token_counts(pixel_values, image_sizes)
         image, owners = 0, []
         for sample, tokens in enumerate(tokens_per_sample):
             first, filled = image, 0
@@ -763,27 +763,7 @@ class MLLM(nn.Module):
         if image != num_images:
             raise ValueError(f"pixel_values has {num_images} images but the text's image tokens hold {image}")
         if self.high_resolution is not None and num_images:
-            self.check_tiles(pixel_values, image_sizes, owners)
-
-    def high_resolution_token_counts(self, pixel_values: torch.Tensor | None,
-                                     image_sizes: torch.Tensor | None) -> list[int]:
-        """The image tokens each AnyRes image fills, from its size."""
-        if pixel_values is None:
-            return []
-        if image_sizes is None or pixel_values.ndim != 5 or image_sizes.shape != (pixel_values.shape[0], 2):
-            raise ValueError(f"AnyRes needs pixel_values (images, tiles, 3, H, W) and image_sizes (images, 2); got "
-                             f"{tuple(pixel_values.shape)} and {None if image_sizes is None else tuple(image_sizes.shape)}")
-        return [self.high_resolution.num_image_tokens(tuple(size)) for size in image_sizes.tolist()]
-
-    def check_tiles(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor, owners: list[int]) -> None:
-        """Each image's tiles are the ones its size asks for, zero padding tiles after them."""
-        has_pixels = pixel_values.flatten(2).any(2)  # (images, tiles); one device sync for the batch below
-        last_with_pixels = has_pixels * torch.arange(1, has_pixels.shape[1] + 1, device=has_pixels.device)
-        for index, ((height, width), holds) in enumerate(zip(image_sizes.tolist(), last_with_pixels.amax(1).tolist())):
-            tiles = self.high_resolution.num_tiles((height, width))
-            if holds != tiles:
-                raise ValueError(f"sample {owners[index]}, image {index}: image_sizes {height} x {width} (height x "
-                                 f"width) yields {tiles} tiles, but pixel_values holds {holds} (then zero padding)")
+            self.high_resolution.check_tiles(pixel_values, image_sizes, owners)
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
