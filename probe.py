@@ -10,6 +10,7 @@
     python probe.py text-binding score out/text_binding/checkpoints/lm --data data/text_binding
     (again with train.py's --resume for the next 250 steps, and so on)
     python probe.py text-loss out/shapes_lynx/instruct                # any MLLM or LlamaForCausalLM checkpoint
+    python probe.py vqa-compare out/A/eval/vqa/vqa_val.predictions.jsonl out/B/eval/vqa/vqa_val.predictions.jsonl
 
 vision: linear probes on a vision tower, for the object attributes of the shapes world its
 features hold. image-use: does a LLaVA checkpoint use its image (answer loss with its own image,
@@ -17,7 +18,8 @@ another's, zeros)? text-binding: can the language model answer POPE's existence 
 description it has just read, with the vision tower out of the picture? `write` makes the
 documents for train.py's lm stage, `score` measures the yes / no accuracy of its checkpoint.
 text-loss: how much language ability an MLLM's LLM kept (Lynx's question: adapters vs finetuning
-the whole LLM), as its loss on held-out text documents of the world.
+the whole LLM), as its loss on held-out text documents of the world. vqa-compare: two runs' VQA
+accuracy question by question, per slice of the questions, with the paired standard error.
 `python probe.py SUBCOMMAND --help` says more.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ import argparse
 import inspect
 import json
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable
@@ -344,6 +347,55 @@ def probe_text_loss(args: argparse.Namespace) -> None:
           f"({len(texts)} documents of eval scenes)")
 
 
+# vqa-compare: is one run's VQA accuracy really above another's?
+
+# Slices of the shapes world's questions, by their words (NAME=REGEX on the question text).
+VQA_SLICES = ("counting=^How many", "color=^What color", "shape=^What shape",
+              r"small object=\b(small|tiny|little)\b")
+
+
+def paired_accuracy(first: list[dict], second: list[dict], pattern: str = "") -> dict[str, float]:
+    """Both runs' mean VQA accuracy over the questions whose text matches `pattern` (re.search),
+    the mean difference and its standard error (the differences' standard deviation / sqrt(n)):
+    the two runs answered the same questions, so the difference is measured question by question."""
+    second_by_id = {row["id"]: row for row in second}
+    if set(second_by_id) != {row["id"] for row in first}:
+        raise ValueError("the two predictions files hold different questions (ids differ)")
+    pairs = [(row["accuracy"], second_by_id[row["id"]]["accuracy"]) for row in first
+             if re.search(pattern, row["question"])]
+    if len(pairs) < 2:
+        raise ValueError(f"only {len(pairs)} questions match {pattern!r}")
+    differences = [a - b for a, b in pairs]
+    mean = sum(differences) / len(pairs)
+    variance = sum((d - mean) ** 2 for d in differences) / (len(pairs) - 1)
+    return {"questions": len(pairs), "first": sum(a for a, _ in pairs) / len(pairs),
+            "second": sum(b for _, b in pairs) / len(pairs), "difference": mean,
+            "standard_error": math.sqrt(variance / len(pairs))}
+
+
+def read_predictions(path: str) -> list[dict]:
+    def invalid(line: int, error: json.JSONDecodeError) -> None:
+        raise ValueError(f"{path} line {line}: not JSON ({error})")
+
+    return [record for _, record in data.read_json_lines(path, invalid, "predictions file")]
+
+
+def probe_vqa_compare(args: argparse.Namespace) -> None:
+    """Two runs' VQA accuracy on the same questions (eval.py's vqa predictions.jsonl), per slice.
+
+    The difference is taken question by question, so its standard error is the paired one,
+    smaller than either accuracy's own when the runs agree on most questions. A difference within
+    two standard errors is not a difference a second seed would be sure to repeat.
+    """
+    first, second = (read_predictions(path) for path in (args.first, args.second))
+    print(f"first: {args.first}\nsecond: {args.second}\n")
+    print("| questions | n | first | second | first - second | standard error |\n|---|---|---|---|---|---|")
+    for name, pattern in [("all", ""), *(entry.split("=", 1) for entry in args.slice or VQA_SLICES)]:
+        paired = paired_accuracy(first, second, pattern)
+        print(f"| {name} | {paired['questions']} | {paired['first']:.3f} | {paired['second']:.3f} | "
+              f"{paired['difference']:+.3f} | {paired['standard_error']:.3f} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line (sys.argv when argv is None; the tests pass a list) and run the subcommand."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -383,6 +435,12 @@ def main(argv: list[str] | None = None) -> None:
     text_loss.add_argument("--batch-size", type=int, default=32)
     text_loss.add_argument("--seed", type=int, default=0, help="the world's seed")
     text_loss.add_argument("--image-size", type=int, default=shapes.DEFAULT_IMAGE_SIZE, help="the world's longer side")
+
+    compare = add_command(commands, "vqa-compare", probe_vqa_compare)
+    compare.add_argument("first", help="eval.py's VQA predictions jsonl of one run")
+    compare.add_argument("second", help="the same questions' predictions of another run")
+    compare.add_argument("--slice", action="append", metavar="NAME=REGEX",
+                         help=f"a slice of the questions (repeatable; default: {', '.join(VQA_SLICES)})")
 
     args = parser.parse_args(argv)
     args.run(args)

@@ -215,3 +215,20 @@ def test_text_loss_is_the_llms_own_loss_through_either_checkpoint(llava_checkpoi
         _, loss = model.language_model(torch.tensor([ids]), labels=torch.tensor([ids]))
         total, count = total + float(loss.detach()) * (len(ids) - 1), count + len(ids) - 1
     assert losses[0] == losses[1] == pytest.approx(total / count, rel=1e-4)
+
+
+def test_vqa_compare_pairs_questions_and_refuses_different_ones():
+    first = [{"id": str(i), "question": q, "accuracy": a}
+             for i, (q, a) in enumerate([("How many?", 1.0), ("What color is the small star?", 1.0),
+                                         ("What color is the big star?", 0.0), ("How many stars?", 0.6)])]
+    second = [dict(row, accuracy=b) for row, b in zip(first, [0.0, 1.0, 0.0, 0.0])]
+    everything = probe.paired_accuracy(first, second)
+    assert everything["questions"] == 4 and everything["difference"] == pytest.approx(0.4)
+    differences = [1.0, 0.0, 0.0, 0.6]  # their standard deviation / sqrt(4)
+    mean = sum(differences) / 4
+    spread = (sum((d - mean) ** 2 for d in differences) / 3) ** 0.5
+    assert everything["standard_error"] == pytest.approx(spread / 2)
+    counting = probe.paired_accuracy(first, second, "^How many")
+    assert (counting["questions"], counting["first"], counting["second"]) == (2, 0.8, 0.0)
+    with pytest.raises(ValueError, match="different questions"):
+        probe.paired_accuracy(first, second[:3])
