@@ -232,6 +232,8 @@ def check_stage(stage: StageConfig) -> None:
     check_choice(f"{stage.name}.schedule", stage.schedule, SCHEDULES[:2])
     for level in stage.task_levels:
         check_choice(f"{stage.name}.task_levels", level, tuple(TASK_LEVELS))
+    if stage.image_aspect_ratio == "anyres" and stage.objective != "mllm":
+        raise ValueError(f"{where}: image_aspect_ratio 'anyres' tiles an MLLM's images; {stage.objective!r} has none")
     if stage.image_size and stage.objective != "mllm":
         raise ValueError(f"{where}: image_size resizes an MLLM's tower; the {stage.objective!r} objective has none")
     if stage.region_loss and stage.objective != "clip":
