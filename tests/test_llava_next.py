@@ -257,3 +257,21 @@ def test_original_llava_next_layout_with_clip_checkpoint(next_pair, tmp_path):
         expected = reference(input_ids=input_ids.masked_fill(input_ids == ours.config.image_token_index, IMAGE_TOKEN),
                              pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"]).logits
     assert torch.allclose(actual[..., :128], expected, atol=1e-5)
+
+
+def test_llava_next_config_loads_with_the_recipe_shapes():
+    """configs/llava_next.py: stage 1 as LLaVA-1.5's, stage 2 AnyRes over the paper's grids with the
+    tower trainable at a tenth of the rate; its pinpoints are whole 336 px tiles."""
+    from pathlib import Path
+
+    import train
+    config, (pretrain, finetune) = train.load_config(str(Path(__file__).parents[1] / "configs" / "llava_next.py"), [])
+    assert pretrain.trainable == [r"^multi_modal_projector\."] and finetune.image_aspect_ratio == "anyres"
+    (tower_group,) = finetune.param_groups
+    assert tower_group["pattern"] == r"^vision_tower\." and tower_group["learning_rate"] == pytest.approx(2e-6)
+    assert finetune.learning_rate == 2e-5 and "^vision_tower\\." in finetune.trainable
+    grids = {(height // 336, width // 336) for height, width in config.model["image_grid_pinpoints"]}
+    assert grids == {(2, 2), (1, 2), (1, 3), (1, 4), (2, 1), (3, 1), (4, 1)}
+    tower = VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         image_size=336, patch_size=14)
+    MLLMConfig(vision_config=tower, **{**config.model, "image_aspect_ratio": "anyres"})  # no error
