@@ -41,7 +41,6 @@ v1's `model.mm_projector.*` and LLaVA-1.5's `model.mm_projector.0/2.*` onto thes
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -55,7 +54,7 @@ import torch.nn.functional as F
 from checkpoints import (BLIP2_RETRIEVAL_LAYOUT, JsonConfig, load_state_strict, read_checkpoint, state_to_ours,
                          state_to_theirs, write_checkpoint)
 from layers import IGNORE_INDEX, Attention, FeedForward, PostNormBlock
-from vision import VisionConfig, VisionTransformer, vision_config_from_dict
+from vision import VisionConfig, VisionTransformer, select_best_resolution, vision_config_from_dict
 
 FEATURE_SELECT_STRATEGIES = ("default", "full")  # LLaVA's names: "default" drops CLS, "full" keeps it
 
@@ -139,24 +138,9 @@ class MLPProjector(Connector):
 # ----------------------------------------------------------------------------------------------
 # High resolution: LLaVA-1.5-HD and LLaVA-NeXT's AnyRes, as a layout of the LLaVA connector's tokens
 
-def select_best_resolution(image_size: tuple[int, int], grid_pinpoints: Sequence[Sequence[int]]) -> tuple[int, int]:
-    """The pinpoint (height, width) an image of `image_size` (height, width) is resized into: the
-    one that keeps most of its pixels after an aspect-preserving resize (never counting more than
-    it has), then wastes the fewest (LLaVA-NeXT's `select_best_resolution`; transformers' order)."""
-    height, width = image_size
-    best, best_effective, best_wasted = None, 0, float("inf")
-    for target_height, target_width in grid_pinpoints:
-        scale = min(target_width / width, target_height / height)
-        effective = min(int(width * scale) * int(height * scale), width * height)
-        wasted = target_width * target_height - effective
-        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
-            best, best_effective, best_wasted = (target_height, target_width), effective, wasted
-    return best
-
-
 @dataclass(frozen=True)
 class HighResolution:
-    """The geometry of one image in tiles, shared by the preprocessing (data.high_resolution_tiles)
+    """The geometry of one image in tiles, shared by the preprocessing (vision.high_resolution_tiles)
     and the model: an image of (height, width) is resized into its best pinpoint and cut into
     `tile_size` tiles, row by row, after the base tile (the whole image squashed to one tile).
 

@@ -1,13 +1,12 @@
-"""Data pipeline of nanoMLLM: the LLaVA instruction JSON, CLIP image preprocessing, padding
-collate and modality/length-grouped batching. Conversations become token ids in conversation.py.
+"""Data pipeline of nanoMLLM: the LLaVA instruction JSON, padding collate and modality/length-
+grouped batching. Conversations become token ids in conversation.py, images pixels in vision.py.
 
 What it implements, and where it comes from (the dissertation and the LLaVA code):
 - The LLaVA instruction JSON (section 3.3; LLaVA-1.5's 665K mixture, section 4.3) with text-only
   samples, multi-turn conversations and "<image>" expanded to `num_image_tokens` ids.
-- Image preprocessing of CLIP (section 3.4: ViT-L/14) and LLaVA-1.5's `image_aspect_ratio=pad`
-  (section 4.3, `expand2square` in `llava/train/train.py`).
-- LLaVA-NeXT's AnyRes tiles (section 4.5; `process_anyres_image` in the LLaVA code), each
-  sample's "<image>" expanded to what its image's size yields.
+- Each sample's image preprocessed as the model asks (vision.preprocess_image: CLIP's or
+  LLaVA-1.5's pad; vision.high_resolution_tiles: LLaVA-NeXT's AnyRes, section 4.5, with
+  "<image>" expanded to what the image's size yields).
 - `group_by_modality_length` of LLaVA-1.5 (`llava/train/llava_trainer.py`): every batch holds
   only image samples or only text samples, of similar lengths.
 - The datasets of the other stages: image-caption pairs for CLIP contrastive pretraining and
@@ -32,17 +31,13 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from adapters import TASK_LEVELS
-from connectors import HighResolution, select_best_resolution
+from connectors import HighResolution
 from conversation import (BOS_TOKEN, EOS_TOKEN, IMAGE_PLACEHOLDER, PLAIN_HINT, DataError, format_conversation,
                           get_template, render_conversation, require_token_id, split_for_encoder_decoder,
                           tokenize_around_images, with_tag_prompt)
 from layers import IGNORE_INDEX
+from vision import box_in_view, high_resolution_tiles, preprocess_image
 
-# OpenAI CLIP's normalization (transformers OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# LLaVA-1.5 pads with the mean color: tuple(int(x * 255) for x in image_mean) = (122, 116, 104).
-CLIP_BACKGROUND = tuple(int(channel_mean * 255) for channel_mean in CLIP_MEAN)
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,104 +158,6 @@ def load_image(path: str) -> Image.Image:
             return image.convert("RGB")  # alpha is dropped, not composited, as in LLaVA
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(f"cannot decode image {path}: {error}", "corrupt_image") from error
-
-
-def expand2square(image: Image.Image, background_color: tuple[int, int, int]) -> Image.Image:
-    """Pads to a square with `background_color`, the image centered (LLaVA-1.5
-    `image_aspect_ratio=pad`, `expand2square` in llava/train/train.py): the whole image reaches
-    the encoder instead of its center crop."""
-    width, height = image.size
-    if width == height:
-        return image
-    side, left, top = padded_square(width, height)
-    square = Image.new(image.mode, (side, side), background_color)
-    square.paste(image, (left, top))
-    return square
-
-
-def padded_square(width: int, height: int) -> tuple[int, int, int]:
-    """(side, left, top) of the square `expand2square` pads a width x height image to, and where
-    the image sits in it. The image and every box on it are placed with these same integer
-    offsets, so a box drawn on the padded image lands on its object."""
-    side = max(width, height)
-    return side, (side - width) // 2, (side - height) // 2
-
-
-def padded_square_box(box: Sequence[float], width: int, height: int) -> list[float]:
-    """A pixel box (x0, y0, x1, y1) of a width x height image as [0, 1] fractions of its padded
-    square: the box text LLaVA-1.5's REC / REG data write, and what the tower sees with `pad`."""
-    side, left, top = padded_square(width, height)
-    return [(box[0] + left) / side, (box[1] + top) / side, (box[2] + left) / side, (box[3] + top) / side]
-
-
-def box_from_padded_square(box: Sequence[float], width: int, height: int) -> list[float]:
-    """Inverse of `padded_square_box`: [0, 1] fractions of the padded square back to pixels of
-    the width x height image (a predicted box may fall partly on the padding)."""
-    side, left, top = padded_square(width, height)
-    return [box[0] * side - left, box[1] * side - top, box[2] * side - left, box[3] * side - top]
-
-
-def preprocess_image(image: Image.Image, image_size: int, pad_to_square: bool) -> torch.Tensor:
-    """(3, image_size, image_size) float32 pixels, as transformers' CLIPImageProcessor (PIL
-    backend) computes them; with `pad_to_square`, as LlavaImageProcessor(do_pad=True) and
-    LLaVA-1.5's pad-then-CLIP.
-
-    Steps of transformers 5.23 (image_transforms.get_resize_output_image_size, center_crop):
-    shortest side to `image_size` with the long side int(image_size * long / short) (floor),
-    PIL bicubic on uint8; center crop at top = (height - size) // 2, left = (width - size) // 2;
-    x / 255; (x - mean) / std.
-    """
-    if pad_to_square:
-        image = expand2square(image, CLIP_BACKGROUND)
-    width, height = image.size
-    short, long = min(width, height), max(width, height)
-    new_long = int(image_size * long / short)
-    new_size = (image_size, new_long) if width <= height else (new_long, image_size)
-    image = image.resize(new_size, resample=Image.Resampling.BICUBIC)
-    left, top = (new_size[0] - image_size) // 2, (new_size[1] - image_size) // 2
-    return normalized_pixels(image.crop((left, top, left + image_size, top + image_size)))
-
-
-def normalized_pixels(image: Image.Image) -> torch.Tensor:
-    """(3, H, W) float32: x / 255, then CLIP's (x - mean) / std."""
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
-    return ((pixels - mean) / std).contiguous()
-
-
-def high_resolution_tiles(image: Image.Image, high_resolution: HighResolution) -> torch.Tensor:
-    """(num_tiles, 3, S, S): LLaVA-NeXT's AnyRes input (`process_anyres_image`), as transformers'
-    LlavaNextImageProcessor computes it. The base tile is the whole image squashed to S x S; then
-    the image is resized into its best pinpoint keeping its aspect ratio (the long side fills it,
-    the other is ceil'd), centered on black, and cut into S x S tiles row by row. PIL bicubic on
-    uint8 throughout, as there."""
-    size = high_resolution.tile_size
-    target_height, target_width = select_best_resolution((image.height, image.width), high_resolution.grid_pinpoints)
-    scale_width, scale_height = target_width / image.width, target_height / image.height
-    if scale_width < scale_height:
-        new_width, new_height = target_width, min(math.ceil(image.height * scale_width), target_height)
-    else:
-        new_width, new_height = min(math.ceil(image.width * scale_height), target_width), target_height
-    canvas = Image.new("RGB", (target_width, target_height))
-    canvas.paste(image.resize((new_width, new_height), resample=Image.Resampling.BICUBIC),
-                 ((target_width - new_width) // 2, (target_height - new_height) // 2))
-    tiles = [canvas.crop((left, top, left + size, top + size))
-             for top in range(0, target_height, size) for left in range(0, target_width, size)]
-    base = image.resize((size, size), resample=Image.Resampling.BICUBIC)
-    return torch.stack([normalized_pixels(tile) for tile in [base, *tiles]])
-
-
-def box_in_view(box: Sequence[float], image_size: tuple[int, int], pad_to_square: bool) -> list[float]:
-    """A pixel box (x0, y0, x1, y1) of an image of `image_size` (width, height) as fractions of
-    the square `preprocess_image` shows the tower: the padded square (`padded_square_box`), or the
-    center crop of the short side (clipped to it)."""
-    width, height = image_size
-    if pad_to_square:
-        return padded_square_box(box, width, height)
-    side = min(width, height)
-    left, top = (width - side) / 2, (height - side) / 2
-    return [min(max((value - offset) / side, 0.0), 1.0) for value, offset in zip(box, (left, top, left, top))]
 
 
 # LLaVA-1.5's REC instruction (its RefCOCO data): the referring expression follows it directly.
@@ -563,8 +460,9 @@ class InstructionDataset(_ImageRecordDataset):
         record = self.records[record_index]
         pixel_values, image_size = None, None
         if "image" in record and self.high_resolution is not None:
-            image = load_image(os.path.join(self.image_folder, record["image"]))
-            pixel_values, image_size = high_resolution_tiles(image, self.high_resolution), (image.height, image.width)
+            image, geometry = load_image(os.path.join(self.image_folder, record["image"])), self.high_resolution
+            pixel_values = high_resolution_tiles(image, geometry.tile_size, geometry.grid_pinpoints)
+            image_size = (image.height, image.width)
             if self.high_resolution.num_image_tokens(image_size) != self.image_tokens[record_index]:
                 raise DataError(f"image {record['image']} is {image.width} x {image.height} px now, not the size "
                                 "its header gave when the dataset was built", "corrupt_image")

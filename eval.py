@@ -31,13 +31,14 @@ from tqdm import tqdm
 from adapters import TASK_LEVELS
 from conversation import (EOS_TOKEN, IMAGE_PLACEHOLDER, TEMPLATES, last_supervised_run, read_tags,
                           render_conversation, split_for_encoder_decoder, tag_hint, tag_sentence)
-from data import (CLIP_BACKGROUND, REC_PROMPT, box_from_padded_square, encode_qformer_texts, high_resolution_tiles,
-                  load_image, load_tokenizer, pad_sequences, padded_square_box, preprocess_image, read_json,
+from data import (REC_PROMPT, encode_qformer_texts, load_image, load_tokenizer, pad_sequences, read_json,
                   read_json_lines, stack_images)
 from layers import IGNORE_INDEX, row_log_likelihoods
 from metrics import (box_iou, caption_tokens, cider_d, circular_accuracy, evalai_answer, parse_box, parse_choice,
                      pope_answer, pope_metrics, vqa_accuracy)
 from model import MLLM
+from vision import (CLIP_BACKGROUND, box_from_padded_square, high_resolution_tiles, padded_square_box,
+                    preprocess_image)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,7 +447,8 @@ class Evaluator:
         if self.model.high_resolution is None:
             pixels = [preprocess_image(image, self.image_size, self.pad_to_square) for image in images]
         else:
-            pixels = [high_resolution_tiles(image, self.model.high_resolution) for image in images]
+            geometry = self.model.high_resolution
+            pixels = [high_resolution_tiles(image, geometry.tile_size, geometry.grid_pinpoints) for image in images]
             inputs["image_sizes"] = torch.tensor([(image.height, image.width) for image in images], device=self.device)
         pixel_values = stack_images(pixels)
         if self.blind and self.model.high_resolution is None:

@@ -44,6 +44,7 @@ from checkpoints import read_config_json
 from conversation import BOS_TOKEN, require_token_id
 from layers import IGNORE_INDEX, row_log_likelihoods
 from model import MLLM, LanguageModel
+import vision
 from vision import VisionTransformer
 
 SHAPES_TOKENIZER = "data/shapes/tokenizer.json"
@@ -86,7 +87,7 @@ def object_features(tower: VisionTransformer, scenes: list[shapes.Scene], layer:
     features, labels = [], {name: [] for name in ATTRIBUTES}
     for start in range(0, len(scenes), batch_size):
         batch = scenes[start:start + batch_size]
-        pixels = torch.stack([data.preprocess_image(shapes.render_scene(scene), tower.config.image_size, True)
+        pixels = torch.stack([vision.preprocess_image(shapes.render_scene(scene), tower.config.image_size, True)
                               for scene in batch])
         patches = tower(pixels)[layer][:, 1:].unflatten(1, (grid, grid))  # CLS dropped, as LLaVA-1.5 does
         for image, scene in zip(patches, batch):

@@ -62,7 +62,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from data import BOX_STYLES, REC_PROMPT, format_box, padded_square, padded_square_box
+from data import BOX_STYLES, REC_PROMPT, format_box
+from vision import padded_square, padded_square_box
 
 DEFAULT_WORLD_DIR = Path("data/shapes")
 # Sized so the whole miniature recipe fits a 2-core CPU in about 20 minutes.

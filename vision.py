@@ -13,17 +13,23 @@ Contents, top to bottom:
 - `TextTransformer` and `CLIPModel`: the CLIP text tower and the contrastive dual encoder
   (Radford et al. 2021, section 2.3 and Figure 3), used to pretrain the shapes world's CLIP and
   by REACT (dissertation chapter 2, eq. 2.4-2.6, which reduce to CLIP's loss for one-to-one pairs).
+- Image preprocessing, as the towers' transformers image processors compute it: CLIP's resize
+  and center crop, LLaVA-1.5's pad to square (section 4.3), LLaVA-NeXT's AnyRes tiles (section
+  4.5), and the box geometry of the square the tower sees.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 from checkpoints import (CLIP_LAYOUT, WEIGHTS_NAME, JsonConfig, clip_tower_rules, eva_tower_rules, load_safetensors,
                          load_state_strict, read_config_json, save_safetensors, state_to_ours, state_to_theirs,
@@ -429,3 +435,126 @@ class CLIPModel(nn.Module):
         model = cls(CLIPConfig.from_dict(values))
         load_state_strict(model, state_to_ours(load_safetensors(path), CLIP_LAYOUT), str(path))
         return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Image preprocessing: the pixels the tower sees, and where a box of the image lands in them
+
+# OpenAI CLIP's normalization (transformers OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# LLaVA-1.5 pads with the mean color: tuple(int(x * 255) for x in image_mean) = (122, 116, 104).
+CLIP_BACKGROUND = tuple(int(channel_mean * 255) for channel_mean in CLIP_MEAN)
+
+
+def expand2square(image: Image.Image, background_color: tuple[int, int, int]) -> Image.Image:
+    """Pads to a square with `background_color`, the image centered (LLaVA-1.5
+    `image_aspect_ratio=pad`, `expand2square` in llava/train/train.py): the whole image reaches
+    the encoder instead of its center crop."""
+    width, height = image.size
+    if width == height:
+        return image
+    side, left, top = padded_square(width, height)
+    square = Image.new(image.mode, (side, side), background_color)
+    square.paste(image, (left, top))
+    return square
+
+
+def padded_square(width: int, height: int) -> tuple[int, int, int]:
+    """(side, left, top) of the square `expand2square` pads a width x height image to, and where
+    the image sits in it. The image and every box on it are placed with these same integer
+    offsets, so a box drawn on the padded image lands on its object."""
+    side = max(width, height)
+    return side, (side - width) // 2, (side - height) // 2
+
+
+def padded_square_box(box: Sequence[float], width: int, height: int) -> list[float]:
+    """A pixel box (x0, y0, x1, y1) of a width x height image as [0, 1] fractions of its padded
+    square: the box text LLaVA-1.5's REC / REG data write, and what the tower sees with `pad`."""
+    side, left, top = padded_square(width, height)
+    return [(box[0] + left) / side, (box[1] + top) / side, (box[2] + left) / side, (box[3] + top) / side]
+
+
+def box_from_padded_square(box: Sequence[float], width: int, height: int) -> list[float]:
+    """Inverse of `padded_square_box`: [0, 1] fractions of the padded square back to pixels of
+    the width x height image (a predicted box may fall partly on the padding)."""
+    side, left, top = padded_square(width, height)
+    return [box[0] * side - left, box[1] * side - top, box[2] * side - left, box[3] * side - top]
+
+
+def preprocess_image(image: Image.Image, image_size: int, pad_to_square: bool) -> torch.Tensor:
+    """(3, image_size, image_size) float32 pixels, as transformers' CLIPImageProcessor (PIL
+    backend) computes them; with `pad_to_square`, as LlavaImageProcessor(do_pad=True) and
+    LLaVA-1.5's pad-then-CLIP.
+
+    Steps of transformers 5.23 (image_transforms.get_resize_output_image_size, center_crop):
+    shortest side to `image_size` with the long side int(image_size * long / short) (floor),
+    PIL bicubic on uint8; center crop at top = (height - size) // 2, left = (width - size) // 2;
+    x / 255; (x - mean) / std.
+    """
+    if pad_to_square:
+        image = expand2square(image, CLIP_BACKGROUND)
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    new_long = int(image_size * long / short)
+    new_size = (image_size, new_long) if width <= height else (new_long, image_size)
+    image = image.resize(new_size, resample=Image.Resampling.BICUBIC)
+    left, top = (new_size[0] - image_size) // 2, (new_size[1] - image_size) // 2
+    return normalized_pixels(image.crop((left, top, left + image_size, top + image_size)))
+
+
+def normalized_pixels(image: Image.Image) -> torch.Tensor:
+    """(3, H, W) float32: x / 255, then CLIP's (x - mean) / std."""
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return ((pixels - mean) / std).contiguous()
+
+
+def select_best_resolution(image_size: tuple[int, int], grid_pinpoints: Sequence[Sequence[int]]) -> tuple[int, int]:
+    """The pinpoint (height, width) an image of `image_size` (height, width) is resized into: the
+    one that keeps most of its pixels after an aspect-preserving resize (never counting more than
+    it has), then wastes the fewest (LLaVA-NeXT's `select_best_resolution`; transformers' order)."""
+    height, width = image_size
+    best, best_effective, best_wasted = None, 0, float("inf")
+    for target_height, target_width in grid_pinpoints:
+        scale = min(target_width / width, target_height / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        wasted = target_width * target_height - effective
+        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
+            best, best_effective, best_wasted = (target_height, target_width), effective, wasted
+    return best
+
+
+def high_resolution_tiles(image: Image.Image, tile_size: int, grid_pinpoints: Sequence[Sequence[int]]) -> torch.Tensor:
+    """(num_tiles, 3, S, S): LLaVA-NeXT's AnyRes input (`process_anyres_image`), as transformers'
+    LlavaNextImageProcessor computes it. The base tile is the whole image squashed to S x S; then
+    the image is resized into its best pinpoint keeping its aspect ratio (the long side fills it,
+    the other is ceil'd), centered on black, and cut into S x S tiles row by row. PIL bicubic on
+    uint8 throughout, as there."""
+    size = tile_size
+    target_height, target_width = select_best_resolution((image.height, image.width), grid_pinpoints)
+    scale_width, scale_height = target_width / image.width, target_height / image.height
+    if scale_width < scale_height:
+        new_width, new_height = target_width, min(math.ceil(image.height * scale_width), target_height)
+    else:
+        new_width, new_height = min(math.ceil(image.width * scale_height), target_width), target_height
+    canvas = Image.new("RGB", (target_width, target_height))
+    canvas.paste(image.resize((new_width, new_height), resample=Image.Resampling.BICUBIC),
+                 ((target_width - new_width) // 2, (target_height - new_height) // 2))
+    tiles = [canvas.crop((left, top, left + size, top + size))
+             for top in range(0, target_height, size) for left in range(0, target_width, size)]
+    base = image.resize((size, size), resample=Image.Resampling.BICUBIC)
+    return torch.stack([normalized_pixels(tile) for tile in [base, *tiles]])
+
+
+def box_in_view(box: Sequence[float], image_size: tuple[int, int], pad_to_square: bool) -> list[float]:
+    """A pixel box (x0, y0, x1, y1) of an image of `image_size` (width, height) as fractions of
+    the square `preprocess_image` shows the tower: the padded square (`padded_square_box`), or the
+    center crop of the short side (clipped to it)."""
+    width, height = image_size
+    if pad_to_square:
+        return padded_square_box(box, width, height)
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    return [min(max((value - offset) / side, 0.0), 1.0) for value, offset in zip(box, (left, top, left, top))]

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 import conversation
 import data
 import shapes
+import vision
 from conversation import TEMPLATES, DataError, format_conversation, render_conversation, show_supervision
 
 IMAGE_TOKEN_INDEX = 1000  # outside the tiny vocabulary, as llava-hf's 32000 can be
@@ -184,15 +185,15 @@ def test_format_box_styles():
 
 
 def test_padded_square_boxes_land_where_expand2square_pastes_the_image():
-    assert data.padded_square(96, 64) == (96, 0, 16) and data.padded_square(31, 45) == (45, 7, 0)
-    assert data.padded_square_box((0, 0, 96, 64), 96, 64) == [0.0, 16 / 96, 1.0, 80 / 96]
+    assert vision.padded_square(96, 64) == (96, 0, 16) and vision.padded_square(31, 45) == (45, 7, 0)
+    assert vision.padded_square_box((0, 0, 96, 64), 96, 64) == [0.0, 16 / 96, 1.0, 80 / 96]
     image = Image.new("RGB", (31, 45), (0, 0, 0))
     image.putpixel((3, 10), (255, 255, 255))
-    square = data.expand2square(image, (9, 9, 9))
-    x0, y0, _, _ = data.padded_square_box([3, 10, 4, 11], 31, 45)
+    square = vision.expand2square(image, (9, 9, 9))
+    x0, y0, _, _ = vision.padded_square_box([3, 10, 4, 11], 31, 45)
     assert square.getpixel((round(x0 * square.width), round(y0 * square.height))) == (255, 255, 255)
     box = [3.0, 10.0, 20.5, 44.0]
-    assert data.box_from_padded_square(data.padded_square_box(box, 31, 45), 31, 45) == pytest.approx(box)
+    assert vision.box_from_padded_square(vision.padded_square_box(box, 31, 45), 31, 45) == pytest.approx(box)
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,25 +213,25 @@ def test_preprocess_matches_transformers_clip_and_llava(width, height):
     clip = transformers.CLIPImageProcessorPil(size={"shortest_edge": size},
                                               crop_size={"height": size, "width": size})
     expected = clip(image, return_tensors="pt")["pixel_values"][0]
-    ours = data.preprocess_image(image, size, pad_to_square=False)
+    ours = vision.preprocess_image(image, size, pad_to_square=False)
     assert ours.shape == (3, size, size)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
 
     llava = transformers.LlavaImageProcessorPil(size={"shortest_edge": size}, do_pad=True,
                                                 crop_size={"height": size, "width": size})
     expected_padded = llava(image, return_tensors="pt")["pixel_values"][0]
-    torch.testing.assert_close(data.preprocess_image(image, size, pad_to_square=True),
+    torch.testing.assert_close(vision.preprocess_image(image, size, pad_to_square=True),
                                expected_padded, atol=1e-5, rtol=0)
 
 
 def test_expand2square_centers_on_clip_mean_background():
-    assert data.CLIP_BACKGROUND == (122, 116, 104)
+    assert vision.CLIP_BACKGROUND == (122, 116, 104)
     image = Image.new("RGB", (6, 2), (255, 0, 0))
-    square = data.expand2square(image, data.CLIP_BACKGROUND)
+    square = vision.expand2square(image, vision.CLIP_BACKGROUND)
     pixels = np.asarray(square)
     assert square.size == (6, 6)
     assert (pixels[2:4] == (255, 0, 0)).all()
-    assert (pixels[:2] == data.CLIP_BACKGROUND).all() and (pixels[4:] == data.CLIP_BACKGROUND).all()
+    assert (pixels[:2] == vision.CLIP_BACKGROUND).all() and (pixels[4:] == vision.CLIP_BACKGROUND).all()
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,7 +416,7 @@ def test_caption_regions_are_mapped_to_the_view_and_phrases_deduplicated(tmp_pat
     torch.testing.assert_close(captions[0]["region_boxes"], torch.tensor([[0, 5 / 40, 0.5, 20 / 40],
                                                                            [0.5, 20 / 40, 1.0, 35 / 40]]))
     torch.testing.assert_close(captions[1]["region_boxes"], torch.tensor([[12 / 44, 4 / 44, 32 / 44, 1.0]]))
-    assert data.box_in_view([0, 0, 20, 15], (40, 30), pad_to_square=False) == [0.0, 0.0, 15 / 30, 0.5]
+    assert vision.box_in_view([0, 0, 20, 15], (40, 30), pad_to_square=False) == [0.0, 0.0, 15 / 30, 0.5]
 
     batch = data.collate([captions[0], captions[1]], pad_token_id=3)
     regions = batch["regions"]

@@ -1,5 +1,5 @@
 """High resolution: LLaVA-NeXT's AnyRes and LLaVA-1.5-HD (connectors.HighResolution,
-data.high_resolution_tiles, MLLM with image_sizes). Parity with transformers'
+vision.high_resolution_tiles, MLLM with image_sizes). Parity with transformers'
 LlavaNextForConditionalGeneration (LLaMA with GQA, CLIP, five grid pinpoints) on a left-padded
 batch of two images of opposite aspect ratios and a text-only sample, and with its image
 processor; the checkpoint both ways; LLaVA-1.5-HD's merge; the errors of bad input."""
@@ -16,10 +16,9 @@ from PIL import Image
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
 from conftest import IMAGE_TOKEN, PAD_TOKEN, randomize, tiny_llama_config
-from connectors import HighResolution, select_best_resolution
-from data import high_resolution_tiles
+from connectors import HighResolution
 from model import MLLM, MLLMConfig, TextConfig
-from vision import VisionConfig
+from vision import VisionConfig, high_resolution_tiles, select_best_resolution
 
 TILE = 56  # 4 x 4 patches of 14 px per tile
 PINPOINTS = [[56, 112], [112, 56], [112, 112], [56, 168], [168, 56]]  # 1x2, 2x1, 2x2, 1x3, 3x1 tiles
@@ -74,7 +73,7 @@ def test_preprocessing_equals_llava_next_image_processor():
     expected = hf_processor()(images, return_tensors="pt")
     geometry = HighResolution(tuple(map(tuple, PINPOINTS)), TILE, TILE // 14)
     for index, image in enumerate(images):
-        ours = high_resolution_tiles(image, geometry)
+        ours = high_resolution_tiles(image, TILE, PINPOINTS)
         assert ours.shape[0] == geometry.num_tiles((image.height, image.width))
         assert torch.equal(ours, expected["pixel_values"][index, :len(ours)])
         assert not expected["pixel_values"][index, len(ours):].any()  # the rest is the batch's zero padding
@@ -167,7 +166,7 @@ def test_llava15_hd_merges_the_map_without_unpadding_or_newlines():
                         image_grid_pinpoints=PINPOINTS, mm_patch_merge_type="spatial")
     model = MLLM(config)
     assert not hasattr(model, "image_newline")
-    pixel_values = high_resolution_tiles(random_images()[0], model.high_resolution)[None]
+    pixel_values = high_resolution_tiles(random_images()[0], TILE, PINPOINTS)[None]
     input_ids = torch.tensor([[1, *[62] * 64, 5]])
     assert model(input_ids, pixel_values, image_sizes=torch.tensor([[30, 150]])).shape == (1, 66, 64)
 
