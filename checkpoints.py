@@ -546,6 +546,87 @@ LYNX_LAYOUT: Layout = (
     Rule("LLM.*", "language_model.*"),
 )
 
+def openclip_block_rules(theirs: str, ours: str) -> Layout:
+    """An OpenCLIP `ResidualAttentionBlock` (ln_1, nn.MultiheadAttention `attn`, ln_2, `mlp.c_fc` /
+    `mlp.c_proj`) under `theirs` -> our PreNormBlock under `ours`: the attention's fused
+    `in_proj_weight` / `in_proj_bias` (rows q, then k, then v) split in three. Matches every
+    block number (the `*`)."""
+    return (
+        Rule(f"{theirs}attn.in_proj_weight", tuple(f"{ours}self_attn.{name}_proj.weight" for name in "qkv"),
+             to_ours=split_in_three, to_theirs=join_three),
+        Rule(f"{theirs}attn.in_proj_bias", tuple(f"{ours}self_attn.{name}_proj.bias" for name in "qkv"),
+             to_ours=split_in_three, to_theirs=join_three),
+        Rule(f"{theirs}attn.out_proj.*", f"{ours}self_attn.o_proj.*"),
+        Rule(f"{theirs}ln_1.*", f"{ours}input_layernorm.*"),
+        Rule(f"{theirs}ln_2.*", f"{ours}post_attention_layernorm.*"),
+        Rule(f"{theirs}mlp.c_fc.*", f"{ours}mlp.fc1.*"),
+        Rule(f"{theirs}mlp.c_proj.*", f"{ours}mlp.fc2.*"),
+    )
+
+
+# OpenCLIP's `CLIP` (and OpenAI's, whose names it keeps) -> our vision.CLIPModel, REACT's gated
+# image blocks included (microsoft/react: `visual.transformer.resblocks.N.gated_attn_block.*`
+# with scalar `alpha_attn` / `alpha_dense`, run before block N; our `gated_block`). The two
+# projections are stored as x @ W, (width, embed_dim); ours are nn.Linear, so transposed.
+OPENCLIP_LAYOUT: Layout = (
+    *openclip_block_rules("visual.transformer.resblocks.*.gated_attn_block.",
+                          "vision_model.encoder.layers.*.gated_block."),
+    Rule("visual.transformer.resblocks.*.gated_attn_block.alpha_attn", "vision_model.encoder.layers.*.gated_block.alpha_attn"),
+    Rule("visual.transformer.resblocks.*.gated_attn_block.alpha_dense",
+         "vision_model.encoder.layers.*.gated_block.alpha_dense"),
+    *openclip_block_rules("visual.transformer.resblocks.*.", "vision_model.encoder.layers.*."),
+    Rule("visual.class_embedding", "vision_model.embeddings.class_embedding"),
+    Rule("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight"),
+    Rule("visual.conv1.*", "vision_model.embeddings.patch_embedding.*"),
+    Rule("visual.ln_pre.*", "vision_model.pre_layrnorm.*"),
+    Rule("visual.ln_post.*", "vision_model.post_layernorm.*"),
+    Rule("visual.proj", "visual_projection.weight", to_ours=transpose, to_theirs=transpose),
+    *openclip_block_rules("transformer.resblocks.*.", "text_model.encoder.layers.*."),
+    Rule("token_embedding.*", "text_model.embeddings.token_embedding.*"),
+    Rule("positional_embedding", "text_model.embeddings.position_embedding.weight"),
+    Rule("ln_final.*", "text_model.final_layer_norm.*"),
+    Rule("text_projection", "text_projection.weight", to_ours=transpose, to_theirs=transpose),
+    Rule("logit_scale", "logit_scale"),
+)
+
+
+def openclip_config(state: dict[str, torch.Tensor], hidden_act: str = "quick_gelu",
+                    head_width: int = 64) -> dict[str, Any]:
+    """A CLIPConfig dict (transformers' CLIPConfig layout) read off an OpenCLIP state dict's
+    shapes, for a converted release that ships no config.json. What shapes cannot say comes from
+    OpenCLIP's conventions: heads = width / `head_width` (64 in every OpenCLIP ViT and text
+    config), LayerNorm eps 1e-5, and `hidden_act`: quick_gelu for OpenAI-trained weights (REACT's
+    `react_clip_*` names force it), "gelu" for OpenCLIP's own LAION-trained ones. The text is
+    pooled at its highest token id (OpenCLIP's `text.argmax(dim=-1)`: EOT is the last id of
+    CLIP's BPE), which a CLIP text config says with eos_token_id 2 (transformers' legacy rule)."""
+    def blocks(prefix: str) -> list[str]:
+        return sorted({key[len(prefix):].split(".")[0] for key in state if key.startswith(prefix)}, key=int)
+
+    required = ("visual.conv1.weight", "visual.positional_embedding", "visual.proj", "token_embedding.weight",
+                "positional_embedding", "text_projection")
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise CheckpointError(f"not an OpenCLIP CLIP state dict: no {missing}")
+    vision_width, _, patch_size, _ = state["visual.conv1.weight"].shape
+    grid = math.isqrt(state["visual.positional_embedding"].shape[0] - 1)
+    vision_layers = blocks("visual.transformer.resblocks.")
+    gated = [n for n in vision_layers if f"visual.transformer.resblocks.{n}.gated_attn_block.alpha_attn" in state]
+    text_width = state["token_embedding.weight"].shape[1]
+    return {
+        "projection_dim": state["visual.proj"].shape[1],
+        "vision_config": dict(hidden_size=vision_width, patch_size=patch_size, image_size=grid * patch_size,
+                              num_hidden_layers=len(vision_layers), num_attention_heads=vision_width // head_width,
+                              intermediate_size=state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                              hidden_act=hidden_act, layer_norm_eps=1e-5, num_gated_layers=len(gated)),
+        "text_config": dict(vocab_size=state["token_embedding.weight"].shape[0], hidden_size=text_width,
+                            max_position_embeddings=state["positional_embedding"].shape[0],
+                            num_hidden_layers=len(blocks("transformer.resblocks.")),
+                            num_attention_heads=text_width // head_width,
+                            intermediate_size=state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                            hidden_act=hidden_act, layer_norm_eps=1e-5, eos_token_id=2),
+    }
+
+
 # Keys that hold no weights of their own in any layout: older transformers saved CLIP's arange
 # position ids, T5 checkpoints may repeat the shared embedding under each stack's name, and old
 # ones carry an unused position bias in the first cross-attention (transformers ignores it too).
@@ -813,8 +894,9 @@ def tensors_in(value: Any, prefix: str, where: Path) -> dict[str, torch.Tensor]:
 def state_dict_of_pickle(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict of an official pickled checkpoint, read without running code from it:
     `weights_only=True` unpickles tensors and plain containers only. When every tensor sits
-    under one wrapper key ("model" in LAVIS and lynx-llm, "state_dict", "module"), the wrapper
-    is dropped from the names; otherwise key names stay as stored."""
+    under one wrapper key ("model" in LAVIS and lynx-llm, "state_dict", "module"; REACT's OpenCLIP
+    files nest two, "state_dict" then DDP's "module"), the wrappers are dropped from the names;
+    otherwise key names stay as stored."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
@@ -831,9 +913,8 @@ def state_dict_of_pickle(path: str | Path) -> dict[str, torch.Tensor]:
     state = tensors_in(loaded, "", path)
     if not state:
         raise CheckpointError(f"{path}: holds no tensors")
-    for wrapper in ("model.", "state_dict.", "module."):
-        if all(key.startswith(wrapper) for key in state):
-            return {key.removeprefix(wrapper): value for key, value in state.items()}
+    while wrapper := next((w for w in ("model.", "state_dict.", "module.") if all(k.startswith(w) for k in state)), None):
+        state = {key.removeprefix(wrapper): value for key, value in state.items()}
     return state
 
 

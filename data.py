@@ -512,12 +512,14 @@ class CaptionDataset(_ImageRecordDataset):
         self.with_regions = with_regions
         self.problems = DataProblems(on_error)
         self.sources = []
+        self.records: list[dict] = []  # as read, for a subset written back (REACT's retrieval)
         self.image_paths: list[str] = []
         captions = []
         self.region_boxes: list[list[list[float]]] = []
         phrases: list[list[str]] = []
-        for where, _, (image_path, caption, regions) in self._validated_records(json_path):
+        for where, record, (image_path, caption, regions) in self._validated_records(json_path):
             self.sources.append(where)
+            self.records.append(record)
             self.image_paths.append(image_path)
             captions.append(caption)
             self.region_boxes.append([region["box"] for region in regions])
@@ -575,6 +577,82 @@ class CaptionDataset(_ImageRecordDataset):
                                                    for box in self.region_boxes[index]])
             sample["region_phrases"] = self.region_phrases[index]
         return sample
+
+
+# --------------------------------------------------------------------------------------------
+# REACT: a task's training pairs retrieved from an image-text pool (dissertation section 2.3)
+# --------------------------------------------------------------------------------------------
+
+def read_classification_task(path: str) -> tuple[list[str], list[str], list[dict]]:
+    """(classes, templates, images) of a zero-shot classification task file: JSON
+    {"classes": [names], "templates": ["a photo of a {}.", ...], "images": [{"image": file,
+    "label": a class name}, ...]}. Classes and templates are the task instruction (REACT's J0 and
+    prompt set P, eq. 2.1; CLIP's prompt ensembling, Radford et al. 2021, section 3.1.4); the
+    images are only for evaluation, and retrieval never reads them."""
+    task = read_json(path, "classification task")
+    classes, templates, images = (task.get(key) if isinstance(task, dict) else None
+                                  for key in ("classes", "templates", "images"))
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        raise DataError(f"{path}: 'classes' must be a non-empty list of names")
+    if not (isinstance(templates, list) and templates and all(isinstance(t, str) and "{}" in t for t in templates)):
+        raise DataError(f"{path}: 'templates' must be a non-empty list of strings with a '{{}}' for the class name")
+    for index, row in enumerate(images or []):
+        if not (isinstance(row, dict) and isinstance(row.get("image"), str) and row.get("label") in classes):
+            raise DataError(f"{path}: images[{index}] needs an 'image' file and a 'label' from 'classes', got {row!r}")
+    return classes, templates, images or []
+
+
+@torch.no_grad()
+def embed_texts(model: torch.nn.Module, token_ids: Sequence[Sequence[int]], pad_token_id: int,
+                batch_size: int = 256) -> torch.Tensor:
+    """(texts, projection_dim) normalized CLIP text embeddings of tokenized texts (CaptionDataset.encode_texts)."""
+    device = next(model.parameters()).device
+    embeddings = []
+    for begin in range(0, len(token_ids), batch_size):
+        rows = token_ids[begin:begin + batch_size]
+        input_ids, attention_mask = pad_sequences(rows, pad_token_id)
+        embeddings.append(F.normalize(model.encode_text(input_ids.to(device), attention_mask.to(device)).float(),
+                                      dim=-1))
+    return torch.cat(embeddings).cpu()
+
+
+@torch.no_grad()
+def retrieve_pairs(model: torch.nn.Module, tokenizer: Tokenizer, pool: "CaptionDataset", queries: list[str],
+                   per_query: int, by: Literal["text", "image"], batch_size: int = 256) -> list[int]:
+    """Indices into `pool` of the pairs REACT retrieves for `queries` (eq. 2.1's prompts of the
+    task's concepts), with the frozen CLIP `model`: for each query its top `per_query` pairs by
+    the cosine similarity of the query's text embedding to each pair's text (`by="text"`, T2T,
+    eq. 2.2: closer matches) or image (`by="image"`, T2I, eq. 2.3: more varied captions); the
+    union, without duplicates, in order of first retrieval. The search is exact (numpy); at a
+    web-scale pool an approximate index (the dissertation's FAISS HNSW) replaces `np.argsort`.
+    A pool image that cannot be read is reported to `pool.problems` and never retrieved."""
+    if by not in ("text", "image"):
+        raise ValueError(f"retrieval by must be 'text' (T2T) or 'image' (T2I), not {by!r}")
+    pad_token_id = require_token_id(tokenizer, "<pad>")
+    max_text_len = model.config.text_config.max_position_embeddings
+    query_embeddings = embed_texts(model, CaptionDataset.encode_texts(tokenizer, queries, max_text_len),
+                                   pad_token_id, batch_size)
+    readable = list(range(len(pool)))
+    if by == "text":
+        pool_embeddings = embed_texts(model, pool.token_ids, pad_token_id, batch_size)
+    else:
+        device = next(model.parameters()).device
+        pool_embeddings, readable = [], []
+        for begin in range(0, len(pool), batch_size):
+            samples = [(index, pool[index]) for index in range(begin, min(begin + batch_size, len(pool)))]
+            for _, sample in samples:
+                if "problem" in sample:
+                    pool.problems.report(*sample["problem"])
+            samples = [(index, sample) for index, sample in samples if "problem" not in sample]
+            if samples:
+                pixels = torch.stack([sample["pixel_values"] for _, sample in samples]).to(device)
+                pool_embeddings.append(F.normalize(model.encode_image(pixels).float(), dim=-1).cpu())
+                readable += [index for index, _ in samples]
+        pool_embeddings = torch.cat(pool_embeddings)
+    scores = (query_embeddings @ pool_embeddings.t()).numpy()
+    ranked = np.argsort(-scores, axis=1, kind="stable")[:, :per_query]
+    chosen = dict.fromkeys(readable[position] for position in ranked.flatten())  # ordered, deduplicated
+    return list(chosen)
 
 
 class QFormerCaptionDataset(CaptionDataset):

@@ -280,11 +280,17 @@ class PreNormBlock(nn.Module):
     `layer_norm2` and T5's `layer.N` onto them. `parallel_adapter` (None until
     adapters.insert_parallel_adapters sets one): LION's adapter beside the feed-forward, reading
     the same pre-norm input, x + mlp(norm(x)) + adapter(x) (LION eq. 1). `output_adapter` (set by
-    adapters.insert_output_adapters): Lynx's adapter on the block's output h, h + adapter(h)."""
+    adapters.insert_output_adapters): Lynx's adapter on the block's output h, h + adapter(h).
+
+    REACT's gated blocks (dissertation section 2.3, Figure 2.3(d)) are this block twice over:
+    `residual_gates` makes each residual branch x + tanh(alpha) * branch(norm(x)), with the
+    scalars `alpha_attn` and `alpha_dense` at 0, so a new block starts as the identity; and
+    `gated_block` (None until vision.VisionTransformer.add_gated_blocks sets one) is such a block,
+    run on x before this one, as OpenCLIP's `gated_attn_block` in REACT's code."""
 
     def __init__(self, self_attn: Attention, mlp: nn.Module, input_layernorm: nn.Module,
                  post_attention_layernorm: nn.Module, cross_attn: Attention | None = None,
-                 cross_attn_layernorm: nn.Module | None = None):
+                 cross_attn_layernorm: nn.Module | None = None, residual_gates: bool = False):
         super().__init__()
         if (cross_attn is None) != (cross_attn_layernorm is None):
             raise ValueError("a cross-attention needs its own norm (cross_attn and cross_attn_layernorm together)")
@@ -294,8 +300,14 @@ class PreNormBlock(nn.Module):
         self.cross_attn = cross_attn
         self.post_attention_layernorm = post_attention_layernorm
         self.mlp = mlp
+        self.alpha_attn = nn.Parameter(torch.zeros(())) if residual_gates else None
+        self.alpha_dense = nn.Parameter(torch.zeros(())) if residual_gates else None
+        self.gated_block: nn.Module | None = None
         self.parallel_adapter: nn.Module | None = None
         self.output_adapter: nn.Module | None = None
+
+    def gated(self, branch: torch.Tensor, alpha: torch.Tensor | None) -> torch.Tensor:
+        return branch if alpha is None else torch.tanh(alpha) * branch
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
                 rotary: tuple[torch.Tensor, torch.Tensor] | None = None, cache: KVCacheLike | None = None,
@@ -304,8 +316,10 @@ class PreNormBlock(nn.Module):
                 context_keys_values: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x: (B, T, width); the options are Attention's. A block with cross-attention needs the
         context (B, S, width) or its projected keys and values, and its mask (B, 1, 1, S)."""
-        x = x + self.self_attn(self.input_layernorm(x), attn_mask=attn_mask, is_causal=is_causal,
-                               rotary=rotary, cache=cache, position_bias=position_bias)
+        if self.gated_block is not None:
+            x = self.gated_block(x, attn_mask=attn_mask, is_causal=is_causal)
+        x = x + self.gated(self.self_attn(self.input_layernorm(x), attn_mask=attn_mask, is_causal=is_causal,
+                                          rotary=rotary, cache=cache, position_bias=position_bias), self.alpha_attn)
         if self.cross_attn is not None:
             if context is None and context_keys_values is None:
                 raise ValueError("this block cross-attends: give `context` or `context_keys_values`")
@@ -314,7 +328,7 @@ class PreNormBlock(nn.Module):
         if self.parallel_adapter is not None:
             x = x + self.mlp(self.post_attention_layernorm(x)) + self.parallel_adapter(x)
         else:
-            x = x + self.mlp(self.post_attention_layernorm(x))
+            x = x + self.gated(self.mlp(self.post_attention_layernorm(x)), self.alpha_dense)
         return x if self.output_adapter is None else x + self.output_adapter(x)
 
 

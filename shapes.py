@@ -24,6 +24,8 @@ format as the public dataset it stands in for, so one set of loaders and eval ta
 - eval/captions: the Karpathy-split JSON with 5 reference sentences per image.
 - eval/pope: POPE (Li et al. 2023) "Is there a {object} in the image?" with random, popular and
   adversarial negatives; eval/mc: multiple choice jsonl (ScienceQA-IMG / MMBench style).
+- eval/classification/{small,large}.json: zero-shot shape classification of one-object images
+  (classes, prompt templates, labeled images; REACT's task transfer, dissertation section 2.4).
 - tags.json: per image file name, its tags and object boxes, the ground-truth stand-ins for LION's
   RAM tags and Lyrics' visual refiner (LION section 3.2; Lyrics section 3.1).
 - train/instruct.json's grounding samples carry "task_level": "region" (LION's router, sec. 3.1.2).
@@ -44,6 +46,7 @@ regenerates. Same seed, same bytes (given the same numpy / pillow / tokenizers v
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import hashlib
 import inspect
@@ -197,7 +200,7 @@ class Scene:
 # content depends only on its own images, not on the order in which files are written, and the eval
 # images do not change when num_train_images does (results stay comparable across train sizes).
 SPLITS = ("train", "eval")
-RANDOM_PURPOSES = ("image", "train", "refcoco", "vqa", "pope", "multiple_choice", "text_only")
+RANDOM_PURPOSES = ("image", "train", "refcoco", "vqa", "pope", "multiple_choice", "text_only", "classification")
 
 
 def random_stream(seed: int, split: str, index: int, purpose: str) -> np.random.Generator:
@@ -940,6 +943,34 @@ def multiple_choice_rows(scenes: list[Scene]) -> list[dict]:
     return rows
 
 
+# Zero-shot shape classification (REACT's task transfer, dissertation section 2.4) of a single
+# object: the target domain, small objects, which the generic CLIP reads worst, and the general one.
+CLASSIFICATION_TEMPLATES = {size: [f"a {size} {{}}.", f"an image of a {size} {{}}.", f"one shape: a {size} {{}}."]
+                            for size in SIZES}
+CLASSIFICATION_FIRST_INDEX = 1_000_000  # their backgrounds' streams stay clear of the eval scenes'
+
+
+def classification_scene(seed: int, index: int, image_id: int, image_size: int, size: str,
+                         object_scale: float) -> Scene:
+    """An eval-split background with one object of `size`, its shape SHAPES[index % 5] so that
+    the classes are balanced, its color and place random."""
+    base = sample_scene(seed, "eval", CLASSIFICATION_FIRST_INDEX + index, image_id, image_size, object_scale)
+    rng = random_stream(seed, "eval", index, "classification")
+    low, high = SIZE_FRACTIONS[size]
+    side = int(round(rng.uniform(low, high) * object_scale * max(base.width, base.height)))
+    x0, y0 = int(rng.integers(0, base.width - side + 1)), int(rng.integers(0, base.height - side + 1))
+    obj = ShapeObject(SHAPES[index % len(SHAPES)], weighted_pick(rng, COLORS, COLOR_CUMULATIVE_WEIGHTS), size,
+                      (x0, y0, x0 + side, y0 + side))
+    return dataclasses.replace(base, objects=(obj,))
+
+
+def draw_classification_image(job: tuple[int, int, int, int, str, float, Path]) -> Scene:
+    seed, index, image_id, image_size, size, object_scale, images_dir = job
+    scene = classification_scene(seed, index, image_id, image_size, size, object_scale)
+    render_scene(scene).save(images_dir / scene.file_name)
+    return scene
+
+
 def tags_entry(scene: Scene) -> dict:
     """RAM-like tags (the distinct objects, sorted as a tagger's label list) and refiner-like boxes."""
     return {"tags": sorted({o.category for o in scene.objects}),
@@ -1167,6 +1198,16 @@ def build_world(out_dir: str | Path = DEFAULT_WORLD_DIR, seed: int = 0,
         write_jsonl(eval_dir / "pope" / f"pope_{split}.jsonl", rows)
     write_jsonl(eval_dir / "mc" / "questions.jsonl", multiple_choice_rows(eval_scenes))
     write_json(out_dir / "tags.json", {s.file_name: tags_entry(s) for s in scenes})
+    per_size = len(SHAPES) * max(2, num_eval_images // 8)
+    first_id = num_train_images + num_eval_images + 1
+    jobs = [(seed, index, first_id + index, image_size, SIZES[index // per_size], object_scale, images_dir)
+            for index in range(per_size * len(SIZES))]
+    classification = parallel_map(draw_classification_image, jobs, workers)
+    for position, size in enumerate(SIZES):
+        write_json(eval_dir / "classification" / f"{size}.json", {
+            "classes": list(SHAPES), "templates": CLASSIFICATION_TEMPLATES[size],
+            "images": [{"image": scene.file_name, "label": scene.objects[0].shape}
+                       for scene in classification[position * per_size:(position + 1) * per_size]]})
 
     # The vocabulary is closed: the first TOKENIZER_IMAGES images' text holds every word, and
     # learning from it alone keeps the tokenizer fast and identical for all larger worlds.
@@ -1180,6 +1221,7 @@ def build_world(out_dir: str | Path = DEFAULT_WORLD_DIR, seed: int = 0,
     train_qformer_tokenizer(tokenizer_texts).save(str(out_dir / "qformer_tokenizer.json"))
     write_json(marker, {"arguments": arguments,
                         "counts": {"train_images": len(train_scenes), "eval_images": len(eval_scenes),
+                                   "classification_images": len(classification),
                                    "pretrain_samples": len(pretrain), "instruct_samples": len(instruct),
                                    "text_documents": len(documents), "vqa_questions": len(questions["questions"]),
                                    "refcoco_refs": len(refs), "vocab_size": tokenizer.get_vocab_size()}})

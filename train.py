@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -71,6 +72,15 @@ class StageConfig:
     data: str = ""  # LLaVA instruction JSON / jsonl (mllm, clip) or {"text"} jsonl (lm)
     # clip: add the region-phrase loss on the records' grounded "regions" (vision.CLIPModel.forward)
     region_loss: bool = False
+    # REACT (dissertation section 2.3), clip objective: gated blocks before the tower's last
+    # `gated_image_layers` blocks (locked-text gated-image tuning trains them alone:
+    # trainable=[r"\.gated_block\."]); `positive_threshold`, eq. 2.5-2.6's gamma (0: CLIP's
+    # one-to-one pairs); `retrieval`, the stage's data retrieved from a pool of image-text pairs
+    # (data.retrieve_pairs): {"task": a classification task file (its classes and templates are
+    # the queries), "pool": LLaVA caption JSON, "per_query": K, "by": "text" (T2T) or "image" (T2I)}.
+    gated_image_layers: int = 0
+    positive_threshold: float = 0.0
+    retrieval: dict = field(default_factory=dict)
     image_folder: str = ""
     # "pad" (expand to square with the mean color) or "square" (CLIP's resize + center crop);
     # "" = the model's. LLaVA-1.5 pads in stage 2 only: its pretrain.sh leaves the default.
@@ -236,8 +246,17 @@ def check_stage(stage: StageConfig) -> None:
         raise ValueError(f"{where}: image_aspect_ratio 'anyres' tiles an MLLM's images; {stage.objective!r} has none")
     if stage.image_size and stage.objective != "mllm":
         raise ValueError(f"{where}: image_size resizes an MLLM's tower; the {stage.objective!r} objective has none")
-    if stage.region_loss and stage.objective != "clip":
-        raise ValueError(f"{where}: region_loss is a loss of the clip objective, not of {stage.objective!r}")
+    for key in ("region_loss", "gated_image_layers", "positive_threshold", "retrieval"):
+        if getattr(stage, key) and stage.objective != "clip":
+            raise ValueError(f"{where}: {key} belongs to the clip objective (CLIP, REACT), not to {stage.objective!r}")
+    if not 0 <= stage.positive_threshold <= 1:
+        raise ValueError(f"{where}: positive_threshold is a cosine gamma in (0, 1], or 0 for CLIP's pairs")
+    unknown = set(stage.retrieval) - {"task", "pool", "per_query", "by"}
+    if unknown or (stage.retrieval and not {"task", "pool", "per_query"} <= set(stage.retrieval)):
+        raise KeyError(f"{where}: retrieval needs 'task', 'pool', 'per_query' and may have 'by' "
+                       f"(unknown: {sorted(unknown)})")
+    if stage.retrieval:
+        check_choice(f"{stage.name}.retrieval.by", stage.retrieval.get("by", "text"), ("text", "image"))
     if stage.micro_batch_size < 1 or stage.global_batch_size % stage.micro_batch_size:
         raise ValueError(f"{where}: global_batch_size {stage.global_batch_size} is not a multiple of "
                          f"micro_batch_size {stage.micro_batch_size}")
@@ -428,12 +447,14 @@ def build_dataset(stage: StageConfig, config: TrainConfig, model: torch.nn.Modul
                                           model.config.vision_config.image_size, pad_to_square=pad_to_square,
                                           on_error=config.on_data_error)
     if stage.objective == "clip":
-        vision = model.config.vision_config
         # CLIP (and BLIP-2's stage 1) see the images as the later stages will (padded or center-cropped).
-        return data.CaptionDataset(stage.data, stage.image_folder, tokenizer, vision.image_size,
-                                   pad_to_square=pad_to_square,
-                                   max_text_len=model.config.text_config.max_position_embeddings,
-                                   on_error=config.on_data_error, with_regions=stage.region_loss)
+        captions = functools.partial(data.CaptionDataset, image_folder=stage.image_folder, tokenizer=tokenizer,
+                                     image_size=model.config.vision_config.image_size, pad_to_square=pad_to_square,
+                                     max_text_len=model.config.text_config.max_position_embeddings,
+                                     on_error=config.on_data_error, with_regions=stage.region_loss)
+        if not stage.retrieval:
+            return captions(stage.data)
+        return captions(retrieve_stage_data(stage, config, model, tokenizer, captions(stage.retrieval["pool"])))
     instruction_aware = model.multi_modal_projector.takes_instruction  # InstructBLIP: the Q-Former reads it
     return data.InstructionDataset(stage.data, stage.image_folder, tokenizer, stage.template,
                                    model.config.image_token_index, model.num_image_tokens,
@@ -446,6 +467,30 @@ def build_dataset(stage: StageConfig, config: TrainConfig, model: torch.nn.Modul
                                    tags=conversation.read_tags(stage.tags, stage.tag_noise) if stage.tags else None,
                                    hint=conversation.tag_hint(tokenizer, model.config.hint_token_index),
                                    high_resolution=model.high_resolution)
+
+
+def retrieve_stage_data(stage: StageConfig, config: TrainConfig, model: CLIPModel, tokenizer: Tokenizer,
+                        pool: data.CaptionDataset) -> str:
+    """REACT's retrieval-augmented task instruction (dissertation section 2.3, eq. 2.1-2.3): the
+    pool's pairs nearest to every template x class prompt of the task, by the stage's starting
+    CLIP, written to OUT/retrieved/STAGE.json (LLaVA caption JSON, the pool's own records) so a
+    reader can see what the model will train on. Returns that file's path."""
+    retrieval = stage.retrieval
+    classes, templates, _ = data.read_classification_task(retrieval["task"])
+    queries = [template.format(name) for name in classes for template in templates]
+    by = retrieval.get("by", "text")
+    chosen = data.retrieve_pairs(model, tokenizer, pool, queries, retrieval["per_query"], by)
+    if pool.problems.total:
+        print(f"[{stage.name}] retrieval pool {retrieval['pool']}: {pool.problems.summary()}")
+    path = Path(config.out_dir) / "retrieved" / f"{stage.name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps([pool.records[index] for index in chosen]))
+    os.replace(temporary, path)
+    print(f"[{stage.name}] retrieved {len(chosen)} of {len(pool)} pairs from {retrieval['pool']} "
+          f"({'text-to-text' if by == 'text' else 'text-to-image'}, top {retrieval['per_query']} of "
+          f"{len(queries)} prompts) -> {path}")
+    return str(path)
 
 
 def model_inputs(batch: dict, objective: str, device: torch.device) -> dict:
@@ -639,6 +684,8 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: Runtime, previ
         model.config.visual_input = model.multi_modal_projector.visual_input = stage.visual_input
     if stage.tags and stage.soft_prompt and model.config.hint_token_index is None:  # LION's stage 3
         model.add_soft_prompt(conversation.require_token_id(tokenizer, stage.soft_prompt))
+    if stage.gated_image_layers:  # REACT; the saved config records them (vision_config.num_gated_layers)
+        model.vision_model.add_gated_blocks(stage.gated_image_layers)
     if stage.lora:
         lora = dict(stage.lora)
         apply_lora(model, lora.pop("targets"), **lora)
@@ -719,6 +766,7 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: Runtime, previ
             train_model, find_unused_parameters=stage.objective == "mllm")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if runtime.device.type == "cuda" else nullcontext()
     image_token_index = model.config.image_token_index if stage.objective == "mllm" else None
+    loss_options = {"positive_threshold": stage.positive_threshold} if stage.positive_threshold else {}
     encoder_decoder = stage.objective in ("lm", "mllm") and is_encoder_decoder(model)
     trainable_parameters = [p for p in model.parameters() if p.requires_grad]
 
@@ -746,7 +794,8 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: Runtime, previ
                 sync = index == len(chunks) - 1 or runtime.world_size == 1
                 with nullcontext() if sync else train_model.no_sync():
                     with autocast:
-                        output, loss = train_model(**model_inputs(chunk, stage.objective, runtime.device))
+                        output, loss = train_model(**model_inputs(chunk, stage.objective, runtime.device),
+                                                   **loss_options)
                     if loss.requires_grad:
                         (loss / len(chunks)).backward()  # a short last batch has fewer micro-batches
                     else:  # text-only samples before a frozen LLM (BLIP-2): nothing here can learn from them
@@ -822,8 +871,23 @@ def evaluate(config: TrainConfig, model_dir: Path, last_stage: StageConfig) -> d
     with every image replaced by zeros, under "blind", so the gain from vision is visible. The
     questions carry the last stage's tags (LION) unless a task sets its own."""
     import eval as evaluation
-    model = MLLM.from_pretrained(str(model_dir))
     tokenizer = data.load_tokenizer(config.tokenizer)
+    if last_stage.objective == "clip":  # a CLIP (REACT) is scored by zero-shot classification, its tasks' splits
+        clip = CLIPModel.from_pretrained(str(model_dir))
+        pad_to_square = (last_stage.image_aspect_ratio or config.model.get("image_aspect_ratio", "pad")) == "pad"
+        results: dict = {"tasks": {}}
+        for task in config.eval_tasks:
+            task = dict(task)
+            report, name = task.pop("report", {}), task.pop("name", task["task"])
+            if task.pop("task") != evaluation.CLASSIFICATION_TASK:
+                raise ValueError(f"eval task {name!r}: a CLIP model is evaluated on "
+                                 f"{evaluation.CLASSIFICATION_TASK!r} tasks only")
+            metrics = evaluation.run_zero_shot_classification(
+                clip, tokenizer, out_dir=str(Path(config.out_dir) / "eval" / name), pad_to_square=pad_to_square, **task)
+            results.update({key: metrics[metric] for key, metric in report.items()})
+            results["tasks"][name] = metrics
+        return results
+    model = MLLM.from_pretrained(str(model_dir))
     qformer_tokenizer = (data.load_qformer_tokenizer(config.qformer_tokenizer)
                          if model.multi_modal_projector.takes_instruction else None)
     results: dict = {}

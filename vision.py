@@ -31,19 +31,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from checkpoints import (CLIP_LAYOUT, WEIGHTS_NAME, JsonConfig, clip_tower_rules, eva_tower_rules, load_safetensors,
-                         load_state_strict, read_config_json, save_safetensors, state_to_ours, state_to_theirs,
-                         write_config_json)
+from checkpoints import (CLIP_LAYOUT, CONFIG_NAME, OPENCLIP_LAYOUT, WEIGHTS_NAME, JsonConfig, clip_tower_rules,
+                         eva_tower_rules, load_safetensors, load_state_strict, openclip_config, read_config_json,
+                         save_safetensors, state_to_ours, state_to_theirs, write_config_json)
 from layers import Attention, FeedForward, PreNormBlock, initialize_blocks
 
 
 def clip_block(width: int, num_heads: int, intermediate_size: int, activation: str,
-               layer_norm_eps: float, key_bias: bool = True) -> PreNormBlock:
+               layer_norm_eps: float, key_bias: bool = True, residual_gates: bool = False) -> PreNormBlock:
     """CLIP's encoder layer in both towers (Radford et al. 2021, section 2.4): a pre-LN block with
     biased attention, LayerNorms and a plain feed-forward (quick_gelu in the OpenAI checkpoints).
-    EVA's blocks are the same with no key bias (`key_bias=False`) and exact GELU."""
+    EVA's blocks are the same with no key bias (`key_bias=False`) and exact GELU; REACT's gated
+    blocks the same with tanh-gated residuals (`residual_gates`)."""
     return PreNormBlock(Attention(width, num_heads, key_bias=key_bias), FeedForward(width, intermediate_size, activation),
-                        nn.LayerNorm(width, eps=layer_norm_eps), nn.LayerNorm(width, eps=layer_norm_eps))
+                        nn.LayerNorm(width, eps=layer_norm_eps), nn.LayerNorm(width, eps=layer_norm_eps),
+                        residual_gates=residual_gates)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -65,6 +67,9 @@ class VisionConfig(JsonConfig):
     num_channels: int = 3
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"
+    # REACT (dissertation section 2.3): the last this many blocks each have a gated block run
+    # before them (`add_gated_blocks`). Our key; transformers' CLIPVisionConfig ignores it.
+    num_gated_layers: int = 0
 
     # Where CLIP and EVA differ; class-level, since config.json names the kind by model_type.
     pre_layernorm: ClassVar[bool] = True   # CLIP normalizes the embedded patches, EVA does not
@@ -149,6 +154,30 @@ class VisionTransformer(nn.Module):
         # LAVIS's ln_vision is an nn.LayerNorm with eps 1e-5; transformers' port (the layout the
         # checkpoints here come in) uses the tower's 1e-6, and so do we.
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.add_gated_blocks(config.num_gated_layers)
+
+    def add_gated_blocks(self, num_layers: int) -> None:
+        """REACT's modularized image encoder (dissertation section 2.3, Figure 2.3(d); its code
+        `react_cfg.last_k_layers`, 6 for ViT-B and ViT-L): a gated self-attention-dense block
+        before each of the last `num_layers` blocks, trained from scratch while the rest stays
+        frozen. Gates start at 0, so the tower's outputs do not change until training moves them.
+        A tower that has them already (a REACT checkpoint) keeps its own."""
+        layers = self.encoder["layers"]
+        if not 0 <= num_layers <= len(layers):
+            raise ValueError(f"num_gated_layers {num_layers}: the tower has {len(layers)} blocks")
+        have = sum(block.gated_block is not None for block in layers)
+        if have and have != num_layers:
+            raise ValueError(f"the tower has gated blocks before its last {have} blocks; asked for {num_layers}")
+        if have or not num_layers:
+            return
+        config = self.config
+        gated = nn.ModuleList(clip_block(config.hidden_size, config.num_attention_heads, config.intermediate_size,
+                                         config.hidden_act, config.layer_norm_eps, key_bias=config.key_bias,
+                                         residual_gates=True) for _ in range(num_layers))
+        initialize_blocks(gated, config.hidden_size)
+        for block, gated_block in zip(layers[-num_layers:], gated):
+            block.gated_block = gated_block.to(block.input_layernorm.weight)  # its device and dtype
+        config.num_gated_layers = num_layers
 
     def forward(self, pixel_values: torch.Tensor, num_layers: int | None = None,
                 normalize_last: bool = False) -> list[torch.Tensor]:
@@ -397,8 +426,17 @@ class CLIPModel(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, return_loss: bool = True,
-                regions: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                regions: dict[str, torch.Tensor] | None = None,
+                positive_threshold: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns (logits_per_image (images, texts), contrastive loss or None).
+
+        `positive_threshold` is REACT's gamma (dissertation eq. 2.5-2.6): image i and text k are a
+        positive pair when the texts' embeddings agree, v_k . v_i >= gamma (0.9 for classification,
+        "to force image-text pairs sharing the similar text to be positive"); None is CLIP's
+        one-to-one pairing. Each pair is its own positive whatever gamma, and the comparison allows
+        1e-6 of rounding so that gamma = 1 (UniCL) pairs identical texts; their logit columns are
+        identical as well, so gamma = 1 gives CLIP's loss exactly (label-based UniCL, where
+        different captions share a class, does not).
 
         `regions` (data.collate_regions: boxes, image_index, and the batch's distinct phrases)
         adds the region-phrase loss: every region against every distinct phrase of the batch,
@@ -411,7 +449,13 @@ class CLIPModel(nn.Module):
         logits_per_image = self.logit_scale.exp() * image_embeds @ text_embeds.t()
         if not return_loss:
             return logits_per_image, None
-        loss = contrastive_loss(logits_per_image)
+        positives = None
+        if positive_threshold is not None:
+            with torch.no_grad():
+                agreement = text_embeds @ text_embeds.t()
+                positives = (agreement >= positive_threshold - 1e-6) | torch.eye(
+                    len(agreement), dtype=torch.bool, device=agreement.device)
+        loss = contrastive_loss(logits_per_image, positives)
         if regions is not None:
             region_embeds = F.normalize(self.encode_regions(last_hidden_state, regions["boxes"],
                                                             regions["image_index"]), dim=-1)
@@ -426,8 +470,17 @@ class CLIPModel(nn.Module):
         save_safetensors(state_to_theirs(self.state_dict(), CLIP_LAYOUT), Path(path) / WEIGHTS_NAME)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> CLIPModel:
-        """Load a CLIPModel checkpoint directory written here or by transformers."""
+    def from_pretrained(cls, path: str | Path, hidden_act: str = "quick_gelu") -> CLIPModel:
+        """Load a CLIPModel checkpoint directory written here or by transformers, or an OpenCLIP /
+        REACT release converted by `checkpoints.py convert` (no config.json; dims read off its
+        shapes by checkpoints.openclip_config, whose `hidden_act` is the activation it was
+        trained with: quick_gelu for OpenAI's and REACT's weights, gelu for OpenCLIP's LAION ones)."""
+        if not (Path(path) / CONFIG_NAME).is_file():
+            state = load_safetensors(path)
+            if "visual.conv1.weight" in state:
+                model = cls(CLIPConfig.from_dict(openclip_config(state, hidden_act)))
+                load_state_strict(model, state_to_ours(state, OPENCLIP_LAYOUT), str(path))
+                return model
         values = read_config_json(path)
         if "vision_config" not in values or "text_config" not in values:
             raise ValueError(f"{Path(path) / 'config.json'} is not a CLIPModel config "

@@ -38,6 +38,9 @@ def smoke_config(name: str, world: Path, out: Path, tmp_path: Path) -> Path:
              "shapes_llava_next.py": {'"out/shapes_llava_next"': f'"{out.with_name("llava_next")}"',
                                       '"out/shapes_llava15/': f'"{out}/', '"data/shapes_192"': f'"{world}_192"',
                                       '"data/shapes/tokenizer.json"': f'"{world}/tokenizer.json"'},
+             # REACT starts from the main job's CLIP.
+             "shapes_react.py": {'"out/shapes_react"': f'"{out.with_name("react")}"',
+                                 '"out/shapes_llava15/': f'"{out}/'},
              # LLaVA-1.5-HD execs smoke_shapes_llava_next.py beside it, then starts from its stage 1.
              "shapes_llava15_hd.py": {'"out/shapes_llava15_hd"': f'"{out.with_name("llava15_hd")}"',
                                       '"out/shapes_llava_next/': f'"{out.with_name("llava_next")}/'}}[name]
@@ -210,3 +213,26 @@ def test_llava_next_and_hd_recipes_tile_the_finetune_stage(recipe):
     hd = MLLM.from_pretrained(str(recipe / "llava15_hd" / "finetune"))
     assert hd.config.mm_patch_merge_type == "spatial" and hd.config.image_grid_pinpoints == [[128, 128]]
     assert not hasattr(hd, "image_newline") and hd.high_resolution.num_image_tokens((100, 190)) == 64 + 16 * 16
+
+
+def test_react_recipe_retrieves_and_trains_only_the_gated_blocks(recipe):
+    """REACT in miniature on the main job's CLIP: text-to-text retrieval writes the pool's chosen
+    records, the stage adds gated blocks and trains nothing else (the text tower and the original
+    image blocks stay bit-identical), and both classification tasks are scored zero-shot."""
+    config = smoke_config("shapes_react.py", recipe / "world", recipe / "llava15", recipe)
+    train.main([str(config), *SMOKE])
+    out = recipe / "react"
+    results = json.loads((out / "results.json").read_text())
+    for name in ("small_accuracy", "large_accuracy"):
+        assert 0.0 <= results[name] <= 1.0
+    assert results["tasks"]["classification_small"]["chance"] == pytest.approx(0.2)
+    retrieved = json.loads((out / "retrieved" / "react.json").read_text())
+    pool = json.loads((recipe / "world" / "train" / "pretrain.json").read_text())
+    assert 0 < len(retrieved) <= len(pool) and all(record in pool for record in retrieved)
+    assert len({record["id"] for record in retrieved}) == len(retrieved)
+    generic = CLIPModel.from_pretrained(str(recipe / "llava15" / "clip")).state_dict()
+    customized = CLIPModel.from_pretrained(str(out / "react"))
+    assert customized.config.vision_config.num_gated_layers == 2
+    state = customized.state_dict()
+    assert all(torch.equal(state[key], value) for key, value in generic.items())
+    assert any(not torch.equal(value, torch.zeros(())) for key, value in state.items() if key.endswith("alpha_attn"))

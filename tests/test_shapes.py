@@ -185,7 +185,26 @@ def test_cli_small_world(tmp_path):
                    check=True, capture_output=True)
     counts = read_json(tmp_path / "small" / shapes.MARKER_FILE)["counts"]
     assert counts["train_images"] == shapes.SMALL_WORLD["num_train_images"]
-    assert len(list((tmp_path / "small" / "images").glob("*.png"))) == sum(shapes.SMALL_WORLD.values())
+    assert counts["classification_images"] == 2 * len(shapes.SHAPES) * 2  # two sizes, two images a class
+    assert len(list((tmp_path / "small" / "images").glob("*.png"))) == (sum(shapes.SMALL_WORLD.values())
+                                                                        + counts["classification_images"])
+
+
+def test_classification_tasks_are_one_balanced_object_of_their_size(world):
+    eval_ids = set()
+    for size in shapes.SIZES:
+        classes, templates, rows = data.read_classification_task(str(world / "eval" / "classification" / f"{size}.json"))
+        assert classes == list(shapes.SHAPES) and all(size in template for template in templates)
+        assert [row["label"] for row in rows] == [classes[i % len(classes)] for i in range(len(rows))]
+        for row in rows:
+            image = Image.open(world / "images" / row["image"])
+            eval_ids.add(row["image"])
+            # One object on a pale background: every saturated pixel lies in one square box of its size.
+            dark = (np.asarray(image.convert("RGB")).min(axis=2) <= 60).nonzero()
+            height, width = np.ptp(dark[0]) + 1, np.ptp(dark[1]) + 1
+            low, high = shapes.SIZE_FRACTIONS[size]
+            assert low * max(image.size) - 2 <= max(height, width) <= high * max(image.size) + 2, row
+    assert len(eval_ids) == 2 * len(rows)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ def test_config_errors_name_the_key(tmp_path):
                          (["--a.template=vicuna"], "a.template"), (["--stages=[]"], "--stages"),
                          (["--a.param_groups=[{'lr': 1.0}]"], "param_groups"), (["--a.trainable=['(']"], "bad regex"),
                          (["--on_data_error=ignore"], "on_data_error"),
-                         (["--a.region_loss=True"], "region_loss is a loss of the clip objective"),
+                         (["--a.region_loss=True"], "region_loss belongs to the clip objective"),
                          (["--a.objective=clip", "--a.image_aspect_ratio=anyres"], "'anyres' tiles an MLLM's")):
         with pytest.raises((KeyError, ValueError), match=message):
             train.load_config(str(config), bad)
