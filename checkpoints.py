@@ -317,10 +317,12 @@ def bert_layer_rules(theirs: str, ours: str, attention: str = "self") -> Layout:
     """A BERT layer under `theirs` (the Q-Former's layers are BERT's) -> our layers.PostNormBlock
     under `ours`: BERT's query/key/value/dense onto Attention's projections, its output LayerNorms
     onto the block's norms, intermediate/output onto FeedForward, and the Q-Former's query
-    feed-forward (intermediate_query/output_query) onto `query_mlp`. `attention` is the name of
-    the level holding query/key/value: BERT's and LAVIS's "self", transformers' Q-Former "attention"."""
+    feed-forward (intermediate_query/output_query) onto `query_mlp`; Lyrics' MQ-Former adds the
+    grounding queries' `detection_crossattention` (our `grounding_cross_attn`). `attention` is the
+    name of the level holding query/key/value: BERT's and LAVIS's "self", transformers' Q-Former "attention"."""
     rules: list[Rule] = []
-    for bert, block in (("attention", "self_attn"), ("crossattention", "cross_attn")):
+    for bert, block in (("attention", "self_attn"), ("crossattention", "cross_attn"),
+                        ("detection_crossattention", "grounding_cross_attn")):
         rules += [Rule(f"{theirs}{bert}.{attention}.{name}.*", f"{ours}{block}.{projection}.*")
                   for name, projection in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj"))]
         rules += [Rule(f"{theirs}{bert}.output.dense.*", f"{ours}{block}.o_proj.*"),
@@ -481,7 +483,7 @@ BLIP2_LAYOUT = (eva_tower_rules("vision_model.", "vision_tower.") + BLIP2_CONNEC
                 + qformer_rules("qformer.", "multi_modal_projector.qformer.", embeddings="none"))
 INSTRUCTBLIP_LAYOUT = (eva_tower_rules("vision_model.", "vision_tower.") + BLIP2_CONNECTOR_AND_LLM
                        + qformer_rules("qformer.", "multi_modal_projector.qformer.", embeddings="qformer"))
-# Blip2ForImageTextRetrieval (BLIP-2 stage 1, connectors.QFormerStage1): the Q-Former with text
+# Blip2ForImageTextRetrieval (BLIP-2 stage 1, pretraining.QFormerStage1): the Q-Former with text
 # input, its projections to the 256-d contrastive space and the ITM head, as transformers has
 # them; the ITG head and the temperature, which transformers leaves out, under LAVIS's names.
 BLIP2_RETRIEVAL_LAYOUT = eva_tower_rules("vision_model.", "vision_tower.") + (

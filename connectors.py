@@ -40,21 +40,15 @@ v1's `model.mm_projector.*` and LLaVA-1.5's `model.mm_projector.0/2.*` onto thes
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import ClassVar
 
 import torch
-import torch.distributed as dist
-import torch.distributed.nn as dist_nn
 import torch.nn as nn
-import torch.nn.functional as F
 
-from checkpoints import (BLIP2_RETRIEVAL_LAYOUT, JsonConfig, load_state_strict, read_checkpoint, state_to_ours,
-                         state_to_theirs, write_checkpoint)
-from layers import IGNORE_INDEX, Attention, FeedForward, PostNormBlock
-from vision import VisionConfig, VisionTransformer, select_best_resolution, vision_config_from_dict
+from checkpoints import JsonConfig
+from layers import Attention, FeedForward, PostNormBlock
+from vision import VisionConfig, select_best_resolution
 
 FEATURE_SELECT_STRATEGIES = ("default", "full")  # LLaVA's names: "default" drops CLS, "full" keeps it
 
@@ -227,7 +221,8 @@ class QFormerConfig(JsonConfig):
     `encoder_hidden_size`-wide image features (EVA ViT-g: 1408). `use_qformer_text_input`: the
     Q-Former reads text (stage 1's text encoder / decoder, InstructBLIP's instruction): word and
     position embeddings and the text feed-forwards exist. Field names are transformers'
-    Blip2QFormerConfig's."""
+    Blip2QFormerConfig's. `detection_encoder_hidden_size` (Lyrics' name; 0 for BLIP-2): the width
+    of the visual refiner's object features that the MQ-Former's grounding queries cross-attend."""
 
     model_type: ClassVar[str] = "blip_2_qformer"
     vocab_size: int = 30522
@@ -242,6 +237,7 @@ class QFormerConfig(JsonConfig):
     cross_attention_frequency: int = 2
     encoder_hidden_size: int = 1408
     use_qformer_text_input: bool = False
+    detection_encoder_hidden_size: int = 0
 
     def __post_init__(self):
         if self.cross_attention_frequency < 1:
@@ -266,7 +262,8 @@ class QFormer(nn.Module):
                           config.hidden_act, config.layer_norm_eps,
                           context_dim=config.encoder_hidden_size if index % config.cross_attention_frequency == 0
                           else None,
-                          query_mlp=True, text_mlp=config.use_qformer_text_input)
+                          query_mlp=True, text_mlp=config.use_qformer_text_input,
+                          grounding_context_dim=config.detection_encoder_hidden_size or None)
             for index in range(config.num_hidden_layers))
 
     def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -282,13 +279,16 @@ class QFormer(nn.Module):
 
     def forward(self, query_embeds: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
-                caches: list | None = None) -> torch.Tensor:
+                caches: list | None = None, num_grounding_queries: int = 0,
+                object_features: torch.Tensor | None = None, object_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The last layer's states (B, Q + T, width) of Q queries then T text tokens.
 
         query_embeds: (B, Q, width) or None; input_ids: (B, T) or None; attn_mask: boolean
         (True = may attend), broadcastable to (B, heads, Q + T, keys), one of the masks below;
         image_embeds: (B, N, encoder_hidden_size), needed when there are queries; caches: one
-        object per layer for its self-attention's keys and values (QueryKeysValues)."""
+        object per layer for its self-attention's keys and values (QueryKeysValues). The MQ-Former:
+        the last `num_grounding_queries` queries read `object_features` (B, N_objects,
+        detection_encoder_hidden_size) where `object_mask` (B, N_objects) is True."""
         parts = [query_embeds] if query_embeds is not None else []
         if input_ids is not None:
             parts.append(self.embed_text(input_ids).to(self.layernorm.weight.dtype))
@@ -298,44 +298,30 @@ class QFormer(nn.Module):
         num_queries = 0 if query_embeds is None else query_embeds.shape[1]
         for index, layer in enumerate(self.layers):
             x = layer(x, attn_mask=attn_mask, context=image_embeds if num_queries else None,
-                      num_queries=num_queries, cache=caches[index] if caches is not None else None)
+                      num_queries=num_queries, cache=caches[index] if caches is not None else None,
+                      num_grounding_queries=num_grounding_queries, grounding_context=object_features,
+                      grounding_mask=object_mask)
         return x
 
 
-class QueryKeysValues:
-    """A self-attention cache for BLIP-2's image-grounded text generation (sec. 3.2, ITG): the
-    query pass stores each layer's query keys and values (with their gradients), and the text
-    pass attends to them before its own, so the text reads the image only through the queries."""
-
-    def __init__(self):
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
-
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.keys is not None:
-            k, v = torch.cat([self.keys, k], dim=2), torch.cat([self.values, v], dim=2)
-        self.keys, self.values = k, v
-        return k, v
+def bert_initialization(module: nn.Module) -> None:
+    """BERT's initialization (normal, std 0.02; zero biases; LayerNorm 1 and 0), which BLIP-2's
+    Q-Former starts from when not from bert-base itself."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    if isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
 
 
-# The three attention masks of BLIP-2 stage 1 (sec. 3.2, Figure 2 right), boolean, True = may attend.
-# ITC's "uni-modal" mask needs none: queries and text go through the Q-Former in separate passes.
+# BLIP-2's ITM mask (sec. 3.2, Figure 2 right; pretraining.py has the others), boolean, True = may attend.
 
 def bidirectional_mask(padding_mask: torch.Tensor) -> torch.Tensor:
     """ITM's (and InstructBLIP's) mask: every position sees every non-padding position.
     padding_mask: (B, S), 1 = token; returns (B, 1, 1, S)."""
     return padding_mask.bool()[:, None, None, :]
-
-
-def causal_text_mask(text_padding_mask: torch.Tensor, num_queries: int) -> torch.Tensor:
-    """ITG's "multimodal causal" mask for the text pass: each text token sees all `num_queries`
-    queries (their cached keys come first) and the text up to itself, padding excluded.
-    text_padding_mask: (B, T), 1 = token; returns (B, 1, T, num_queries + T)."""
-    batch, length = text_padding_mask.shape
-    causal = torch.ones(length, length, dtype=torch.bool, device=text_padding_mask.device).tril()
-    allowed = torch.cat([causal.new_ones(length, num_queries), causal], dim=1)  # (T, Q + T)
-    keys = torch.cat([text_padding_mask.new_ones(batch, num_queries), text_padding_mask], dim=1).bool()
-    return allowed[None, None] & keys[:, None, None, :]
 
 
 class QFormerConnector(Connector):
@@ -344,17 +330,27 @@ class QFormerConnector(Connector):
     ln_vision), through the Q-Former; `language_projection` maps the query outputs to the LLM's
     width, and they stand in for the image tokens ("soft visual prompts"). With text input
     (InstructBLIP, sec. 2.2), the instruction's tokens join the queries in self-attention, with a
-    bidirectional mask, and only the query outputs go on."""
+    bidirectional mask, and only the query outputs go on.
+
+    With `num_grounding_queries` (Lyrics, sec. 3.1 and 3.3: the MQ-Former), that many more
+    queries follow the visual ones and read the visual refiner's object features instead of the
+    image (`object_features`, `object_mask`, one row per image); the LLM reads all of them, visual
+    first, through the one projection. With none it is BLIP-2's connector, to the last bit."""
 
     normalizes_last_layer = True
 
     def __init__(self, vision_config: VisionConfig, text_width: int, qformer_config: QFormerConfig,
-                 num_query_tokens: int):
+                 num_query_tokens: int, num_grounding_queries: int = 0):
         if qformer_config.encoder_hidden_size != vision_config.hidden_size:
             raise ValueError(f"qformer_config.encoder_hidden_size {qformer_config.encoder_hidden_size} != the vision "
                              f"tower's hidden_size {vision_config.hidden_size}")
+        if num_grounding_queries and not qformer_config.detection_encoder_hidden_size:
+            raise ValueError("grounding queries read the refiner's objects: qformer_config needs "
+                             "detection_encoder_hidden_size (the object features' width)")
         super().__init__(vision_config, vision_feature_layer=-1, vision_feature_select_strategy="full")
-        self.query_tokens = nn.Parameter(torch.zeros(1, num_query_tokens, qformer_config.hidden_size))
+        self.num_grounding_queries = num_grounding_queries
+        self.query_tokens = nn.Parameter(torch.zeros(1, num_query_tokens + num_grounding_queries,
+                                                     qformer_config.hidden_size))
         self.qformer = QFormer(qformer_config)
         self.language_projection = nn.Linear(qformer_config.hidden_size, text_width)
 
@@ -367,15 +363,24 @@ class QFormerConnector(Connector):
         return self.qformer.config.use_qformer_text_input
 
     def forward(self, hidden_states: list[torch.Tensor], instruction_ids: torch.Tensor | None = None,
-                instruction_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, num_query_tokens, text width). instruction_ids / instruction_mask: (B, T), one row
-        per image (InstructBLIP's qformer_input_ids / qformer_attention_mask)."""
+                instruction_mask: torch.Tensor | None = None, object_features: torch.Tensor | None = None,
+                object_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, num_image_tokens, text width). instruction_ids / instruction_mask: (B, T), one row
+        per image (InstructBLIP's qformer_input_ids / qformer_attention_mask). object_features
+        (B, N, detection_encoder_hidden_size) / object_mask (B, N): the refiner's, for the
+        grounding queries."""
         image_embeds = self.select_features(hidden_states).to(self.query_tokens.dtype)
         queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        if self.num_grounding_queries and (object_features is None or object_mask is None):
+            raise ValueError("this MQ-Former's grounding queries need the visual refiner's object_features and "
+                             "object_mask (one row per image)")
         attn_mask = None
         if instruction_ids is not None and instruction_mask is not None:
             attn_mask = bidirectional_mask(torch.cat([instruction_mask.new_ones(queries.shape[:2]), instruction_mask], 1))
-        states = self.qformer(queries, instruction_ids, attn_mask=attn_mask, image_embeds=image_embeds)
+        states = self.qformer(queries, instruction_ids, attn_mask=attn_mask, image_embeds=image_embeds,
+                              num_grounding_queries=self.num_grounding_queries,
+                              object_features=None if object_features is None else object_features.to(queries.dtype),
+                              object_mask=object_mask)
         return self.language_projection(states[:, :queries.shape[1]])
 
 
@@ -581,243 +586,3 @@ def build_connector(projector_type: str, vision_config: VisionConfig, text_width
         return PerceiverResampler(vision_config, text_width, resampler_config or ResamplerConfig())
     return CONNECTORS[projector_type](vision_config, text_width, vision_feature_layer=vision_feature_layer,
                                       vision_feature_select_strategy=vision_feature_select_strategy)
-
-
-# ----------------------------------------------------------------------------------------------
-# BLIP-2 stage 1: the Q-Former learns to read the image before any LLM sees it (sec. 3.2)
-
-
-@dataclass
-class QFormerStage1Config(JsonConfig):
-    """The stage-1 model: a (frozen) tower, the Q-Former with text input, the 256-d contrastive
-    space (`image_text_hidden_size`) and the [DEC] token that starts generated text. config.json
-    is transformers' Blip2Config for Blip2ForImageTextRetrieval, plus `decoder_bos_token_id`."""
-
-    model_type: ClassVar[str] = "blip-2"
-    vision_config: VisionConfig | None = None
-    qformer_config: QFormerConfig | None = None
-    num_query_tokens: int = 32
-    image_text_hidden_size: int = 256
-    decoder_bos_token_id: int = 30522  # [DEC], added after bert-base-uncased's 30522 tokens
-
-    def __post_init__(self):
-        if self.vision_config is None or self.qformer_config is None:
-            raise ValueError("QFormerStage1Config needs a vision_config and a qformer_config")
-        if not self.qformer_config.use_qformer_text_input:
-            raise ValueError("stage 1 trains the Q-Former on text: qformer_config.use_qformer_text_input must be true")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "QFormerStage1Config":
-        vision_config = vision_config_from_dict({"model_type": "blip_2_vision_model", **values["vision_config"]})
-        qformer_config = QFormerConfig.from_dict({**values["qformer_config"], "use_qformer_text_input": True,
-                                                  "encoder_hidden_size": vision_config.hidden_size})
-        return cls(vision_config=vision_config, qformer_config=qformer_config,
-                   **{key: values[key] for key in ("num_query_tokens", "image_text_hidden_size", "decoder_bos_token_id")
-                      if key in values})
-
-    def to_dict(self) -> dict:
-        return {"architectures": ["Blip2ForImageTextRetrieval"], "model_type": self.model_type,
-                "vision_config": self.vision_config.to_dict(), "qformer_config": self.qformer_config.to_dict(),
-                "num_query_tokens": self.num_query_tokens, "image_text_hidden_size": self.image_text_hidden_size,
-                "decoder_bos_token_id": self.decoder_bos_token_id}
-
-
-class TextGenerationHead(nn.Module):
-    """BERT's language-model head, the one ITG trains: dense -> GELU -> LayerNorm, then the word
-    embeddings transposed (tied, as in BERT) plus a bias."""
-
-    def __init__(self, config: QFormerConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
-
-    def forward(self, states: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.layer_norm(F.gelu(self.dense(states))), word_embeddings, self.bias)
-
-
-def bert_initialization(module: nn.Module) -> None:
-    """BERT's initialization (normal, std 0.02; zero biases; LayerNorm 1 and 0), which BLIP-2's
-    Q-Former starts from when not from bert-base itself."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, std=0.02)
-    if isinstance(module, nn.Linear) and module.bias is not None:
-        nn.init.zeros_(module.bias)
-    if isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-
-
-def gather_across_processes(tensor: torch.Tensor, with_grad: bool) -> torch.Tensor:
-    """The tensor of every process, concatenated along dim 0 in rank order (itself when not
-    distributed). LAVIS gathers the contrastive features without gradient (concat_all_gather)
-    and the image embeddings for ITM negatives with it (all_gather_with_grad)."""
-    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
-        return tensor
-    if with_grad:
-        return torch.cat(dist_nn.all_gather(tensor), dim=0)
-    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, tensor.contiguous())
-    return torch.cat(gathered, dim=0)
-
-
-def image_text_contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
-                                temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ITC (BLIP-2 sec. 3.2): a text's similarity to an image is the highest over the image's
-    queries ("we compute the pairwise similarity between each query output and t, and select the
-    highest one"), divided by a learned temperature; cross-entropy with label smoothing 0.1 in
-    both directions against this process's slice of the gathered batch.
-
-    image_features: (B, Q, E) normalized; text_features: (B, E) normalized. Returns (loss,
-    image-to-text (B, B_all), text-to-image (B, B_all) similarities), the latter for ITM's
-    negatives."""
-    image_all = gather_across_processes(image_features, with_grad=False)  # (B_all, Q, E)
-    text_all = gather_across_processes(text_features, with_grad=False)    # (B_all, E)
-    image_to_text = torch.einsum("iqe,je->ijq", image_features, text_all).amax(-1) / temperature
-    text_to_image = torch.einsum("ie,jqe->ijq", text_features, image_all).amax(-1) / temperature
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    targets = torch.arange(len(text_features), device=text_features.device) + rank * len(text_features)
-    loss = (F.cross_entropy(image_to_text, targets, label_smoothing=0.1)
-            + F.cross_entropy(text_to_image, targets, label_smoothing=0.1)) / 2
-    return loss, image_to_text, text_to_image
-
-
-def sample_hard_negatives(similarities: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """ITM's hard negatives (BLIP-2 sec. 3.2, after ALBEF): for each row, one column drawn with
-    probability softmax(similarity), its own positive (this process's diagonal) excluded.
-    similarities: (B, B_all); returns (B,) indices into the gathered batch."""
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    batch = similarities.shape[0]
-    if similarities.shape[1] < 2:
-        raise ValueError("ITM needs at least 2 image-text pairs across all processes to sample a negative")
-    with torch.no_grad():
-        masked = similarities.detach().clone()
-        rows = torch.arange(batch, device=masked.device)
-        masked[rows, rows + rank * batch] = -10000.0
-        return torch.multinomial(masked.softmax(dim=1), 1, generator=generator).squeeze(1)
-
-
-class QFormerStage1(nn.Module):
-    """BLIP-2's first stage (sec. 3.2, Figure 2): with the image encoder frozen, the Q-Former
-    learns to pull out the visual features most informative of the text, by three objectives that
-    share its weights and differ in the self-attention mask:
-
-    - ITC, image-text contrastive (queries and text in separate passes, "uni-modal" mask);
-    - ITM, image-text matching (queries and text together, bidirectional; a binary head on each
-      query output, averaged), on hard negatives;
-    - ITG, image-grounded text generation (text causal, seeing all queries; the queries reach the
-      text only through their cached keys and values, so they must hold everything the text needs).
-
-    `forward` returns ({"itc", "itm", "itg"}, their sum: BLIP-2 weighs them equally). Parameter
-    names map onto transformers' Blip2ForImageTextRetrieval (checkpoints.BLIP2_RETRIEVAL_LAYOUT)."""
-
-    def __init__(self, config: QFormerStage1Config):
-        super().__init__()
-        self.config = config
-        width = config.qformer_config.hidden_size
-        self.vision_tower = VisionTransformer(config.vision_config)
-        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, width))
-        self.qformer = QFormer(config.qformer_config)
-        self.vision_projection = nn.Linear(width, config.image_text_hidden_size)
-        self.text_projection = nn.Linear(width, config.image_text_hidden_size)
-        self.itm_head = nn.Linear(width, 2)
-        self.itg_head = TextGenerationHead(config.qformer_config)
-        self.temperature = nn.Parameter(torch.tensor(0.07))  # learned, 0.07 at the start (BLIP's)
-
-    def initialize_weights(self) -> None:
-        """A fresh Q-Former and heads (BERT's initialization, queries N(0, 0.02) as in LAVIS); the
-        tower keeps whatever it was given."""
-        for module in (self.qformer, self.vision_projection, self.text_projection, self.itm_head, self.itg_head):
-            module.apply(bert_initialization)
-        nn.init.zeros_(self.itg_head.bias)
-        nn.init.normal_(self.query_tokens, std=0.02)
-        with torch.no_grad():
-            self.temperature.fill_(0.07)
-
-    def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The LayerNorm'd last ViT layer, every token (B, 1 + patches, vision width)."""
-        dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
-        return self.vision_tower(pixel_values.to(dtype), normalize_last=True)[-1].to(self.query_tokens.dtype)
-
-    def query_outputs(self, image_embeds: torch.Tensor, caches: list | None = None) -> torch.Tensor:
-        """(B, Q, width): the queries alone, reading the image."""
-        return self.qformer(self.query_tokens.expand(image_embeds.shape[0], -1, -1), image_embeds=image_embeds,
-                            caches=caches)
-
-    def text_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T, width): the text alone, bidirectional (BERT's text encoder)."""
-        return self.qformer(input_ids=input_ids, attn_mask=bidirectional_mask(attention_mask))
-
-    def match_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor,
-                     attention_mask: torch.Tensor) -> torch.Tensor:
-        """ITM logits (B, 2), [no match, match]: queries and text together, bidirectional mask."""
-        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        mask = torch.cat([attention_mask.new_ones(queries.shape[:2]), attention_mask], dim=1)
-        states = self.qformer(queries, input_ids, attn_mask=bidirectional_mask(mask), image_embeds=image_embeds)
-        return self.itm_head(states[:, :queries.shape[1]]).mean(dim=1)
-
-    def similarity(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                   attention_mask: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity (images, texts), the best over each image's queries (no temperature;
-        transformers' Blip2ForImageTextRetrieval without its matching head)."""
-        image_features = F.normalize(self.vision_projection(self.query_outputs(self.image_embeds(pixel_values))), dim=-1)
-        text_features = F.normalize(self.text_projection(self.text_outputs(input_ids, attention_mask)[:, 0]), dim=-1)
-        return torch.einsum("iqe,je->ijq", image_features, text_features).amax(-1)
-
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """pixel_values (B, 3, H, W); input_ids (B, T): [CLS] caption [SEP] and padding, with
-        attention_mask (B, T). Returns ({"itc", "itm", "itg"}, itc + itm + itg)."""
-        image_embeds = self.image_embeds(pixel_values)
-        caches = [QueryKeysValues() for _ in self.qformer.layers]
-        image_features = F.normalize(self.vision_projection(self.query_outputs(image_embeds, caches)), dim=-1)
-        text_features = F.normalize(self.text_projection(self.text_outputs(input_ids, attention_mask)[:, 0]), dim=-1)
-        itc, image_to_text, text_to_image = image_text_contrastive_loss(image_features, text_features,
-                                                                        self.temperature)
-
-        # ITM: each text with its image, with a hard negative image; each image with a hard negative text.
-        image_embeds_all = gather_across_processes(image_embeds, with_grad=True)
-        input_ids_all = gather_across_processes(input_ids, with_grad=False)
-        attention_mask_all = gather_across_processes(attention_mask, with_grad=False)
-        negative_images = sample_hard_negatives(text_to_image)
-        negative_texts = sample_hard_negatives(image_to_text)
-        batch = len(input_ids)
-        match = self.match_logits(torch.cat([image_embeds, image_embeds_all[negative_images], image_embeds]),
-                                  torch.cat([input_ids, input_ids, input_ids_all[negative_texts]]),
-                                  torch.cat([attention_mask, attention_mask, attention_mask_all[negative_texts]]))
-        labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(match.device)
-        itm = F.cross_entropy(match, labels)
-
-        # ITG: [DEC] in place of [CLS]; the text reads the queries' cached keys and values.
-        decoder_input_ids = input_ids.clone()
-        decoder_input_ids[:, 0] = self.config.decoder_bos_token_id
-        states = self.qformer(input_ids=decoder_input_ids, caches=caches,
-                              attn_mask=causal_text_mask(attention_mask, self.config.num_query_tokens))
-        logits = self.itg_head(states, self.qformer.word_embeddings.weight)
-        targets = decoder_input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
-        itg = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                              label_smoothing=0.1)
-        losses = {"itc": itc, "itm": itm, "itg": itg}
-        return losses, itc + itm + itg
-
-    def save_pretrained(self, path: str | Path) -> None:
-        """config.json + model.safetensors in transformers' Blip2ForImageTextRetrieval layout (the
-        ITG head and temperature, which it leaves out, under LAVIS's names)."""
-        state = {key: value for key, value in self.state_dict().items()}
-        write_checkpoint(path, self.config.to_dict(), state_to_theirs(state, BLIP2_RETRIEVAL_LAYOUT))
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> "QFormerStage1":
-        """A Blip2ForImageTextRetrieval checkpoint (the hub's or ours). The hub's has no ITG head
-        or temperature: those start fresh, and the loader says so."""
-        values, state = read_checkpoint(path)
-        model = cls(QFormerStage1Config.from_dict(values))
-        model.initialize_weights()
-        state = state_to_ours(state, BLIP2_RETRIEVAL_LAYOUT)
-        fresh = [key for key in model.state_dict() if key.startswith(("itg_head.", "temperature")) and key not in state]
-        if fresh:
-            print(f"{path}: no {', '.join(fresh)} (transformers keeps no ITG head or temperature); initialized fresh",
-                  file=sys.stderr)
-            state.update({key: model.state_dict()[key] for key in fresh})
-        load_state_strict(model, state, str(path))
-        return model

@@ -407,3 +407,29 @@ def with_tag_prompt(conversations: list[dict], tags: list[str], hint: str) -> li
     sentence = tag_sentence(tags, hint)
     return [*conversations[:first], {**conversations[first], "value": image + sentence + text[len(image):]},
             *conversations[first + 1:]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Lyrics' spatial representation (sec. 3.1)
+
+# "[BOS]" opens the spatial representation in the MQ-Former's text and "[MLM]" replaces it for
+# masked spatial prediction (sec. 3.2); the six markup tokens wrap each object, spelled as the
+# paper writes them ("<Bbox>" closes with "</Box>").
+LYRICS_SPATIAL_BOS, LYRICS_MLM = "[BOS]", "[MLM]"
+LYRICS_MARKUP = ("<br>", "</br>", "<T>", "</T>", "<Bbox>", "</Box>")
+
+
+def with_lyrics_tokens(tokenizer: Tokenizer) -> Tokenizer:
+    """The tokenizer with Lyrics' tokens added as special tokens (each one id, never split, never
+    normalized), after its own vocabulary, so the ids it had stay; a model reading it grows its
+    embeddings to `get_vocab_size()`. Adding them again changes nothing."""
+    tokenizer.add_special_tokens([LYRICS_SPATIAL_BOS, LYRICS_MLM, *LYRICS_MARKUP])
+    return tokenizer
+
+
+def spatial_representation(tag: str, box: Sequence[float]) -> str:
+    """One object as Lyrics writes it for the LLM and the MQ-Former (sec. 3.1):
+    "<br><T>tag</T><Bbox>(x1, y1), (x2, y2)</Box></br>", the box's corners as fractions of the
+    image the tower sees, two decimals."""
+    x1, y1, x2, y2 = box
+    return f"<br><T>{tag}</T><Bbox>({x1:.2f}, {y1:.2f}), ({x2:.2f}, {y2:.2f})</Box></br>"

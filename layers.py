@@ -343,16 +343,24 @@ class PostNormBlock(nn.Module):
     to the image and they have their own feed-forward (`query_mlp`, BLIP-2 initializes it as a
     copy of BERT's); the text keeps BERT's (`mlp`). A Q-Former that never reads text (BLIP-2's
     generation checkpoints) has no `mlp`. BERT's dropout (0.1) is left out, as everywhere in this
-    codebase: the recipes here do not use it."""
+    codebase: the recipes here do not use it.
+
+    Lyrics' MQ-Former (sec. 3.1, Figure 2) splits the queries: the last `num_grounding_queries`
+    of them cross-attend the visual refiner's object features through a second cross-attention
+    of their own (`grounding_cross_attn`, keys and values `grounding_context_dim` wide), the others
+    the image; both groups share the self-attention and the query feed-forward."""
 
     def __init__(self, width: int, num_heads: int, intermediate_size: int, activation: str = "gelu",
                  layer_norm_eps: float = 1e-12, context_dim: int | None = None, query_mlp: bool = False,
-                 text_mlp: bool = True):
+                 text_mlp: bool = True, grounding_context_dim: int | None = None):
         super().__init__()
         self.self_attn = Attention(width, num_heads)
         self.self_attn_norm = nn.LayerNorm(width, eps=layer_norm_eps)
         self.cross_attn = Attention(width, num_heads, context_dim=context_dim) if context_dim else None
         self.cross_attn_norm = nn.LayerNorm(width, eps=layer_norm_eps) if context_dim else None
+        grounding = bool(context_dim and grounding_context_dim)
+        self.grounding_cross_attn = Attention(width, num_heads, context_dim=grounding_context_dim) if grounding else None
+        self.grounding_cross_attn_norm = nn.LayerNorm(width, eps=layer_norm_eps) if grounding else None
         self.mlp = FeedForward(width, intermediate_size, activation) if text_mlp else None
         self.mlp_norm = nn.LayerNorm(width, eps=layer_norm_eps) if text_mlp else None
         self.query_mlp = FeedForward(width, intermediate_size, activation) if query_mlp else None
@@ -360,8 +368,13 @@ class PostNormBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
-                num_queries: int | None = None, cache: KVCacheLike | None = None) -> torch.Tensor:
+                num_queries: int | None = None, cache: KVCacheLike | None = None,
+                num_grounding_queries: int = 0, grounding_context: torch.Tensor | None = None,
+                grounding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, width); context: (B, S, context_dim); masks and `cache` as Attention's.
+        grounding_context: (B, N, grounding_context_dim) object features with grounding_mask (B, N),
+        True on real objects; an image without any leaves its grounding queries' cross-attention
+        out (nothing to read), rather than attending to padding.
 
         num_queries None: a BERT layer, every position alike; the context is required exactly when
         the block has a cross-attention. num_queries = Q: x is Q queries then T - Q text tokens;
@@ -381,14 +394,28 @@ class PostNormBlock(nn.Module):
             if self.cross_attn is not None:
                 if context is None:
                     raise ValueError("the queries of a cross-attention layer need `context` (the image features)")
-                queries = self.cross_attn_norm(queries + self.cross_attn(queries, context=context,
-                                                                         attn_mask=context_mask))
+                visual, grounding = queries[:, :num_queries - num_grounding_queries], queries[:, num_queries - num_grounding_queries:]
+                queries = self.cross_attn_norm(visual + self.cross_attn(visual, context=context, attn_mask=context_mask))
+                if num_grounding_queries:
+                    queries = torch.cat([queries, self.read_objects(grounding, grounding_context, grounding_mask)], 1)
             parts.append(self.query_mlp_norm(queries + self.query_mlp(queries)))
         if text.shape[1] > 0:
             if self.mlp is None:
                 raise ValueError("this block has no text feed-forward (a Q-Former built without text input)")
             parts.append(self.mlp_norm(text + self.mlp(text)))
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+    def read_objects(self, grounding: torch.Tensor, objects: torch.Tensor | None,
+                     present: torch.Tensor | None) -> torch.Tensor:
+        """The grounding queries' cross-attention over the objects (MQ-Former's second one)."""
+        if self.grounding_cross_attn is None or objects is None or present is None:
+            raise ValueError("grounding queries need a block with grounding_cross_attn, the objects and their mask")
+        has_objects = present.any(dim=1)  # (B,)
+        # A row with no key to attend to would be NaN; it reads all (padding) keys and is discarded.
+        keys = (present | ~has_objects[:, None])[:, None, None, :]
+        read = self.grounding_cross_attn(grounding, context=objects, attn_mask=keys)
+        return self.grounding_cross_attn_norm(grounding + read * has_objects[:, None, None].to(read.dtype))
 
 
 def initialize_blocks(blocks: nn.ModuleList, width: int) -> None:

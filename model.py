@@ -37,11 +37,12 @@ from checkpoints import (BLIP2_LAYOUT, INSTRUCTBLIP_LAYOUT, LION_LAYOUT, LLAMA_L
                          llava_hf_config_json, load_over, load_state_strict, lynx_config_fields, lynx_config_json,
                          original_llava_config_fields, read_checkpoint, read_config_json, state_to_ours,
                          state_to_theirs, t5_head_tying, write_checkpoint)
-from connectors import (HighResolution, LIONConnector, PerceiverResampler, QFormerConfig, QFormerStage1, ResamplerConfig,
+from connectors import (HighResolution, LIONConnector, PerceiverResampler, QFormerConfig, ResamplerConfig,
                         VisionAggregatorConfig, bert_initialization, build_connector)
 from layers import (IGNORE_INDEX, Attention, GatedFeedForward, PreNormBlock, RMSNorm, activation_named, additive_mask,
                     causal_attention_mask, relative_position_buckets, rotary_cos_sin, shifted_cross_entropy,
                     supervised_cross_entropy)
+from pretraining import QFormerStage1
 from vision import VisionConfig, VisionTransformer, vision_config_from_dict
 
 
@@ -870,7 +871,7 @@ class MLLM(nn.Module):
     def from_qformer_and_language(cls, qformer_path: str, language_path: str, instruction_aware: bool = False,
                                   **config_overrides) -> MLLM:
         """The start of BLIP-2's second stage (sec. 3.3) and of InstructBLIP's instruction tuning:
-        the stage-1 checkpoint (connectors.QFormerStage1: tower, queries, Q-Former), a
+        the stage-1 checkpoint (pretraining.QFormerStage1: tower, queries, Q-Former), a
         LlamaForCausalLM or T5ForConditionalGeneration and a fresh `language_projection`. BLIP-2's generation Q-Former reads no
         text, so the stage-1 text parts (embeddings, text feed-forwards) are left behind;
         InstructBLIP's (`instruction_aware`) keeps them, as it starts from the stage-1 Q-Former

@@ -44,10 +44,11 @@ from tqdm import tqdm
 import conversation
 import data
 from adapters import TASK_LEVELS, apply_lora, set_trainable
-from connectors import VISUAL_INPUTS, QFormerConfig, QFormerStage1, QFormerStage1Config
+from connectors import VISUAL_INPUTS, QFormerConfig
 from layers import IGNORE_INDEX
 from model import (MLLM, LanguageModel, MLLMConfig, T5Config, T5LanguageModel, TextConfig,
                    language_model_from_pretrained)
+from pretraining import QFormerStage1, QFormerStage1Config
 from vision import CLIPConfig, CLIPModel, VisionTransformer
 
 
@@ -59,7 +60,7 @@ class StageConfig:
     """One stage of a recipe. Defaults are LLaVA-1.5's stage 2 (the official scripts/v1_5/finetune.sh)."""
     name: str = ""
     # "mllm" (LLaVA / BLIP-2 stage 2 / InstructBLIP stages), "clip" (contrastive pretraining),
-    # "lm" (text pretraining), "qformer" (BLIP-2 stage 1: ITC + ITM + ITG, connectors.QFormerStage1)
+    # "lm" (text pretraining), "qformer" (BLIP-2 stage 1: ITC + ITM + ITG, pretraining.QFormerStage1)
     objective: str = "mllm"
     # Where the model starts: "previous" (the last stage's output), "components" (vision_path +
     # language_path + a fresh connector: LLaVA stage 1; for a "qformer" model.projector_type,

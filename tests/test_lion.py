@@ -18,9 +18,9 @@ import transformers
 from adapters import TASK_LEVELS, AdapterRouter, BottleneckAdapter, set_task_level, set_trainable
 from checkpoints import LION_LAYOUT, CheckpointError, state_to_ours, state_to_theirs
 from conftest import randomize, tiny_llama_config
-from connectors import (LIONConnector, QFormerConfig, QFormerStage1, QFormerStage1Config, VisionAggregator,
-                        VisionAggregatorConfig)
+from connectors import LIONConnector, QFormerConfig, VisionAggregator, VisionAggregatorConfig
 from model import MLLM, MLLMConfig, T5Config, T5LanguageModel, TextConfig
+from pretraining import QFormerStage1, QFormerStage1Config
 from vision import EVAVisionConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -540,7 +540,7 @@ def test_save_writes_the_official_names_and_loads_back(lion_t5, tmp_path):
 
 @pytest.fixture(scope="module")
 def components(lion_t5, tmp_path_factory) -> tuple[str, str]:
-    """A stage-1 Q-Former checkpoint (connectors.QFormerStage1) holding lion_t5's tower, and a
+    """A stage-1 Q-Former checkpoint (pretraining.QFormerStage1) holding lion_t5's tower, and a
     T5ForConditionalGeneration checkpoint holding its T5 (without the adapters)."""
     directory = tmp_path_factory.mktemp("components")
     torch.manual_seed(0)

@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-import connectors
+import pretraining
 from conftest import randomize
-from connectors import (QFormerConfig, QFormerStage1, QFormerStage1Config, QueryKeysValues, bidirectional_mask,
-                        causal_text_mask, image_text_contrastive_loss, sample_hard_negatives)
+from connectors import QFormerConfig, bidirectional_mask
+from pretraining import (QFormerStage1, QFormerStage1Config, QueryKeysValues, causal_text_mask,
+                         image_text_contrastive_loss, sample_hard_negatives)
 from vision import EVAVisionConfig
 
 VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=30,
@@ -137,12 +138,12 @@ def test_contrastive_loss_gathers_the_batch_across_processes(monkeypatch):
         for output, half in zip(outputs, halves[tensor.dim()]):
             output.copy_(half)
 
-    monkeypatch.setattr(connectors.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(connectors.dist, "get_world_size", lambda: 2)
-    monkeypatch.setattr(connectors.dist, "all_gather", all_gather)
+    monkeypatch.setattr(pretraining.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(pretraining.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(pretraining.dist, "all_gather", all_gather)
     per_rank = []
     for rank in (0, 1):
-        monkeypatch.setattr(connectors.dist, "get_rank", lambda rank=rank: rank)
+        monkeypatch.setattr(pretraining.dist, "get_rank", lambda rank=rank: rank)
         part = slice(2 * rank, 2 * rank + 2)
         per_rank.append(image_text_contrastive_loss(image[part], text[part], torch.tensor(0.07))[0])
     monkeypatch.undo()

@@ -4,8 +4,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE = ("layers.py", "checkpoints.py", "vision.py", "connectors.py", "adapters.py", "decoding.py", "model.py",
-        "data.py", "train.py", "eval.py")
+CORE = ("layers.py", "checkpoints.py", "vision.py", "connectors.py", "pretraining.py", "adapters.py", "decoding.py",
+        "model.py", "data.py", "train.py", "eval.py")
 
 
 def local_imports(path: Path, local: set[str]) -> set[str]:
