@@ -364,19 +364,38 @@ def qformer_rules(theirs: str, ours: str, embeddings: str) -> Layout:
     InstructBLIP (`qformer.embeddings.{word,position}_embeddings`, `qformer.embeddings.layernorm`),
     "root" for Blip2ForImageTextRetrieval (top-level `embeddings.*`, `qformer.layernorm`), "none"
     for BLIP-2 generation (`qformer.layernorm` only), "lavis" for LAVIS and the code built on it
-    (LION, Lyrics: `Qformer.bert.embeddings.LayerNorm`, BERT's `attention.self.*` names)."""
-    if embeddings not in ("qformer", "root", "none", "lavis"):
-        raise ValueError(f"qformer_rules: embeddings must be 'qformer', 'root', 'none' or 'lavis', not {embeddings!r}")
-    home = {"qformer": f"{theirs}embeddings.", "lavis": f"{theirs}embeddings.", "root": "embeddings.",
-            "none": None}[embeddings]
-    layernorm = {"qformer": f"{theirs}embeddings.layernorm.*",
-                 "lavis": f"{theirs}embeddings.LayerNorm.*"}.get(embeddings, f"{theirs}layernorm.*")
+    (LION: `Qformer.bert.embeddings.LayerNorm`, BERT's `attention.self.*` names), "lyrics" for
+    Lyrics' `LyricsQFormerModel` (transformers' names but BERT's `qformer.embeddings.LayerNorm`)."""
+    if embeddings not in ("qformer", "root", "none", "lavis", "lyrics"):
+        raise ValueError(f"qformer_rules: embeddings must be 'qformer', 'root', 'none', 'lavis' or 'lyrics', "
+                         f"not {embeddings!r}")
+    home = {"root": "embeddings.", "none": None}.get(embeddings, f"{theirs}embeddings.")
+    layernorm = {"qformer": f"{theirs}embeddings.layernorm.*", "lavis": f"{theirs}embeddings.LayerNorm.*",
+                 "lyrics": f"{theirs}embeddings.LayerNorm.*"}.get(embeddings, f"{theirs}layernorm.*")
     rules = (Rule(layernorm, f"{ours}layernorm.*"),)
     if home is not None:
         rules += tuple(Rule(f"{home}{table}.*", f"{ours}{table}.*")
                        for table in ("word_embeddings", "position_embeddings"))
     return rules + bert_layer_rules(f"{theirs}encoder.layer.*.", f"{ours}layers.*.",
                                     attention="self" if embeddings == "lavis" else "attention")
+
+
+# Lyrics (`LyricsLMForConditionalGeneration`, the IDEA-CCNL code; Ziya-Visual-Lyrics-14B): BLIP-2's
+# hub names (transformers' EVA `vision_model.*`, `query_tokens` of visual then grounding queries,
+# `language_projection`, `language_model.*`) with the MQ-Former's `detection_crossattention` in
+# its cross-attention layers (bert_layer_rules) and BERT's `qformer.embeddings.LayerNorm`. Its
+# `ram.*` and `grounding_dino.*` (the refiner's models) are not loaded: without_refiner_models.
+LYRICS_REFINER_MODELS = ("ram.", "grounding_dino.")
+
+
+def without_refiner_models(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """A Lyrics release without its visual refiner's models (RAM, Grounding-DINO), which run
+    outside this codebase and reach it as data (refiner.py); says what it left out."""
+    left = {prefix: sum(key.startswith(prefix) for key in state) for prefix in LYRICS_REFINER_MODELS}
+    if any(left.values()):
+        print(f"{source}: not loaded, the visual refiner's models (refiner.py reads their outputs): "
+              + ", ".join(f"{prefix}* ({count} tensors)" for prefix, count in left.items() if count), file=sys.stderr)
+    return {key: value for key, value in state.items() if not key.startswith(LYRICS_REFINER_MODELS)}
 
 
 def lavis_eva_rules(theirs: str, ours: str, split_qkv: bool = False) -> Layout:
@@ -483,6 +502,8 @@ BLIP2_LAYOUT = (eva_tower_rules("vision_model.", "vision_tower.") + BLIP2_CONNEC
                 + qformer_rules("qformer.", "multi_modal_projector.qformer.", embeddings="none"))
 INSTRUCTBLIP_LAYOUT = (eva_tower_rules("vision_model.", "vision_tower.") + BLIP2_CONNECTOR_AND_LLM
                        + qformer_rules("qformer.", "multi_modal_projector.qformer.", embeddings="qformer"))
+LYRICS_LAYOUT = (eva_tower_rules("vision_model.", "vision_tower.") + BLIP2_CONNECTOR_AND_LLM
+                 + qformer_rules("qformer.", "multi_modal_projector.qformer.", embeddings="lyrics"))
 # Blip2ForImageTextRetrieval (BLIP-2 stage 1, pretraining.QFormerStage1): the Q-Former with text
 # input, its projections to the 256-d contrastive space and the ITM head, as transformers has
 # them; the ITG head and the temperature, which transformers leaves out, under LAVIS's names.
@@ -643,6 +664,8 @@ MLLM_LAYOUTS: dict[str, tuple[str, Layout]] = {
     "Lynx (vision_encoder.*, bridge.*, LLM.model.*)": ("bridge.", LYNX_LAYOUT),
     "BLIP-2 (vision_model.*, query_tokens, qformer.layernorm, language_projection.*, language_model.*)":
         ("qformer.layernorm.", BLIP2_LAYOUT),
+    "Lyrics (vision_model.*, query_tokens, qformer.embeddings.LayerNorm, detection_crossattention, language_model.*)":
+        ("qformer.embeddings.LayerNorm.", LYRICS_LAYOUT),
     "InstructBLIP (vision_model.*, query_tokens, qformer.embeddings.*, language_projection.*, language_model.*)":
         ("qformer.embeddings.", INSTRUCTBLIP_LAYOUT),
     "llava-hf (vision_tower.vision_model.*, multi_modal_projector.*, language_model.model.*)":
@@ -779,9 +802,15 @@ def t5_head_tying(values: dict[str, Any], state: dict[str, torch.Tensor], prefix
 def blip2_config_fields(values: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[str, Any]:
     """From a transformers Blip2Config / InstructBlipConfig config.json (and its checkpoint, which
     says whether a T5 head is tied). InstructBLIP's Q-Former always reads text. The LLM must be
-    LLaMA-family or T5. LION's config.json is InstructBLIP's with model_type "lion" and LION_FIELDS."""
+    LLaMA-family or T5. LION's config.json is InstructBLIP's with model_type "lion" and LION_FIELDS;
+    Lyrics' (model_type "lyrics") adds `num_grounding_queries`, or the official code's split of
+    its queries, `num_vit_query_tokens` + `num_dino_query_tokens` (names as the code has them; the
+    release's config.json was not available to check)."""
     lion = values.get("model_type") == "lion"
     instruct = values.get("model_type") in ("instructblip", "lion")
+    qformer = values.get("qformer_config", {})
+    grounding = values.get("num_grounding_queries", qformer.get("num_dino_query_tokens", 0))
+    visual = qformer.get("num_vit_query_tokens", values.get("num_query_tokens", 32))
     text = values.get("text_config", {})
     if text.get("model_type", "llama") not in ("llama", "t5"):
         raise ValueError(f"text_config.model_type {text['model_type']!r}: only LLaMA-family and T5 language "
@@ -790,14 +819,13 @@ def blip2_config_fields(values: dict[str, Any], state: dict[str, torch.Tensor]) 
     if image_token_index is None:
         raise ValueError("config.json has no image_token_index: transformers >= 4.47 writes num_query_tokens image "
                          "tokens before BOS and fills them with the query outputs; set it to the image token's id")
-    qformer = values.get("qformer_config", {})
     if text.get("model_type") == "t5":
         text = t5_head_tying(text, state, "language_model.")
     return dict(
         vision_config={"model_type": "blip_2_vision_model", **values.get("vision_config", {})}, text_config=text,
         projector_type="lion" if lion else "qformer",
         qformer_config={**qformer, "use_qformer_text_input": instruct or qformer.get("use_qformer_text_input", False)},
-        num_query_tokens=values.get("num_query_tokens", 32), image_token_index=image_token_index,
+        num_query_tokens=visual, num_grounding_queries=grounding, image_token_index=image_token_index,
         pad_token_id=text["pad_token_id"] if text.get("pad_token_id") is not None else 0,
         vision_feature_layer=-1, vision_feature_select_strategy="full",
         image_aspect_ratio=values.get("image_aspect_ratio", "square"),
@@ -806,26 +834,27 @@ def blip2_config_fields(values: dict[str, Any], state: dict[str, torch.Tensor]) 
 
 def blip2_config_json(config: Any) -> dict[str, Any]:
     """A config.json transformers' Blip2ForConditionalGeneration (or InstructBLIP's) reads; LION's
-    adds its fields (transformers has no LION)."""
+    and Lyrics' add their fields (transformers has neither)."""
     instruct = config.qformer_config.use_qformer_text_input
     family = "instructblip" if instruct else "blip_2"
     lion = {key: getattr(config, key) for key in LION_FIELDS} if config.projector_type == "lion" else {}
     if lion:
         lion["aggregator_config"] = config.aggregator_config.to_dict()
+    lyrics = {"num_grounding_queries": config.num_grounding_queries} if config.num_grounding_queries else {}
     vision = config.vision_config.to_dict()
     if vision["model_type"] == "blip_2_vision_model":
         vision["model_type"] = f"{family}_vision_model"
     return {
-        "architectures": ["LION"] if lion else
+        "architectures": ["LION"] if lion else ["LyricsLMForConditionalGeneration"] if lyrics else
         ["InstructBlipForConditionalGeneration" if instruct else "Blip2ForConditionalGeneration"],
-        "model_type": "lion" if lion else "instructblip" if instruct else "blip-2",
+        "model_type": "lion" if lion else "lyrics" if lyrics else "instructblip" if instruct else "blip-2",
         "vision_config": vision,
         "qformer_config": {**config.qformer_config.to_dict(), "model_type": f"{family}_qformer"},
         "text_config": {**config.text_config.to_dict(), "pad_token_id": config.pad_token_id},
         "num_query_tokens": config.num_query_tokens, "image_token_index": config.image_token_index,
         "use_decoder_only_language_model": not config.text_config.is_encoder_decoder,
         "tie_word_embeddings": config.text_config.tie_word_embeddings,
-        "image_aspect_ratio": config.image_aspect_ratio, **lion,
+        "image_aspect_ratio": config.image_aspect_ratio, **lion, **lyrics,
     }
 
 

@@ -569,10 +569,12 @@ CONNECTORS = {"linear": LinearProjector, "mlp2x_gelu": MLPProjector, "qformer": 
 def build_connector(projector_type: str, vision_config: VisionConfig, text_width: int, vision_feature_layer: int,
                     vision_feature_select_strategy: str, qformer_config: QFormerConfig | None = None,
                     num_query_tokens: int = 32, aggregator_config: VisionAggregatorConfig | None = None,
-                    visual_input: str = "ALL", resampler_config: ResamplerConfig | None = None) -> Connector:
+                    visual_input: str = "ALL", resampler_config: ResamplerConfig | None = None,
+                    num_grounding_queries: int = 0) -> Connector:
     """The connector named by `projector_type` (LLaVA's `mm_projector_type`, "qformer", "lion" or
     "resampler"), reading the tower of `vision_config`: the LLaVA projectors as the two feature
-    options say, the Q-Former (and LION's branches) and Lynx's resampler their own way."""
+    options say, the Q-Former (Lyrics' MQ-Former with `num_grounding_queries`; LION's branches)
+    and Lynx's resampler their own way."""
     if projector_type not in CONNECTORS:
         raise ValueError(f"unknown projector_type {projector_type!r}; known: {sorted(CONNECTORS)}")
     if projector_type in ("qformer", "lion") and qformer_config is None:
@@ -581,7 +583,7 @@ def build_connector(projector_type: str, vision_config: VisionConfig, text_width
         return LIONConnector(vision_config, text_width, qformer_config, num_query_tokens,
                              aggregator_config or VisionAggregatorConfig(), visual_input)
     if projector_type == "qformer":
-        return QFormerConnector(vision_config, text_width, qformer_config, num_query_tokens)
+        return QFormerConnector(vision_config, text_width, qformer_config, num_query_tokens, num_grounding_queries)
     if projector_type == "resampler":
         return PerceiverResampler(vision_config, text_width, resampler_config or ResamplerConfig())
     return CONNECTORS[projector_type](vision_config, text_width, vision_feature_layer=vision_feature_layer,

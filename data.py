@@ -36,6 +36,7 @@ from conversation import (BOS_TOKEN, EOS_TOKEN, IMAGE_PLACEHOLDER, PLAIN_HINT, D
                           get_template, render_conversation, require_token_id, split_for_encoder_decoder,
                           tokenize_around_images, with_tag_prompt)
 from layers import IGNORE_INDEX
+from pretraining import CAPTION
 from vision import box_in_view, high_resolution_tiles, preprocess_image
 
 
@@ -322,7 +323,8 @@ class InstructionDataset(_ImageRecordDataset):
     gates; `task_levels` keeps only records of the levels listed (stage 1: image, stage 2:
     region). `tags` (image file name -> tags, conversation.read_tags) puts LION's tag sentence
     before each image's first question, with `hint` as its hint (the soft prompt's token); the
-    Q-Former still reads the bare question, as in LION.
+    Q-Former still reads the bare question, as in LION. `objects` (a refiner.Refiner) adds each
+    image's objects for Lyrics' MQ-Former: object_features / object_mask (refiner.py).
     """
 
     def __init__(self, json_path: str, image_folder: str, tokenizer: Tokenizer,
@@ -331,11 +333,11 @@ class InstructionDataset(_ImageRecordDataset):
                  qformer_tokenizer: Tokenizer | None = None, qformer_max_length: int = 128,
                  encoder_decoder: bool = False, task_levels: Sequence[str] | None = None,
                  tags: dict[str, list[str]] | None = None, hint: str = PLAIN_HINT,
-                 high_resolution: HighResolution | None = None):
+                 high_resolution: HighResolution | None = None, objects: Any = None):
         unknown = set(task_levels or ()) - set(TASK_LEVELS)
         if unknown:
             raise ValueError(f"task_levels {sorted(unknown)}: the task levels are {sorted(TASK_LEVELS)}")
-        self.tags, self.hint = tags, hint
+        self.tags, self.hint, self.objects = tags, hint, objects
         self.image_folder = image_folder
         self.encoder_decoder = encoder_decoder
         self.eos_id = require_token_id(tokenizer, EOS_TOKEN) if encoder_decoder else None
@@ -481,6 +483,8 @@ class InstructionDataset(_ImageRecordDataset):
             sample["image_size"] = torch.tensor(image_size)
         if self.qformer_input_ids[record_index] is not None:
             sample["qformer_input_ids"] = torch.tensor(self.qformer_input_ids[record_index])
+        if self.objects is not None and pixel_values is not None:
+            sample["object_features"], sample["object_mask"] = self.objects.mqformer_input(record["image"])
         return sample
 
 
@@ -655,6 +659,27 @@ def retrieve_pairs(model: torch.nn.Module, tokenizer: Tokenizer, pool: "CaptionD
     return list(chosen)
 
 
+def retrieve_for_task(model: torch.nn.Module, tokenizer: Tokenizer, pool: "CaptionDataset", task: str,
+                      per_query: int, by: Literal["text", "image"], out_path: str | os.PathLike[str]) -> str:
+    """REACT's retrieval-augmented task instruction (dissertation section 2.3, eq. 2.1-2.3): the
+    pool's pairs nearest to every template x class prompt of the classification `task` file, by
+    the frozen CLIP `model` (retrieve_pairs), written to `out_path` (LLaVA caption JSON, the
+    pool's own records) so a reader can see what the model will train on. Returns that path."""
+    classes, templates, _ = read_classification_task(task)
+    queries = [template.format(name) for name in classes for template in templates]
+    chosen = retrieve_pairs(model, tokenizer, pool, queries, per_query, by)
+    if pool.problems.total:
+        print(f"retrieval pool: {pool.problems.summary()}")
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    temporary = f"{out_path}.tmp"
+    with open(temporary, "w", encoding="utf-8") as file:
+        json.dump([pool.records[index] for index in chosen], file)
+    os.replace(temporary, out_path)
+    print(f"retrieved {len(chosen)} of {len(pool)} pool pairs ({'text-to-text' if by == 'text' else 'text-to-image'}, "
+          f"top {per_query} of {len(queries)} prompts) -> {out_path}")
+    return str(out_path)
+
+
 class QFormerCaptionDataset(CaptionDataset):
     """Image-caption pairs for BLIP-2's stage 1 (sec. 3.2), from the same LLaVA JSON captions file:
     each caption as the Q-Former reads it, "[CLS] caption [SEP]" in its own tokenizer, cut to 32
@@ -788,6 +813,13 @@ def collate(batch: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
         batch["regions"] = collate_regions(samples, pad_token_id)
     if samples and "task_level" in samples[0]:  # LION's router: one level per row
         batch["task_level"] = torch.tensor([sample["task_level"] for sample in samples])
+    if samples and "text_segments" in samples[0]:  # Lyrics' MQ-Former pretraining (refiner.LyricsCaptionDataset)
+        batch["text_segments"] = pad_sequences([sample["text_segments"] for sample in samples], CAPTION)[0]
+        batch["object_spans"] = pad_sequences([sample["object_spans"] for sample in samples], -1)[0]
+    with_objects = [sample for sample in samples if "object_features" in sample]
+    if with_objects:  # the refiner's objects (Lyrics), one row per image, as pixel_values
+        batch["object_features"] = torch.stack([sample["object_features"] for sample in with_objects])
+        batch["object_mask"] = torch.stack([sample["object_mask"] for sample in with_objects])
     instructions = [sample["qformer_input_ids"] for sample in samples if "qformer_input_ids" in sample]
     if instructions:
         # Padding is masked, so its id only has to exist: 0 is [PAD] in BERT's vocabulary.

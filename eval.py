@@ -38,6 +38,7 @@ from layers import IGNORE_INDEX, row_log_likelihoods
 from metrics import (box_iou, caption_tokens, cider_d, circular_accuracy, evalai_answer, parse_box, parse_choice,
                      pope_answer, pope_metrics, vqa_accuracy)
 from model import MLLM
+from refiner import Refiner
 from vision import (CLIP_BACKGROUND, CLIPModel, box_from_padded_square, high_resolution_tiles, padded_square_box,
                     preprocess_image)
 
@@ -339,8 +340,15 @@ class Evaluator:
 
     def __init__(self, model: MLLM, tokenizer: Tokenizer, style: PromptStyle, blind: bool = False,
                  stop_strings: list[str] | None = None, qformer_tokenizer: Tokenizer | None = None,
-                 tags: dict[str, list[str]] | None = None, task_level: str = "image"):
+                 tags: dict[str, list[str]] | None = None, task_level: str = "image", objects: Any = None,
+                 blank_objects: bool = False):
         self.model, self.tokenizer, self.style, self.blind = model, tokenizer, style, blind
+        # Lyrics: each image's objects from the visual refiner (refiner.Refiner), or none at all
+        # (`blank_objects`: the refiner's ablation, Lyrics Table 5 "w/o VR").
+        self.objects, self.blank_objects = objects, blank_objects
+        if model.config.num_grounding_queries and objects is None:
+            raise ValueError("this model's MQ-Former reads the visual refiner's objects: give its directory "
+                             "(refiner, --refiner)")
         # LION: an image's tags before its first question (keyed by image file name), with the
         # soft prompt's token as hint when the model has one; the router's task level.
         self.tags, self.task_level = tags, TASK_LEVELS[task_level]
@@ -454,6 +462,11 @@ class Evaluator:
         pixel_values = stack_images(pixels)
         if self.blind and self.model.high_resolution is None:
             pixel_values = torch.zeros_like(pixel_values)
+        if self.objects is not None:
+            features, present = zip(*(self.objects.mqformer_input(sample.image.name) for sample in samples
+                                      if sample.image is not None))
+            inputs["object_features"] = torch.stack(features).to(self.device, self.dtype)
+            inputs["object_mask"] = torch.stack(present).to(self.device) & (not self.blank_objects)
         return {"pixel_values": pixel_values.to(self.device, self.dtype), **inputs}
 
     def generate(self, samples: list[Sample], dialogues: list[list[tuple[str, str | None]]],
@@ -669,7 +682,7 @@ def prompt_style_name(model: MLLM, prompt_style: str | None) -> str:
 def build_evaluator(model: MLLM, tokenizer: Tokenizer, prompt_style: str | None = None, template: str | None = None,
                     blind: bool = False, stop_strings: list[str] | None = None,
                     qformer_tokenizer: Tokenizer | None = None, tags: dict[str, list[str]] | None = None,
-                    task_level: str = "image") -> Evaluator:
+                    task_level: str = "image", objects: Any = None, blank_objects: bool = False) -> Evaluator:
     """An Evaluator in the model's prompt style: `prompt_style` (a key of PROMPT_STYLES) or
     `model.config.prompt_style`, else "llava15"; the chat template `template` or
     `model.config.template`, else the style's. A template whose answers end in a stop string
@@ -685,7 +698,8 @@ def build_evaluator(model: MLLM, tokenizer: Tokenizer, prompt_style: str | None 
     if style.template is not None and TEMPLATES[style.template].stop != EOS_TOKEN:
         # "###" of vicuna_v0 ends an answer the way EOS does for vicuna_v1.
         stop_strings = [*(stop_strings or []), TEMPLATES[style.template].stop]
-    return Evaluator(model, tokenizer, style, blind, stop_strings, qformer_tokenizer, tags, task_level)
+    return Evaluator(model, tokenizer, style, blind, stop_strings, qformer_tokenizer, tags, task_level, objects,
+                     blank_objects)
 
 
 def answer_samples(evaluator: Evaluator, kind: str, samples: list[Sample], batch_size: int,
@@ -737,7 +751,8 @@ def run_eval(model: MLLM, tokenizer: Tokenizer, task: str, data_dir: str | Path,
              describe_first: bool = False, describe_max_new_tokens: int = 128, visualize: int = 0,
              blind: bool = False, stop_strings: list[str] | None = None, circular: bool = False,
              qformer_tokenizer: Tokenizer | None = None, progress: bool = True, print_results: bool = True,
-             tags: str | None = None, tag_noise: float = 0.0, **decoding) -> dict[str, float]:
+             tags: str | None = None, tag_noise: float = 0.0, refiner: str | None = None,
+             blank_refiner: bool = False, **decoding) -> dict[str, float]:
     """Evaluate `model` on one task and split; returns the metrics (and writes
     `{task}_{split}.predictions.jsonl` / `.metrics.json` to `out_dir` when given).
 
@@ -750,7 +765,8 @@ def run_eval(model: MLLM, tokenizer: Tokenizer, task: str, data_dir: str | Path,
     options, scored per question too (MMBench's circular evaluation). qformer_tokenizer: the
     Q-Former's own tokenizer, for a model whose Q-Former reads the question (InstructBLIP). tags:
     LION's tags file (conversation.read_tags, with `tag_noise`), keyed by image file name; REC
-    runs LION's router at the region level, every other task at the image level. `decoding` goes
+    runs LION's router at the region level, every other task at the image level. refiner: Lyrics'
+    visual refiner directory (refiner.py); blank_refiner: every image without objects. `decoding` goes
     to `model.generate` (max_new_tokens defaults per task kind: DEFAULT_MAX_NEW_TOKENS)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
@@ -773,7 +789,8 @@ def run_eval(model: MLLM, tokenizer: Tokenizer, task: str, data_dir: str | Path,
     if kind in DEFAULT_MAX_NEW_TOKENS:
         decoding = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS[kind], **decoding}
     evaluator = build_evaluator(model, tokenizer, prompt_style, template, blind, stop_strings, qformer_tokenizer,
-                                read_tags(tags, tag_noise) if tags else None, "region" if kind == "rec" else "image")
+                                read_tags(tags, tag_noise) if tags else None, "region" if kind == "rec" else "image",
+                                Refiner(refiner) if refiner else None, blank_refiner)
 
     was_training = model.training
     model.eval()
@@ -947,6 +964,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         help="mc / mc-rank: ask every rotation of the options; a question is right only if all are")
     parser.add_argument("--tags", help="LION: a tags file (image file name -> tags) for the tag sentence")
     parser.add_argument("--tag-noise", type=float, default=0.0, help="LION: drop / swap this fraction of the tags")
+    parser.add_argument("--refiner", help="Lyrics: the visual refiner's directory (refiner.py)")
+    parser.add_argument("--blank-refiner", action="store_true", help="Lyrics: every image without objects (w/o VR)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_decoding_arguments(parser)
     args = parser.parse_args(argv)
@@ -972,7 +991,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     annotation_dir=args.annotation_dir, image_dir=args.image_dir, image_template=args.image_template,
                     describe_first=args.describe_first, visualize=args.visualize, blind=args.blind,
                     stop_strings=args.stop, circular=args.circular, qformer_tokenizer=qformer_tokenizer,
-                    tags=args.tags, tag_noise=args.tag_noise, **options)
+                    tags=args.tags, tag_noise=args.tag_noise, refiner=args.refiner, blank_refiner=args.blank_refiner,
+                    **options)
 
 
 if __name__ == "__main__":

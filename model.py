@@ -32,7 +32,8 @@ from torch.utils.checkpoint import checkpoint
 import decoding
 from adapters import insert_output_adapters, insert_parallel_adapters, merged_state_dict, set_task_level
 from checkpoints import (BLIP2_LAYOUT, INSTRUCTBLIP_LAYOUT, LION_LAYOUT, LLAMA_LAYOUT, LLAVA_HF_LAYOUT, LYNX_LAYOUT,
-                         MLLM_LAYOUTS, ORIGINAL_LLAVA_LAYOUT, T5_LAYOUT, JsonConfig, Layout, blip2_config_fields,
+                         LYRICS_LAYOUT, MLLM_LAYOUTS, ORIGINAL_LLAVA_LAYOUT, T5_LAYOUT, JsonConfig, Layout,
+                         blip2_config_fields, without_refiner_models,
                          blip2_config_json, detect_layout, fitted_to_release, llava_hf_config_fields,
                          llava_hf_config_json, load_over, load_state_strict, lynx_config_fields, lynx_config_json,
                          original_llava_config_fields, read_checkpoint, read_config_json, state_to_ours,
@@ -42,7 +43,7 @@ from connectors import (HighResolution, LIONConnector, PerceiverResampler, QForm
 from layers import (IGNORE_INDEX, Attention, GatedFeedForward, PreNormBlock, RMSNorm, activation_named, additive_mask,
                     causal_attention_mask, relative_position_buckets, rotary_cos_sin, shifted_cross_entropy,
                     supervised_cross_entropy)
-from pretraining import QFormerStage1
+from pretraining import load_stage1
 from vision import VisionConfig, VisionTransformer, vision_config_from_dict
 
 
@@ -507,6 +508,9 @@ class MLLMConfig:
     projector_type: str = "mlp2x_gelu"
     qformer_config: QFormerConfig | None = None
     num_query_tokens: int = 32  # BLIP-2, sec. 3.1: 32 queries of 768
+    # Lyrics (sec. 3.1): the MQ-Former, a "qformer" whose last `num_grounding_queries` queries
+    # read the visual refiner's objects (refiner.py) beside the visual ones.
+    num_grounding_queries: int = 0
     image_token_index: int = 32000  # llava-1.5-hf; an id >= the vocabulary is fine, it is never embedded
     pad_token_id: int = 32001
     vision_feature_layer: int = -2  # LLaVA-1.5; -1 = last layer (LLaVA's ablation, 0.96 points worse)
@@ -628,7 +632,7 @@ class MLLM(nn.Module):
         return build_connector(config.projector_type, config.vision_config, config.text_config.hidden_size,
                                config.vision_feature_layer, config.vision_feature_select_strategy,
                                config.qformer_config, config.num_query_tokens, config.aggregator_config,
-                               config.visual_input, config.resampler_config)
+                               config.visual_input, config.resampler_config, config.num_grounding_queries)
 
     def add_adapters(self) -> None:
         """Fresh adapters in the LLM, as the config asks: LION's AdapterRouters beside every
@@ -667,8 +671,9 @@ class MLLM(nn.Module):
         return self.multi_modal_projector.num_image_tokens
 
     def image_features(self, pixel_values: torch.Tensor, qformer_input_ids: torch.Tensor | None = None,
-                       qformer_attention_mask: torch.Tensor | None = None,
-                       image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+                       qformer_attention_mask: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
+                       object_features: torch.Tensor | None = None, object_mask: torch.Tensor | None = None,
+                       ) -> torch.Tensor:
         """H_v of eq. 3.1: (num_images, num_image_tokens, text width). The tower runs only up to the
         layer the connector reads (LLaVA-1.5's layer -2: the last block would be wasted).
         InstructBLIP's Q-Former also reads each image's instruction (qformer_input_ids, one row per image).
@@ -676,7 +681,8 @@ class MLLM(nn.Module):
         AnyRes (LLaVA-NeXT, LLaVA-1.5-HD): pixel_values (num_images, max tiles, 3, H, W) with
         zero tiles after each image's own (LlavaNextImageProcessor's), image_sizes (num_images, 2)
         as (height, width); every image's tiles go through tower and connector in one batch, and
-        the result is the images' packed tokens one after another, (total image tokens, text width)."""
+        the result is the images' packed tokens one after another, (total image tokens, text width).
+        Lyrics' MQ-Former also reads each image's objects (object_features / object_mask, refiner.py)."""
         connector = self.multi_modal_projector
         self.check_instruction(qformer_input_ids, has_images=True)
         dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
@@ -697,14 +703,16 @@ class MLLM(nn.Module):
                               for image, size in zip(connector(hidden_states).split(tiles), sizes)])
         if frames:  # each video's frames side by side: (videos, frames, tokens, width)
             return connector.project(connector.select_features(hidden_states).unflatten(0, (-1, frames)))
+        objects = {"object_features": object_features, "object_mask": object_mask} \
+            if getattr(connector, "num_grounding_queries", 0) else {}
         if not connector.takes_instruction:
-            return connector(hidden_states)
+            return connector(hidden_states, **objects)
         if qformer_input_ids.shape[0] != pixel_values.shape[0]:
             raise ValueError(f"qformer_input_ids has {qformer_input_ids.shape[0]} rows but pixel_values "
                              f"{pixel_values.shape[0]} images (one instruction per image)")
         if isinstance(connector, LIONConnector):  # the Q-Former's ln_vision is the tower's final norm
             return connector(hidden_states, qformer_input_ids, qformer_attention_mask, self.vision_tower.post_layernorm)
-        return connector(hidden_states, qformer_input_ids, qformer_attention_mask)
+        return connector(hidden_states, qformer_input_ids, qformer_attention_mask, **objects)
 
     def check_instruction(self, qformer_input_ids: torch.Tensor | None, has_images: bool) -> None:
         """InstructBLIP's Q-Former needs the instruction of every image; any other connector must
@@ -719,7 +727,7 @@ class MLLM(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
               qformer_input_ids: torch.Tensor | None = None, qformer_attention_mask: torch.Tensor | None = None,
-              image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+              image_sizes: torch.Tensor | None = None, **objects: torch.Tensor | None) -> torch.Tensor:
         """Word embeddings with each image's features written over its image tokens, images taken
         in batch order (transformers' convention); text-only samples have no image tokens and need
         no image (nor an instruction)."""
@@ -734,7 +742,7 @@ class MLLM(nn.Module):
             embeds = torch.where(is_hint[..., None], self.soft_prompt_hint.to(embeds.dtype), embeds)
         if not is_image.any():
             return embeds
-        features = self.image_features(pixel_values, qformer_input_ids, qformer_attention_mask, image_sizes)
+        features = self.image_features(pixel_values, qformer_input_ids, qformer_attention_mask, image_sizes, **objects)
         return embeds.masked_scatter(is_image[..., None], features.to(embeds.dtype))
 
     def check_image_tokens(self, tokens_per_sample: list[int], pixel_values: torch.Tensor | None,
@@ -770,7 +778,8 @@ class MLLM(nn.Module):
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 qformer_input_ids: torch.Tensor | None = None, qformer_attention_mask: torch.Tensor | None = None,
                 decoder_input_ids: torch.Tensor | None = None, task_level: int | torch.Tensor | None = None,
-                image_sizes: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                image_sizes: torch.Tensor | None = None, object_features: torch.Tensor | None = None,
+                object_mask: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (batch, length, vocab); with labels, (logits, mean cross-entropy over labels
         != -100). pixel_values: (num_images, 3, H, W) for the samples holding images only;
         qformer_input_ids / qformer_attention_mask: InstructBLIP's instruction, one row per image.
@@ -779,8 +788,10 @@ class MLLM(nn.Module):
         labels shifted right) its inputs, and the logits are the decoder's. task_level: LION's
         router gates (adapters.TASK_LEVELS; per batch or a (batch,) tensor; None = image-level).
         AnyRes: pixel_values (num_images, max tiles, 3, H, W) and image_sizes (num_images, 2), as
-        LlavaNextImageProcessor returns them (image_features)."""
-        embeds = self.embed(input_ids, pixel_values, qformer_input_ids, qformer_attention_mask, image_sizes)
+        LlavaNextImageProcessor returns them (image_features). Lyrics: object_features (num_images,
+        slots, width) and object_mask (num_images, slots), the refiner's objects of each image."""
+        embeds = self.embed(input_ids, pixel_values, qformer_input_ids, qformer_attention_mask, image_sizes,
+                            object_features=object_features, object_mask=object_mask)
         decoder = {}
         if self.config.text_config.is_encoder_decoder:
             decoder["decoder_input_ids"] = decoder_input_ids
@@ -793,11 +804,13 @@ class MLLM(nn.Module):
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, qformer_input_ids: torch.Tensor | None = None,
                  qformer_attention_mask: torch.Tensor | None = None, task_level: int | torch.Tensor | None = None,
-                 image_sizes: torch.Tensor | None = None, **options) -> torch.Tensor:
+                 image_sizes: torch.Tensor | None = None, object_features: torch.Tensor | None = None,
+                 object_mask: torch.Tensor | None = None, **options) -> torch.Tensor:
         """New tokens only, (batch, new_length), padded with pad_token_id after the end; the batch
         is LEFT-padded. Options: decoding.DecodingOptions."""
         options.setdefault("pad_token_id", self.config.pad_token_id)
-        embeds = self.embed(input_ids, pixel_values, qformer_input_ids, qformer_attention_mask, image_sizes)
+        embeds = self.embed(input_ids, pixel_values, qformer_input_ids, qformer_attention_mask, image_sizes,
+                            object_features=object_features, object_mask=object_mask)
         set_task_level(self.language_model, task_level)
         return decoding.generate(self.language_model, input_ids, embeds, attention_mask, **options)
 
@@ -826,9 +839,11 @@ class MLLM(nn.Module):
             load_state(model, state, layout, f"{path} (layout: {name})")
             return model
         if layout is not ORIGINAL_LLAVA_LAYOUT:
-            qformer = layout in (BLIP2_LAYOUT, INSTRUCTBLIP_LAYOUT, LION_LAYOUT)
+            qformer = layout in (BLIP2_LAYOUT, INSTRUCTBLIP_LAYOUT, LION_LAYOUT, LYRICS_LAYOUT)
             fields = blip2_config_fields(values, state) if qformer else llava_hf_config_fields(values)
             model = build_without_init(cls, MLLMConfig(**fields), dtype)
+            if layout is LYRICS_LAYOUT:
+                state = without_refiner_models(state, path)
             load_state(model, state, layout, f"{path} (layout: {name})")
             return model
         state = state_to_ours(state, layout)
@@ -877,13 +892,14 @@ class MLLM(nn.Module):
         InstructBLIP's (`instruction_aware`) keeps them, as it starts from the stage-1 Q-Former
         (InstructBLIP, sec. 2.3). The vocabulary grows for image_token_index / pad_token_id as in
         from_vision_and_language."""
-        stage1 = QFormerStage1.from_pretrained(qformer_path)
+        stage1 = load_stage1(qformer_path)  # BLIP-2's, or Lyrics' MQ-Former with its grounding queries
         language_model = language_model_from_pretrained(language_path)
         qformer_config = dataclasses.replace(stage1.config.qformer_config, use_qformer_text_input=instruction_aware)
         projector_type = config_overrides.pop("projector_type", "qformer")  # or LION's "lion"
         config = MLLMConfig(vision_config=stage1.config.vision_config, text_config=language_model.config,
                             projector_type=projector_type, qformer_config=qformer_config,
-                            num_query_tokens=stage1.config.num_query_tokens, vision_feature_layer=-1,
+                            num_query_tokens=stage1.config.num_query_tokens,
+                            num_grounding_queries=stage1.config.num_grounding_queries, vision_feature_layer=-1,
                             vision_feature_select_strategy="full", **config_overrides)
         needed_vocab = max(config.image_token_index, config.pad_token_id) + 1
         if needed_vocab > language_model.config.vocab_size:
@@ -912,8 +928,8 @@ class MLLM(nn.Module):
             return
         if self.config.projector_type in ("qformer", "lion"):
             instruct = self.multi_modal_projector.takes_instruction
-            layout = LION_LAYOUT if self.config.projector_type == "lion" else (
-                INSTRUCTBLIP_LAYOUT if instruct else BLIP2_LAYOUT)
+            layout = LION_LAYOUT if self.config.projector_type == "lion" else LYRICS_LAYOUT \
+                if self.config.num_grounding_queries else INSTRUCTBLIP_LAYOUT if instruct else BLIP2_LAYOUT
             write_checkpoint(path, blip2_config_json(self.config), save_state(self, layout))
             return
         write_checkpoint(path, llava_hf_config_json(self.config, self.num_image_tokens),

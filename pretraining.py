@@ -32,8 +32,8 @@ import torch.distributed.nn as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import (BLIP2_RETRIEVAL_LAYOUT, JsonConfig, load_state_strict, read_checkpoint, state_to_ours,
-                         state_to_theirs, write_checkpoint)
+from checkpoints import (BLIP2_RETRIEVAL_LAYOUT, JsonConfig, load_state_strict, read_checkpoint, read_config_json,
+                         state_to_ours, state_to_theirs, write_checkpoint)
 from connectors import QFormer, QFormerConfig, bert_initialization, bidirectional_mask
 from layers import IGNORE_INDEX
 from vision import VisionConfig, VisionTransformer, vision_config_from_dict
@@ -530,3 +530,9 @@ class LyricsStage1(QFormerStage1):
             msp = logits.sum() * 0.0
         losses = {"itc": itc, "itm": itm, "icg": icg, "msp": msp}
         return losses, itc + itm + icg + msp
+
+
+def load_stage1(path: str | Path) -> QFormerStage1:
+    """A stage-1 checkpoint, BLIP-2's (Blip2ForImageTextRetrieval) or Lyrics' (model_type "lyrics")."""
+    lyrics = read_config_json(path).get("model_type") == LyricsStage1Config.model_type
+    return (LyricsStage1 if lyrics else QFormerStage1).from_pretrained(path)

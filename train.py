@@ -43,12 +43,13 @@ from tqdm import tqdm
 
 import conversation
 import data
+import refiner
 from adapters import TASK_LEVELS, apply_lora, set_trainable
 from connectors import VISUAL_INPUTS, QFormerConfig
 from layers import IGNORE_INDEX
 from model import (MLLM, LanguageModel, MLLMConfig, T5Config, T5LanguageModel, TextConfig,
                    language_model_from_pretrained)
-from pretraining import QFormerStage1, QFormerStage1Config
+from pretraining import LyricsStage1, LyricsStage1Config, QFormerStage1, QFormerStage1Config
 from vision import CLIPConfig, CLIPModel, VisionTransformer
 
 
@@ -60,7 +61,8 @@ class StageConfig:
     """One stage of a recipe. Defaults are LLaVA-1.5's stage 2 (the official scripts/v1_5/finetune.sh)."""
     name: str = ""
     # "mllm" (LLaVA / BLIP-2 stage 2 / InstructBLIP stages), "clip" (contrastive pretraining),
-    # "lm" (text pretraining), "qformer" (BLIP-2 stage 1: ITC + ITM + ITG, pretraining.QFormerStage1)
+    # "lm" (text pretraining), "qformer" (BLIP-2 stage 1: ITC + ITM + ITG, pretraining.QFormerStage1),
+    # "lyrics" (the MQ-Former's pretraining: ITC + ITM + ICG + MSP, pretraining.LyricsStage1)
     objective: str = "mllm"
     # Where the model starts: "previous" (the last stage's output), "components" (vision_path +
     # language_path + a fresh connector: LLaVA stage 1; for a "qformer" model.projector_type,
@@ -68,6 +70,7 @@ class StageConfig:
     # `architecture`), "scratch" (`architecture`, random init), or a checkpoint directory.
     init: str = "previous"
     vision_path: str = ""  # a CLIP / EVA checkpoint (or Q-Former stage), or the name of an earlier stage
+    refiner: str = ""  # Lyrics: the visual refiner's directory (refiner.py) for the grounding queries
     language_path: str = ""  # a LlamaForCausalLM checkpoint, or the name of an earlier stage
     architecture: dict = field(default_factory=dict)  # config.json-style dims for init="scratch"
     data: str = ""  # LLaVA instruction JSON / jsonl (mllm, clip) or {"text"} jsonl (lm)
@@ -130,6 +133,8 @@ class TrainConfig:
     model: dict = field(default_factory=dict)  # MLLMConfig overrides for init="components"
     stages: list = field(default_factory=list)
     world: dict = field(default_factory=dict)  # shapes.build_world(**world) before the first stage
+    # Lyrics: refiner.write_oracle_refiner(world, tower, out) before the first stage, unless `out` holds one
+    oracle_refiner: dict = field(default_factory=dict)
     eval_tasks: list = field(default_factory=list)  # eval.run_eval after the last stage
     eval_blind: bool = False  # also evaluate with every image replaced by zeros
     device: str = "auto"  # "auto": cuda if available, else cpu
@@ -236,7 +241,9 @@ def check_choice(key: str, value, choices: tuple) -> None:
 def check_stage(stage: StageConfig) -> None:
     """What the types alone do not catch, before any work starts."""
     where = f"stage {stage.name!r}"
-    check_choice(f"{stage.name}.objective", stage.objective, ("mllm", "clip", "lm", "qformer"))
+    check_choice(f"{stage.name}.objective", stage.objective, ("mllm", "clip", "lm", "qformer", "lyrics"))
+    if stage.objective == "lyrics" and not stage.refiner:
+        raise ValueError(f"{where}: the lyrics objective needs a `refiner` directory (refiner.py)")
     check_choice(f"{stage.name}.template", stage.template, tuple(conversation.TEMPLATES))
     check_choice(f"{stage.name}.image_aspect_ratio", stage.image_aspect_ratio, ("", "pad", "square", "anyres"))
     check_choice(f"{stage.name}.visual_input", stage.visual_input, ("", *VISUAL_INPUTS))
@@ -362,7 +369,8 @@ def build_model(stage: StageConfig, config: TrainConfig, previous: Path | None, 
                 tokenizer) -> torch.nn.Module:
     """The stage's starting model: from the previous stage, from components, from scratch or a path."""
     out_dir = Path(config.out_dir)
-    model_class = {"mllm": MLLM, "clip": CLIPModel, "lm": LanguageModel, "qformer": QFormerStage1}[stage.objective]
+    model_class = {"mllm": MLLM, "clip": CLIPModel, "lm": LanguageModel, "qformer": QFormerStage1,
+                   "lyrics": LyricsStage1}[stage.objective]
     if stage.init == "scratch":
         architecture = {"vocab_size": tokenizer.get_vocab_size(), **stage.architecture}
         if stage.objective == "clip":
@@ -386,6 +394,8 @@ def build_model(stage: StageConfig, config: TrainConfig, previous: Path | None, 
         raise ValueError(f"stage {stage.name!r}: init='scratch' is for the clip and lm objectives")
     if stage.init == "components" and stage.objective == "qformer":
         return new_qformer_stage1(stage, config, resolve_path(stage.vision_path, out_dir, stage_names))
+    if stage.init == "components" and stage.objective == "lyrics":
+        return new_lyrics_stage1(stage, config, resolve_path(stage.vision_path, out_dir, stage_names))
     if stage.init == "components":
         if stage.objective != "mllm":
             raise ValueError(f"stage {stage.name!r}: init='components' builds an MLLM or a stage-1 Q-Former")
@@ -434,15 +444,48 @@ def new_qformer_stage1(stage: StageConfig, config: TrainConfig, vision_path: str
     return model
 
 
+def lyrics_qformer_tokenizer(config: TrainConfig) -> Tokenizer:
+    """The Q-Former's tokenizer with Lyrics' tokens after its own ([BOS], [MLM], the markup)."""
+    return conversation.with_lyrics_tokens(data.load_qformer_tokenizer(config.qformer_tokenizer))
+
+
+def new_lyrics_stage1(stage: StageConfig, config: TrainConfig, blip2_path: str) -> LyricsStage1:
+    """Lyrics' start (sec. 3.1): the BLIP-2 stage-1 model of `blip2_path` grown into the MQ-Former
+    (pretraining.LyricsStage1.from_blip2): `architecture` sets num_grounding_queries and the
+    Q-Former's longest text (max_position_embeddings: the spatial representation is long), the
+    refiner's objects set the grounding cross-attention's width, the tokenizer the added ids."""
+    if not (Path(blip2_path) / "config.json").is_file():
+        raise FileNotFoundError(f"stage {stage.name!r}: no BLIP-2 stage-1 checkpoint at {blip2_path!r} (vision_path)")
+    blip2 = QFormerStage1.from_pretrained(blip2_path)
+    tokenizer = lyrics_qformer_tokenizer(config)
+    architecture = dict(stage.architecture)
+    qformer = dataclasses.replace(blip2.config.qformer_config, vocab_size=tokenizer.get_vocab_size(),
+                                  detection_encoder_hidden_size=refiner.Refiner(stage.refiner).object_width,
+                                  **architecture.pop("qformer_config", {}))
+    ids = {key: conversation.require_token_id(tokenizer, token) for key, token in (
+        ("spatial_bos_token_id", conversation.LYRICS_SPATIAL_BOS), ("mlm_token_id", conversation.LYRICS_MLM),
+        ("mask_token_id", "[MASK]"))}
+    lyrics_config = LyricsStage1Config(vision_config=blip2.config.vision_config, qformer_config=qformer,
+                                       num_query_tokens=blip2.config.num_query_tokens,
+                                       image_text_hidden_size=blip2.config.image_text_hidden_size,
+                                       decoder_bos_token_id=blip2.config.decoder_bos_token_id, **ids, **architecture)
+    return LyricsStage1.from_blip2(blip2, lyrics_config)
+
+
 def build_dataset(stage: StageConfig, config: TrainConfig, model: torch.nn.Module,
                   tokenizer: Tokenizer) -> torch.utils.data.Dataset:
     if stage.objective == "lm":  # a T5 learns as a prefix LM (T5 sec. 3.3.2): prompt in, continuation out
         return data.TextDataset(stage.data, tokenizer, stage.max_seq_len, on_error=config.on_data_error,
                                 prefix_lm=model.config.is_encoder_decoder, seed=config.seed)
     # An mllm stage's own choice is already in model.config (train_stage).
-    model_aspect_ratio = (config.model.get("image_aspect_ratio", "pad") if stage.objective in ("clip", "qformer")
+    model_aspect_ratio = (config.model.get("image_aspect_ratio", "pad") if stage.objective in ("clip", "qformer", "lyrics")
                           else model.config.image_aspect_ratio)
     pad_to_square = (stage.image_aspect_ratio or model_aspect_ratio) == "pad"
+    if stage.objective == "lyrics":
+        return refiner.LyricsCaptionDataset(stage.data, stage.image_folder, lyrics_qformer_tokenizer(config),
+                                            model.config.vision_config.image_size, refiner.Refiner(stage.refiner),
+                                            pad_to_square=pad_to_square, on_error=config.on_data_error,
+                                            max_text_len=model.config.qformer_config.max_position_embeddings)
     if stage.objective == "qformer":
         return data.QFormerCaptionDataset(stage.data, stage.image_folder, data.load_qformer_tokenizer(config.qformer_tokenizer),
                                           model.config.vision_config.image_size, pad_to_square=pad_to_square,
@@ -455,7 +498,10 @@ def build_dataset(stage: StageConfig, config: TrainConfig, model: torch.nn.Modul
                                      on_error=config.on_data_error, with_regions=stage.region_loss)
         if not stage.retrieval:
             return captions(stage.data)
-        return captions(retrieve_stage_data(stage, config, model, tokenizer, captions(stage.retrieval["pool"])))
+        retrieval = stage.retrieval  # REACT's retrieval-augmented task instruction (dissertation section 2.3)
+        return captions(data.retrieve_for_task(
+            model, tokenizer, captions(retrieval["pool"]), retrieval["task"], retrieval["per_query"],
+            retrieval.get("by", "text"), Path(config.out_dir) / "retrieved" / f"{stage.name}.json"))
     instruction_aware = model.multi_modal_projector.takes_instruction  # InstructBLIP: the Q-Former reads it
     return data.InstructionDataset(stage.data, stage.image_folder, tokenizer, stage.template,
                                    model.config.image_token_index, model.num_image_tokens,
@@ -467,39 +513,18 @@ def build_dataset(stage: StageConfig, config: TrainConfig, model: torch.nn.Modul
                                    task_levels=stage.task_levels or None,
                                    tags=conversation.read_tags(stage.tags, stage.tag_noise) if stage.tags else None,
                                    hint=conversation.tag_hint(tokenizer, model.config.hint_token_index),
-                                   high_resolution=model.high_resolution)
-
-
-def retrieve_stage_data(stage: StageConfig, config: TrainConfig, model: CLIPModel, tokenizer: Tokenizer,
-                        pool: data.CaptionDataset) -> str:
-    """REACT's retrieval-augmented task instruction (dissertation section 2.3, eq. 2.1-2.3): the
-    pool's pairs nearest to every template x class prompt of the task, by the stage's starting
-    CLIP, written to OUT/retrieved/STAGE.json (LLaVA caption JSON, the pool's own records) so a
-    reader can see what the model will train on. Returns that file's path."""
-    retrieval = stage.retrieval
-    classes, templates, _ = data.read_classification_task(retrieval["task"])
-    queries = [template.format(name) for name in classes for template in templates]
-    by = retrieval.get("by", "text")
-    chosen = data.retrieve_pairs(model, tokenizer, pool, queries, retrieval["per_query"], by)
-    if pool.problems.total:
-        print(f"[{stage.name}] retrieval pool {retrieval['pool']}: {pool.problems.summary()}")
-    path = Path(config.out_dir) / "retrieved" / f"{stage.name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps([pool.records[index] for index in chosen]))
-    os.replace(temporary, path)
-    print(f"[{stage.name}] retrieved {len(chosen)} of {len(pool)} pairs from {retrieval['pool']} "
-          f"({'text-to-text' if by == 'text' else 'text-to-image'}, top {retrieval['per_query']} of "
-          f"{len(queries)} prompts) -> {path}")
-    return str(path)
+                                   high_resolution=model.high_resolution,
+                                   objects=refiner.Refiner(stage.refiner) if stage.refiner else None)
 
 
 def model_inputs(batch: dict, objective: str, device: torch.device) -> dict:
     """The arguments of the stage's model.forward; every model returns (output, loss)."""
     names = {"mllm": ("input_ids", "pixel_values", "attention_mask", "labels", "qformer_input_ids",
-                      "qformer_attention_mask", "task_level", "image_sizes"),
+                      "qformer_attention_mask", "task_level", "image_sizes", "object_features", "object_mask"),
              "clip": ("pixel_values", "input_ids", "attention_mask", "regions"),
              "qformer": ("pixel_values", "input_ids", "attention_mask"),
+             "lyrics": ("pixel_values", "input_ids", "attention_mask", "text_segments", "object_spans",
+                        "object_features", "object_mask"),
              "lm": ("input_ids", "attention_mask", "labels")}[objective]
 
     def to_device(value):
@@ -538,7 +563,8 @@ def split_batch(batch: dict, num_chunks: int, image_token_index: int | None,
         if batch.get("task_level") is not None:  # LION's router: one level per row
             chunk["task_level"] = batch["task_level"][part]
         images = image_slot[part][has_image[part]]
-        for key in ("pixel_values", "qformer_input_ids", "qformer_attention_mask", "image_sizes"):  # a row per image
+        for key in ("pixel_values", "qformer_input_ids", "qformer_attention_mask", "image_sizes", "object_features",
+                    "object_mask"):  # a row per image
             chunk[key] = batch[key][images] if len(images) and batch.get(key) is not None else None
         chunks.append(chunk)
     return chunks
@@ -681,6 +707,8 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: Runtime, previ
             raise ValueError(f"stage {stage.name!r}: image_size interpolates the tower's positions; AnyRes "
                              "tiles at the tower's own size instead (LLaVA-1.5-HD, section 4.3)")
         model.vision_tower.interpolate_position_embedding(stage.image_size)  # the saved config says it too
+    if stage.objective == "mllm" and model.config.num_grounding_queries and not stage.refiner:
+        raise ValueError(f"stage {stage.name!r}: the MQ-Former's grounding queries read a visual refiner; give `refiner`")
     if stage.objective == "mllm" and stage.visual_input:  # LION's stages: the saved config says it too
         model.config.visual_input = model.multi_modal_projector.visual_input = stage.visual_input
     if stage.tags and stage.soft_prompt and model.config.hint_token_index is None:  # LION's stage 3
@@ -705,13 +733,13 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: Runtime, previ
     if stage.objective == "clip" and accumulation * runtime.world_size > 1:
         raise ValueError(f"stage {stage.name!r}: the contrastive loss takes its negatives from the whole batch, "
                          f"so it needs global_batch_size == micro_batch_size and one process")
-    if stage.objective == "qformer" and accumulation > 1:
+    if stage.objective in ("qformer", "lyrics") and accumulation > 1:
         raise ValueError(f"stage {stage.name!r}: ITC and ITM take their negatives from the batch (gathered across "
                          f"processes), so it needs global_batch_size == micro_batch_size x processes")
     # One loader batch = one process's share of one optimizer step, so the samples of every step
     # are the same for any number of processes (data.ModalityLengthGroupedSampler).
     pad_token_id = (conversation.require_token_id(data.load_qformer_tokenizer(config.qformer_tokenizer),
-                                                  data.QFORMER_PAD_TOKEN) if stage.objective == "qformer"
+                                                  data.QFORMER_PAD_TOKEN) if stage.objective in ("qformer", "lyrics")
                     else conversation.require_token_id(tokenizer, "<pad>"))
     loader = data.make_dataloader(dataset, stage.micro_batch_size * accumulation, pad_token_id,
                                   num_workers=config.num_workers,
@@ -895,7 +923,8 @@ def evaluate(config: TrainConfig, model_dir: Path, last_stage: StageConfig) -> d
     for blind in ([False, True] if config.eval_blind else [False]):
         reported, per_task = {}, {}
         for task in config.eval_tasks:
-            task = {"tags": last_stage.tags or None, "tag_noise": last_stage.tag_noise, **task}
+            task = {"tags": last_stage.tags or None, "tag_noise": last_stage.tag_noise,
+                    "refiner": last_stage.refiner or None, **task}
             report, name = task.pop("report", {}), task.pop("name", task["task"])
             out = Path(config.out_dir) / "eval" / (("blind_" if blind else "") + name)
             per_task[name] = evaluation.run_eval(model, tokenizer, out_dir=str(out), blind=blind,
@@ -928,6 +957,11 @@ def main(argv: list[str]) -> None:
         if runtime.is_main:
             shapes.build_world(**config.world)
         barrier(runtime)
+    if config.oracle_refiner and runtime.is_main and not (Path(config.oracle_refiner["out"]) / refiner.REFINER_JSON).is_file():
+        print(f"writing the oracle visual refiner to {config.oracle_refiner['out']}")
+        refiner.write_oracle_refiner(config.oracle_refiner["world"], config.oracle_refiner["tower"],
+                                     config.oracle_refiner["out"])
+    barrier(runtime)
 
     previous = None
     for index, stage in enumerate(stages):

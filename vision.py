@@ -349,6 +349,25 @@ class CLIPConfig(JsonConfig):
                 "vision_config": self.vision_config.to_dict(), "text_config": self.text_config.to_dict()}
 
 
+def pool_regions(hidden_state: torch.Tensor, boxes: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+    """(regions, width): the mean of the patch tokens of image `image_index` (rows of
+    `hidden_state`, (images, 1 + grid * grid, width), class token first) whose centers lie in each
+    box (fractions of the square the tower sees, xyxy), plus the patch under the box's center,
+    so a box smaller than a patch still has one. The region features of the CLIP region loss
+    (RegionCLIP-style) and of the shapes world's oracle visual refiner (Lyrics' local features)."""
+    grid = math.isqrt(hidden_state.shape[1] - 1)
+    centers = (torch.arange(grid, device=boxes.device) + 0.5) / grid
+
+    def cells_inside(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:  # (regions, grid) bool
+        center_cell = ((low + high) / 2 * grid).long().clamp(0, grid - 1)
+        return (centers >= low[:, None]) & (centers < high[:, None]) | F.one_hot(center_cell, grid).bool()
+
+    inside = cells_inside(boxes[:, 1], boxes[:, 3])[:, :, None] & cells_inside(boxes[:, 0], boxes[:, 2])[:, None, :]
+    weights = inside.flatten(1).to(hidden_state.dtype)
+    weights = weights / weights.sum(1, keepdim=True)
+    return torch.bmm(weights[:, None, :], hidden_state[image_index, 1:])[:, 0]
+
+
 def contrastive_loss(logits: torch.Tensor, positives: torch.Tensor | None = None) -> torch.Tensor:
     """The bidirectional contrastive loss of REACT (dissertation eq. 2.4-2.6) over a
     (queries, keys) logit matrix: each query's -log softmax over the keys, averaged over its
@@ -407,21 +426,9 @@ class CLIPModel(nn.Module):
                        image_index: torch.Tensor) -> torch.Tensor:
         """(regions, projection_dim) region embeddings, not normalized: RegionCLIP's region
         features (Zhong et al. 2022; the REACT pipeline of dissertation Table 2.4) on a ViT.
-        Each region pools the last layer's patch tokens of image `image_index` whose centers lie in
-        its box (fractions of the image, xyxy), plus the patch under the box center, so a box
-        smaller than a patch still has one; then, like the class token, post_layernorm and
-        visual_projection."""
-        grid = self.config.vision_config.image_size // self.config.vision_config.patch_size
-        centers = (torch.arange(grid, device=boxes.device) + 0.5) / grid
-
-        def cells_inside(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:  # (regions, grid) bool
-            center_cell = ((low + high) / 2 * grid).long().clamp(0, grid - 1)
-            return (centers >= low[:, None]) & (centers < high[:, None]) | F.one_hot(center_cell, grid).bool()
-
-        inside = cells_inside(boxes[:, 1], boxes[:, 3])[:, :, None] & cells_inside(boxes[:, 0], boxes[:, 2])[:, None, :]
-        weights = inside.flatten(1).to(last_hidden_state.dtype)
-        weights = weights / weights.sum(1, keepdim=True)
-        pooled = torch.bmm(weights[:, None, :], last_hidden_state[image_index, 1:])[:, 0]
+        Each region pools the last layer's patch tokens inside its box (`pool_regions`); then, like
+        the class token, post_layernorm and visual_projection."""
+        pooled = pool_regions(last_hidden_state, boxes, image_index)
         return self.visual_projection(self.vision_model.post_layernorm(pooled))
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,

@@ -190,3 +190,207 @@ def test_the_mqformer_starts_from_a_blip2_stage1_model():
     narrow.max_position_embeddings = 10
     with pytest.raises(ValueError, match="does not fit"):
         LyricsStage1.from_blip2(blip2, LyricsStage1Config(**{**lyrics_config.__dict__, "qformer_config": narrow}))
+
+
+# ---------------------------------------------------------------------------------------------
+# The official release's names (Ziya-Visual-Lyrics-14B's .bin shards), on a synthetic state dict
+
+def tiny_lyrics_mllm(seed: int = 0):
+    from conftest import randomize, tiny_llama_config
+    from model import MLLM, MLLMConfig, TextConfig
+    from vision import EVAVisionConfig
+    torch.manual_seed(seed)
+    config = MLLMConfig(vision_config=EVAVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                      num_attention_heads=4, image_size=28, patch_size=7),
+                        text_config=TextConfig.from_dict(tiny_llama_config(vocab_size=60, pad_token_id=0).to_dict()),
+                        projector_type="qformer", qformer_config=QFormerConfig(
+                            **dict(QFORMER, encoder_hidden_size=32), detection_encoder_hidden_size=OBJECT_WIDTH),
+                        num_query_tokens=3, num_grounding_queries=2, image_token_index=59, pad_token_id=0,
+                        vision_feature_layer=-1, vision_feature_select_strategy="full")
+    return randomize(MLLM(config), seed)
+
+
+def lyrics_inputs(seed: int = 1) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, 59, (2, 9), generator=generator)
+    input_ids[:, :5] = 59  # the 5 query outputs, then the text
+    return dict(input_ids=input_ids, pixel_values=torch.randn(2, 3, 28, 28, generator=generator),
+                qformer_input_ids=torch.randint(1, 60, (2, 4), generator=generator),
+                qformer_attention_mask=torch.ones(2, 4, dtype=torch.long),
+                object_features=torch.randn(2, 3, OBJECT_WIDTH, generator=generator),
+                object_mask=torch.tensor([[True, True, False], [True, False, False]]))
+
+
+def test_the_official_layout_loads_and_leaves_the_refiner_models_out(tmp_path, capsys):
+    import json
+
+    import checkpoints
+    from model import MLLM
+    model = tiny_lyrics_mllm()
+    model.save_pretrained(tmp_path / "ours")
+    state = checkpoints.load_safetensors(tmp_path / "ours")
+    # The names the official code gives the MQ-Former (LyricsQFormerModel, transformers' BLIP-2 names).
+    for key, shape in {"query_tokens": (1, 5, 32),
+                       "qformer.embeddings.LayerNorm.weight": (32,),
+                       "qformer.embeddings.word_embeddings.weight": (60, 32),
+                       "qformer.encoder.layer.0.crossattention.attention.key.weight": (32, 32),
+                       "qformer.encoder.layer.0.detection_crossattention.attention.key.weight": (32, OBJECT_WIDTH),
+                       "qformer.encoder.layer.0.detection_crossattention.output.LayerNorm.bias": (32,),
+                       "qformer.encoder.layer.1.intermediate_query.dense.weight": (64, 32),
+                       "language_projection.weight": (model.config.text_config.hidden_size, 32),
+                       "vision_model.encoder.layers.0.self_attn.qkv.weight": (96, 32)}.items():
+        assert tuple(state[key].shape) == shape, key
+    assert not any("detection_crossattention" in key for key in state if ".layer.1." in key)  # frequency 2
+    # The release: .bin shards holding the refiner's models too, converted; the official split of
+    # the queries in its config.json.
+    release = {**state, "ram.tagging_head.weight": torch.randn(4, 4), "grounding_dino.bbox_embed.0.weight": torch.randn(4)}
+    torch.save(release, tmp_path / "pytorch_model.bin")
+    checkpoints.convert_pickle(tmp_path / "pytorch_model.bin", tmp_path / "release")
+    values = json.loads((tmp_path / "ours" / "config.json").read_text())
+    del values["num_grounding_queries"]
+    values["qformer_config"].update(num_vit_query_tokens=3, num_dino_query_tokens=2)
+    (tmp_path / "release" / "config.json").write_text(json.dumps(values))
+    loaded = MLLM.from_pretrained(str(tmp_path / "release"))
+    assert "ram.* (1 tensors), grounding_dino.* (1 tensors)" in capsys.readouterr().err
+    assert loaded.config.num_grounding_queries == 2 and loaded.config.num_query_tokens == 3
+    inputs = lyrics_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs), model(**inputs), atol=1e-5, rtol=1e-5)
+        # The grounding queries read the objects: other objects, other logits.
+        moved = model(**{**inputs, "object_features": inputs["object_features"] + 1})
+    assert not torch.allclose(moved, model(**inputs))
+    with pytest.raises(ValueError, match="object_features and object_mask"):
+        model(**{key: value for key, value in inputs.items() if not key.startswith("object")})
+
+
+# ---------------------------------------------------------------------------------------------
+# The visual refiner as data
+
+def write_tiny_refiner(directory, objects: dict, width: int = 8):
+    import refiner
+    return refiner.write_refiner(directory, objects, {image: torch.randn(len(rows), width)
+                                                      for image, rows in objects.items()}, source="test")
+
+
+def test_the_refiner_reader_checks_counts_and_pads_with_masked_slots(tmp_path):
+    import json
+
+    import refiner
+    objects = {"a.png": [{"tag": "red circle", "box": [0.1, 0.2, 0.3, 0.6]}, {"tag": "star", "box": [0.5, 0.5, 1, 1]}],
+               "b.png": []}
+    write_tiny_refiner(tmp_path / "ok", objects)
+    reader = refiner.Refiner(tmp_path / "ok")
+    assert (reader.max_objects, reader.object_width) == (2, 12)
+    features, present = reader.mqformer_input("a.png", slots=3)
+    assert present.tolist() == [True, True, False] and torch.equal(features[2], torch.zeros(12))
+    torch.testing.assert_close(features[0, 8:], torch.tensor([0.2, 0.4, 0.2, 0.4]))  # cx, cy, w, h
+    _, none = reader.mqformer_input("b.png")
+    assert not none.any()
+    assert reader.spatial_text("a.png")[0] == "<br><T>red circle</T><Bbox>(0.10, 0.20), (0.30, 0.60)</Box></br>"
+    with pytest.raises(refiner.DataError, match="no entry for image c.png"):
+        reader.objects("c.png")
+    # A file whose boxes and features disagree in count is refused, naming the image.
+    write_tiny_refiner(tmp_path / "bad", objects)
+    values = json.loads((tmp_path / "bad" / "refiner.json").read_text())
+    values["images"]["a.png"].append({"tag": "square", "box": [0, 0, 0.1, 0.1]})
+    (tmp_path / "bad" / "refiner.json").write_text(json.dumps(values))
+    with pytest.raises(refiner.DataError, match=r"image a.png has 3 boxes but features of shape \(2, 8\)"):
+        refiner.Refiner(tmp_path / "bad")
+
+
+@pytest.fixture(scope="module")
+def world_and_tower(tmp_path_factory):
+    import shapes
+    from vision import VisionTransformer
+    world = shapes.build_world(tmp_path_factory.mktemp("world"), seed=0, num_train_images=10, num_eval_images=4)
+    torch.manual_seed(0)
+    tower_dir = tmp_path_factory.mktemp("tower")
+    from checkpoints import CLIP_LAYOUT, state_to_theirs, write_checkpoint
+    tower = VisionTransformer(VisionConfig(**dict(VISION, image_size=32)))
+    write_checkpoint(tower_dir, {"model_type": "clip_vision_model", **tower.config.to_dict()},
+                     state_to_theirs({f"vision_model.{k}": v for k, v in tower.state_dict().items()}, CLIP_LAYOUT))
+    return world, tower_dir
+
+
+def test_the_oracle_refiner_pools_the_tower_inside_the_true_boxes(world_and_tower, tmp_path):
+    import json
+
+    import refiner
+    from data import load_image
+    from vision import VisionTransformer, box_in_view, pool_regions, preprocess_image
+    world, tower_dir = world_and_tower
+    reader = refiner.Refiner(refiner.write_oracle_refiner(world, tower_dir, tmp_path / "oracle", batch_size=4))
+    tags = json.loads((world / "tags.json").read_text())
+    assert set(reader.images) == set(tags)
+    name = sorted(tags)[3]
+    image = load_image(str(world / "images" / name))
+    boxes = [box_in_view(entry["box"], image.size, True) for entry in tags[name]["objects"]]
+    assert [row["tag"] for row in reader.objects(name)] == [entry["name"] for entry in tags[name]["objects"]]
+    tower = VisionTransformer.from_pretrained(tower_dir).eval()
+    with torch.no_grad():
+        hidden = tower(preprocess_image(image, 32, True)[None])[-1]
+        expected = pool_regions(hidden, torch.tensor(boxes), torch.zeros(len(boxes), dtype=torch.long))
+    features, present = reader.mqformer_input(name)
+    torch.testing.assert_close(features[:len(boxes), :32], expected, atol=1e-4, rtol=1e-4)
+    assert int(present.sum()) == len(boxes)
+
+
+def test_grounding_dino_dumps_become_a_refiner_in_the_towers_frame(world_and_tower, tmp_path):
+    import safetensors.torch
+
+    import refiner
+    from data import load_image
+    world, _ = world_and_tower
+    name = next(path.name for path in sorted((world / "images").iterdir())
+                if load_image(str(path)).size[0] != load_image(str(path)).size[1])
+    width, height = load_image(str(world / "images" / name)).size
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    boxes = torch.tensor([[0.5, 0.5, 1.0, 1.0], [0.25, 0.25, 0.5, 0.5]])  # cx, cy, w, h of the original image
+    safetensors.torch.save_file({"hidden_states": torch.randn(2, 6), "boxes": boxes}, dumps / f"{name}.safetensors",
+                                metadata={"tags": '["background", "red circle"]'})
+    reader = refiner.Refiner(refiner.import_grounding_dino(dumps, world / "images", tmp_path / "dino"))
+    whole, quarter = (row["box"] for row in reader.objects(name))
+    side = max(width, height)  # the padded square: the image's long side
+    assert whole[2] - whole[0] == pytest.approx(width / side, abs=1e-3)
+    assert whole[3] - whole[1] == pytest.approx(height / side, abs=1e-3)
+    assert quarter[2] - quarter[0] == pytest.approx(width / side / 2, abs=1e-3)
+    assert [row["tag"] for row in reader.objects(name)] == ["background", "red circle"]
+    safetensors.torch.save_file({"hidden_states": torch.randn(3, 6), "boxes": boxes}, dumps / f"{name}.safetensors",
+                                metadata={"tags": '["a", "b"]'})
+    with pytest.raises(refiner.DataError, match="3 states, 2 boxes and 2 tags"):
+        refiner.import_grounding_dino(dumps, world / "images", tmp_path / "dino2")
+
+
+def test_the_pretraining_text_is_spatial_then_caption_and_loses_whole_objects(world_and_tower, tmp_path):
+    import json
+
+    import conversation
+    import data
+    import refiner
+    world, tower_dir = world_and_tower
+    reader = refiner.Refiner(refiner.write_oracle_refiner(world, tower_dir, tmp_path / "oracle"))
+    tokenizer = conversation.with_lyrics_tokens(data.load_qformer_tokenizer(str(world / "qformer_tokenizer.json")))
+    records = json.loads((world / "train" / "pretrain.json").read_text())
+    records.append({**records[0], "id": "x", "image": "not-in-the-refiner.png"})
+    (world / "images" / "not-in-the-refiner.png").write_bytes((world / "images" / records[0]["image"]).read_bytes())
+    (tmp_path / "pairs.json").write_text(json.dumps(records))
+    dataset = refiner.LyricsCaptionDataset(str(tmp_path / "pairs.json"), str(world / "images"), tokenizer, 32, reader,
+                                           pad_to_square=True, max_text_len=256)
+    assert len(dataset) == len(records) - 1 and "not-in-the-refiner.png" in dataset.problems.summary()
+    item = dataset[0]
+    tokens = [tokenizer.id_to_token(i) for i in item["input_ids"].tolist()]
+    objects = reader.objects(records[0]["image"])
+    assert tokens[0] == "[BOS]" and tokens.count("<br>") == len(objects) and tokens[-1] == "[SEP]"
+    caption_start = tokens.index("[CLS]")
+    assert item["text_segments"].tolist() == [SPATIAL] * caption_start + [CAPTION] * (len(tokens) - caption_start)
+    spans = item["object_spans"].tolist()
+    assert spans[0] == -1 and set(spans[1:caption_start]) == set(range(len(objects)))
+    assert all(tokens[i] == "<br>" for i in range(1, caption_start) if spans[i] != spans[i - 1])
+    short = refiner.LyricsCaptionDataset(str(tmp_path / "pairs.json"), str(world / "images"), tokenizer, 32, reader,
+                                         pad_to_square=True, max_text_len=60)
+    cut = [tokenizer.id_to_token(i) for i in short[0]["input_ids"].tolist()]
+    assert len(cut) <= 60 and cut.count("<br>") == cut.count("</br>") < len(objects) and cut[-1] == "[SEP]"
+    batch = data.collate([dataset[0], dataset[1]], 0)
+    assert batch["text_segments"].shape == batch["input_ids"].shape == batch["object_spans"].shape
+    assert batch["object_features"].shape == (2, reader.max_objects, reader.object_width)

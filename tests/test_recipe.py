@@ -38,6 +38,9 @@ def smoke_config(name: str, world: Path, out: Path, tmp_path: Path) -> Path:
              "shapes_llava_next.py": {'"out/shapes_llava_next"': f'"{out.with_name("llava_next")}"',
                                       '"out/shapes_llava15/': f'"{out}/', '"data/shapes_192"': f'"{world}_192"',
                                       '"data/shapes/tokenizer.json"': f'"{world}/tokenizer.json"'},
+             # Lyrics execs smoke_shapes_blip2.py beside it, then starts from its stage 1 and the main job's parts.
+             "shapes_lyrics.py": {'"out/shapes_lyrics"': f'"{out.with_name("lyrics")}"',
+                                  '"out/shapes_blip2/': f'"{out.with_name("blip2")}/', '"out/shapes_llava15/': f'"{out}/'},
              # REACT starts from the main job's CLIP.
              "shapes_react.py": {'"out/shapes_react"': f'"{out.with_name("react")}"',
                                  '"out/shapes_llava15/': f'"{out}/'},
@@ -236,3 +239,25 @@ def test_react_recipe_retrieves_and_trains_only_the_gated_blocks(recipe):
     state = customized.state_dict()
     assert all(torch.equal(state[key], value) for key, value in generic.items())
     assert any(not torch.equal(value, torch.zeros(())) for key, value in state.items() if key.endswith("alpha_attn"))
+
+
+def test_lyrics_recipe_grows_blip2_into_the_mqformer_and_tunes_it_with_lora(recipe):
+    """Lyrics in miniature: the oracle refiner written from tags.json, the MQ-Former's four losses
+    (logged apart) from BLIP-2's stage 1, then instruction tuning through LoRA, where the LLM's own
+    weights stay as they were and eval reads the refiner."""
+    blip2 = smoke_config("shapes_blip2.py", recipe / "world", recipe / "llava15", recipe)
+    if not (recipe / "blip2" / "qformer").is_dir():
+        train.main([str(blip2), "--stage", "qformer", *SMOKE])
+    config = smoke_config("shapes_lyrics.py", recipe / "world", recipe / "llava15", recipe)
+    train.main([str(config), *SMOKE])
+    out = recipe / "lyrics"
+    check_results(json.loads((out / "results.json").read_text()))
+    first_step = json.loads((out / "logs" / "pretrain.jsonl").read_text().splitlines()[0])
+    assert first_step["loss"] == pytest.approx(sum(first_step[k] for k in ("itc", "itm", "icg", "msp")), rel=1e-5)
+    assert (out / "refiner" / "refiner.json").is_file()
+    model = MLLM.from_pretrained(str(out / "instruct"))
+    assert model.config.num_grounding_queries == 16 and model.num_image_tokens == 32
+    llama = LanguageModel.from_pretrained(str(recipe / "llava15" / "lm")).state_dict()
+    state = model.language_model.state_dict()
+    changed = [key for key, value in llama.items() if not torch.equal(state[key], value)]
+    assert changed and all(key.endswith(("q_proj.weight", "v_proj.weight")) for key in changed)  # LoRA, merged
