@@ -960,15 +960,37 @@ def convert_pickle(source: str | Path, destination: str | Path) -> Path:
     return target
 
 
+def convert_shards(sources: list[str | Path], destination: str | Path) -> Path:
+    """A sharded pickled release (pytorch_model-0000k-of-0000n.bin, as Lyrics' 14B ships) as
+    sharded safetensors in DIR with the hub's model.safetensors.index.json, which
+    load_safetensors reads; one shard in memory at a time. A key in two shards is an error."""
+    destination = Path(destination)
+    weight_map: dict[str, str] = {}
+    for number, source in enumerate(sources, start=1):
+        name = f"model-{number:05d}-of-{len(sources):05d}.safetensors"
+        keys = load_safetensors(convert_pickle(source, destination / name)).keys()
+        repeated = sorted(set(keys) & set(weight_map))
+        if repeated:
+            raise CheckpointError(f"{source}: {repeated[:5]} are in {weight_map[repeated[0]]} already")
+        weight_map.update(dict.fromkeys(keys, name))
+    index = destination / WEIGHTS_INDEX_NAME
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n")
+    return index
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Checkpoint tools.")
     commands = parser.add_subparsers(dest="command", required=True)
     convert = commands.add_parser("convert", help="an official .pth/.pt/.bin checkpoint -> safetensors, "
                                                   "key names unchanged")
-    convert.add_argument("source", help="the pickled checkpoint file")
-    convert.add_argument("destination", help="a .safetensors file, or a directory for model.safetensors")
+    convert.add_argument("sources", nargs="+", help="the pickled checkpoint file, or its shards in order")
+    convert.add_argument("destination", help="a .safetensors file, or a directory for model.safetensors "
+                                             "(shards: model-0000k-of-0000n.safetensors + the index)")
     args = parser.parse_args(argv)
-    target = convert_pickle(args.source, args.destination)
+    if len(args.sources) > 1:
+        target = convert_shards(args.sources, args.destination)
+    else:
+        target = convert_pickle(args.sources[0], args.destination)
     print(f"wrote {target}")
 
 

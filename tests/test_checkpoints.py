@@ -106,3 +106,16 @@ def test_pickle_lists_and_wrappers(tmp_path):
     assert sorted(load_file(convert_pickle(tmp_path / "a.pth", tmp_path / "a"))) == ["layers.0", "layers.1"]
     torch.save({"model": {"w": torch.ones(1)}, "scale": torch.ones(1)}, tmp_path / "b.pth")
     assert sorted(load_file(convert_pickle(tmp_path / "b.pth", tmp_path / "b"))) == ["model.w", "scale"]
+
+
+def test_shards_convert_to_an_indexed_safetensors_release(tmp_path):
+    from checkpoints import convert_shards, load_safetensors
+    torch.save({"a": torch.ones(2), "b": torch.zeros(3)}, tmp_path / "pytorch_model-00001-of-00002.bin")
+    torch.save({"c": torch.arange(4.0)}, tmp_path / "pytorch_model-00002-of-00002.bin")
+    sources = sorted(tmp_path.glob("*.bin"))
+    convert_shards(sources, tmp_path / "release")
+    state = load_safetensors(tmp_path / "release")
+    assert sorted(state) == ["a", "b", "c"] and torch.equal(state["c"], torch.arange(4.0))
+    torch.save({"a": torch.ones(1)}, tmp_path / "pytorch_model-00002-of-00002.bin")
+    with pytest.raises(CheckpointError, match=r"\['a'\] are in model-00001-of-00002.safetensors already"):
+        convert_shards(sources, tmp_path / "again")

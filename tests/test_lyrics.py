@@ -244,8 +244,11 @@ def test_the_official_layout_loads_and_leaves_the_refiner_models_out(tmp_path, c
     # The release: .bin shards holding the refiner's models too, converted; the official split of
     # the queries in its config.json.
     release = {**state, "ram.tagging_head.weight": torch.randn(4, 4), "grounding_dino.bbox_embed.0.weight": torch.randn(4)}
-    torch.save(release, tmp_path / "pytorch_model.bin")
-    checkpoints.convert_pickle(tmp_path / "pytorch_model.bin", tmp_path / "release")
+    keys = sorted(release)
+    shards = [tmp_path / f"pytorch_model-0000{k}-of-00002.bin" for k in (1, 2)]
+    for shard, part in zip(shards, (keys[:len(keys) // 2], keys[len(keys) // 2:])):
+        torch.save({key: release[key] for key in part}, shard)
+    checkpoints.main(["convert", *map(str, shards), str(tmp_path / "release")])
     values = json.loads((tmp_path / "ours" / "config.json").read_text())
     del values["num_grounding_queries"]
     values["qformer_config"].update(num_vit_query_tokens=3, num_dino_query_tokens=2)
