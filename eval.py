@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from adapters import TASK_LEVELS
 from conversation import (EOS_TOKEN, IMAGE_PLACEHOLDER, TEMPLATES, last_supervised_run, read_tags,
-                          render_conversation, split_for_encoder_decoder, tag_hint, tag_sentence)
+                          render_conversation, require_token_id, split_for_encoder_decoder, tag_hint, tag_sentence)
 from data import (REC_PROMPT, CaptionDataset, embed_texts, encode_qformer_texts, load_image, load_tokenizer,
                   pad_sequences, read_classification_task, read_json, read_json_lines, stack_images)
 from layers import IGNORE_INDEX, row_log_likelihoods
@@ -854,7 +854,7 @@ def run_zero_shot_classification(model: CLIPModel, tokenizer: Tokenizer, data_di
     with torch.inference_mode():
         prompts = [template.format(name) for name in classes for template in templates]
         prompt_ids = CaptionDataset.encode_texts(tokenizer, prompts, max_text_len)
-        prompt_embeddings = embed_texts(model, prompt_ids, tokenizer.token_to_id("<pad>")).view(
+        prompt_embeddings = embed_texts(model, prompt_ids, require_token_id(tokenizer, "<pad>")).view(
             len(classes), len(templates), -1)
         class_embeddings = F.normalize(prompt_embeddings.mean(1), dim=-1)
         predictions = []

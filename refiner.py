@@ -150,10 +150,10 @@ def write_oracle_refiner(world: str | Path, tower_path: str | Path, out_dir: str
         hidden = tower(pixels)[-1]
         boxes, owners = [], []
         for row, (name, image) in enumerate(zip(batch, images)):
-            objects[name] = [{"tag": entry["name"], "box": [round(v, 4) for v in box_in_view(entry["box"], image.size,
-                                                                                           pad_to_square)]}
+            objects[name] = [{"tag": entry["name"],
+                              "box": [round(v, 4) for v in box_in_view(entry["box"], image.size, pad_to_square)]}
                              for entry in entries[name]["objects"]]
-            boxes += [row_["box"] for row_ in objects[name]]
+            boxes += [found["box"] for found in objects[name]]
             owners += [row] * len(objects[name])
         pooled = pool_regions(hidden, torch.tensor(boxes).reshape(-1, 4), torch.tensor(owners, dtype=torch.long))
         counts = [len(objects[name]) for name in batch]
