@@ -397,3 +397,42 @@ def test_the_pretraining_text_is_spatial_then_caption_and_loses_whole_objects(wo
     batch = data.collate([dataset[0], dataset[1]], 0)
     assert batch["text_segments"].shape == batch["input_ids"].shape == batch["object_spans"].shape
     assert batch["object_features"].shape == (2, reader.max_objects, reader.object_width)
+
+
+def test_itc_and_icg_are_their_equations_on_a_toy_batch():
+    """ITC (eq. 1) and ICG (eq. 3) recomputed from one pass under each hand-drawn mask: ITC is
+    BLIP-2's loss of the visual queries against [CLS] averaged with the grounding queries' against
+    [BOS]; ICG predicts each caption token from the one before it, [DEC] in [CLS]'s place, and
+    never from a spatial position."""
+    from pretraining import image_text_contrastive_loss
+    model = tiny_lyrics(msp_probability=0.0)
+    batch = lyrics_batch()
+    losses = losses_of(model, batch)
+    segments = torch.cat([torch.tensor([[VISUAL] * 3 + [GROUNDING] * 2] * 3), batch["text_segments"]], 1)
+    padding = torch.cat([torch.ones(3, 5, dtype=torch.long), batch["attention_mask"]], 1)
+
+    def states(objective: str, ids: torch.Tensor) -> torch.Tensor:
+        return model.qformer(model.query_tokens.expand(3, -1, -1), ids,
+                             attn_mask=lyrics_attention_mask(objective, segments, padding),
+                             image_embeds=model.image_embeds(batch["pixel_values"]), num_grounding_queries=2,
+                             object_features=batch["object_features"], object_mask=batch["object_mask"])
+
+    with torch.no_grad():
+        itc_states = states("itc", batch["input_ids"])
+        queries = torch.nn.functional.normalize(model.vision_projection(itc_states[:, :5]), dim=-1)
+        cls_position = torch.tensor([5, 5, 3])  # where each row's caption starts ([CLS])
+        caption = torch.nn.functional.normalize(model.text_projection(itc_states[torch.arange(3), 5 + cls_position]), dim=-1)
+        spatial = torch.nn.functional.normalize(model.text_projection(itc_states[:, 5]), dim=-1)
+        expected_itc = (image_text_contrastive_loss(queries[:, :3], caption, model.temperature)[0]
+                        + image_text_contrastive_loss(queries[:, 3:], spatial, model.temperature)[0]) / 2
+        decoder_ids = batch["input_ids"].clone()
+        decoder_ids[torch.arange(3), cls_position] = 57
+        logits = model.itg_head(states("icg", decoder_ids)[:, 5:], model.qformer.word_embeddings.weight)
+        pairs = [(row, position) for row in range(3) for position in range(int(cls_position[row]), 8)
+                 if batch["attention_mask"][row, position + 1]]
+        expected_icg = torch.nn.functional.cross_entropy(
+            torch.stack([logits[row, position] for row, position in pairs]),
+            torch.stack([batch["input_ids"][row, position + 1] for row, position in pairs]), label_smoothing=0.1)
+    assert len(pairs) == 3 + 3 + 3  # rows 0, 1: [CLS] w w -> w w [SEP]; row 2: [CLS] w w -> w w [SEP]
+    assert losses["itc"] == pytest.approx(expected_itc.item(), rel=1e-5)
+    assert losses["icg"] == pytest.approx(expected_icg.item(), rel=1e-5)
