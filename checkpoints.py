@@ -825,7 +825,8 @@ def blip2_config_fields(values: dict[str, Any], state: dict[str, torch.Tensor]) 
         vision_config={"model_type": "blip_2_vision_model", **values.get("vision_config", {})}, text_config=text,
         projector_type="lion" if lion else "qformer",
         qformer_config={**qformer, "use_qformer_text_input": instruct or qformer.get("use_qformer_text_input", False)},
-        num_query_tokens=visual, num_grounding_queries=grounding, image_token_index=image_token_index,
+        num_query_tokens=visual, num_grounding_queries=grounding, spatial_prompt=values.get("spatial_prompt", False),
+        image_token_index=image_token_index,
         pad_token_id=text["pad_token_id"] if text.get("pad_token_id") is not None else 0,
         vision_feature_layer=-1, vision_feature_select_strategy="full",
         image_aspect_ratio=values.get("image_aspect_ratio", "square"),
@@ -840,7 +841,8 @@ def blip2_config_json(config: Any) -> dict[str, Any]:
     lion = {key: getattr(config, key) for key in LION_FIELDS} if config.projector_type == "lion" else {}
     if lion:
         lion["aggregator_config"] = config.aggregator_config.to_dict()
-    lyrics = {"num_grounding_queries": config.num_grounding_queries} if config.num_grounding_queries else {}
+    lyrics = ({"num_grounding_queries": config.num_grounding_queries, "spatial_prompt": config.spatial_prompt}
+              if config.num_grounding_queries else {})
     vision = config.vision_config.to_dict()
     if vision["model_type"] == "blip_2_vision_model":
         vision["model_type"] = f"{family}_vision_model"

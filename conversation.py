@@ -399,13 +399,17 @@ def tag_sentence(tags: list[str], hint: str) -> str:
 
 
 def with_tag_prompt(conversations: list[dict], tags: list[str], hint: str) -> list[dict]:
-    """The conversation with LION's tag sentence before the first question (after the image
-    placeholder), as the official code prefixes it to the question."""
+    """The conversation with LION's tag sentence before the first question, as the official code
+    prefixes it to the question."""
+    return with_question_prefix(conversations, tag_sentence(tags, hint))
+
+
+def with_question_prefix(conversations: list[dict], prefix: str) -> list[dict]:
+    """The conversation with `prefix` before the first question, after the image placeholder."""
     first = next(index for index, turn in enumerate(conversations) if turn.get("from") == "human")
     text = conversations[first]["value"]
     image = IMAGE_PLACEHOLDER + "\n" if text.startswith(IMAGE_PLACEHOLDER + "\n") else ""
-    sentence = tag_sentence(tags, hint)
-    return [*conversations[:first], {**conversations[first], "value": image + sentence + text[len(image):]},
+    return [*conversations[:first], {**conversations[first], "value": image + prefix + text[len(image):]},
             *conversations[first + 1:]]
 
 
@@ -425,6 +429,12 @@ def with_lyrics_tokens(tokenizer: Tokenizer) -> Tokenizer:
     embeddings to `get_vocab_size()`. Adding them again changes nothing."""
     tokenizer.add_special_tokens([LYRICS_SPATIAL_BOS, LYRICS_MLM, *LYRICS_MARKUP])
     return tokenizer
+
+
+def spatial_question_prefix(objects: Sequence[str]) -> str:
+    """An image's objects as the LLM reads them before its first question (sec. 3.3's option):
+    their spatial representations one after another, then a new line; nothing without objects."""
+    return "".join(objects) + "\n" if objects else ""
 
 
 def spatial_representation(tag: str, box: Sequence[float]) -> str:

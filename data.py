@@ -34,7 +34,8 @@ from adapters import TASK_LEVELS
 from connectors import HighResolution
 from conversation import (BOS_TOKEN, EOS_TOKEN, IMAGE_PLACEHOLDER, PLAIN_HINT, DataError, format_conversation,
                           get_template, render_conversation, require_token_id, split_for_encoder_decoder,
-                          tokenize_around_images, with_tag_prompt)
+                          spatial_question_prefix, tokenize_around_images, with_question_prefix,
+                          with_tag_prompt)
 from layers import IGNORE_INDEX
 from pretraining import CAPTION
 from vision import box_in_view, high_resolution_tiles, preprocess_image
@@ -324,7 +325,9 @@ class InstructionDataset(_ImageRecordDataset):
     region). `tags` (image file name -> tags, conversation.read_tags) puts LION's tag sentence
     before each image's first question, with `hint` as its hint (the soft prompt's token); the
     Q-Former still reads the bare question, as in LION. `objects` (a refiner.Refiner) adds each
-    image's objects for Lyrics' MQ-Former: object_features / object_mask (refiner.py).
+    image's objects for Lyrics' MQ-Former: object_features / object_mask (refiner.py), and with
+    `spatial_prompt` their spatial representation before the first question (the tokenizer
+    needs Lyrics' tokens: conversation.with_lyrics_tokens).
     """
 
     def __init__(self, json_path: str, image_folder: str, tokenizer: Tokenizer,
@@ -333,11 +336,11 @@ class InstructionDataset(_ImageRecordDataset):
                  qformer_tokenizer: Tokenizer | None = None, qformer_max_length: int = 128,
                  encoder_decoder: bool = False, task_levels: Sequence[str] | None = None,
                  tags: dict[str, list[str]] | None = None, hint: str = PLAIN_HINT,
-                 high_resolution: HighResolution | None = None, objects: Any = None):
+                 high_resolution: HighResolution | None = None, objects: Any = None, spatial_prompt: bool = False):
         unknown = set(task_levels or ()) - set(TASK_LEVELS)
         if unknown:
             raise ValueError(f"task_levels {sorted(unknown)}: the task levels are {sorted(TASK_LEVELS)}")
-        self.tags, self.hint, self.objects = tags, hint, objects
+        self.tags, self.hint, self.objects, self.spatial_prompt = tags, hint, objects, spatial_prompt
         self.image_folder = image_folder
         self.encoder_decoder = encoder_decoder
         self.eos_id = require_token_id(tokenizer, EOS_TOKEN) if encoder_decoder else None
@@ -409,6 +412,9 @@ class InstructionDataset(_ImageRecordDataset):
                 raise DataError(f"the tags file has no entry for image {record['image']!r}", "missing_tags")
             record = {**record, "conversations": with_tag_prompt(record["conversations"], self.tags[record["image"]],
                                                                  self.hint)}
+        if self.spatial_prompt and isinstance(record.get("image"), str):
+            record = {**record, "conversations": with_question_prefix(
+                record["conversations"], spatial_question_prefix(self.objects.spatial_text(record["image"])))}
         text, spans = format_conversation(record["conversations"], self.template)
         num_placeholders = text.count(IMAGE_PLACEHOLDER)
         if "image" in record:

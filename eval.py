@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from adapters import TASK_LEVELS
 from conversation import (EOS_TOKEN, IMAGE_PLACEHOLDER, TEMPLATES, last_supervised_run, read_tags,
-                          render_conversation, require_token_id, split_for_encoder_decoder, tag_hint, tag_sentence)
+                          render_conversation, require_token_id, spatial_question_prefix, split_for_encoder_decoder,
+                          tag_hint, tag_sentence, with_lyrics_tokens)
 from data import (REC_PROMPT, CaptionDataset, embed_texts, encode_qformer_texts, load_image, load_tokenizer,
                   pad_sequences, read_classification_task, read_json, read_json_lines, stack_images)
 from layers import IGNORE_INDEX, row_log_likelihoods
@@ -346,9 +347,10 @@ class Evaluator:
         # Lyrics: each image's objects from the visual refiner (refiner.Refiner), or none at all
         # (`blank_objects`: the refiner's ablation, Lyrics Table 5 "w/o VR").
         self.objects, self.blank_objects = objects, blank_objects
-        if model.config.num_grounding_queries and objects is None:
-            raise ValueError("this model's MQ-Former reads the visual refiner's objects: give its directory "
-                             "(refiner, --refiner)")
+        if (model.config.num_grounding_queries or model.config.spatial_prompt) and objects is None:
+            raise ValueError("this model reads the visual refiner's objects: give its directory (refiner, --refiner)")
+        if model.config.spatial_prompt:  # the markup tokens the LLM learned
+            with_lyrics_tokens(tokenizer)
         # LION: an image's tags before its first question (keyed by image file name), with the
         # soft prompt's token as hint when the model has one; the router's task level.
         self.tags, self.task_level = tags, TASK_LEVELS[task_level]
@@ -421,14 +423,16 @@ class Evaluator:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def tagged(self, dialogue: list[tuple[str, str | None]], sample: Sample) -> list[tuple[str, str | None]]:
-        """The dialogue with LION's tag sentence before its first question, when tags are given
-        (conversation.with_tag_prompt's place; the Q-Former still reads the bare question)."""
-        if self.tags is None or sample.image is None:
+        """The dialogue with LION's tag sentence or Lyrics' objects (with `spatial_prompt`) before
+        its first question (conversation.with_question_prefix's place; a Q-Former reads the bare one)."""
+        if sample.image is None or (self.tags is None and not self.model.config.spatial_prompt):
             return dialogue
-        if sample.image.name not in self.tags:
+        if self.tags is not None and sample.image.name not in self.tags:
             raise ValueError(f"the tags file has no entry for image {sample.image.name!r}")
+        prefix = tag_sentence(self.tags[sample.image.name], self.hint) if self.tags is not None else \
+            spatial_question_prefix([] if self.blank_objects else self.objects.spatial_text(sample.image.name))
         (question, reply), *rest = dialogue
-        return [(tag_sentence(self.tags[sample.image.name], self.hint) + question, reply), *rest]
+        return [(prefix + question, reply), *rest]
 
     def instructions(self, samples: list[Sample], dialogues: list[list[tuple[str, str | None]]]) -> dict:
         """InstructBLIP's Q-Former input: each image's question (the dialogue's last), through the
@@ -848,15 +852,12 @@ def run_zero_shot_classification(model: CLIPModel, tokenizer: Tokenizer, data_di
         raise ValueError(f"{annotations / f'{split}.json'}: no images to classify")
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    image_size = model.config.vision_config.image_size
-    max_text_len = model.config.text_config.max_position_embeddings
+    device, image_size = next(model.parameters()).device, model.config.vision_config.image_size
     with torch.inference_mode():
-        prompts = [template.format(name) for name in classes for template in templates]
-        prompt_ids = CaptionDataset.encode_texts(tokenizer, prompts, max_text_len)
-        prompt_embeddings = embed_texts(model, prompt_ids, require_token_id(tokenizer, "<pad>")).view(
-            len(classes), len(templates), -1)
-        class_embeddings = F.normalize(prompt_embeddings.mean(1), dim=-1)
+        prompt_ids = CaptionDataset.encode_texts(tokenizer, [t.format(name) for name in classes for t in templates],
+                                                 model.config.text_config.max_position_embeddings)
+        class_embeddings = F.normalize(embed_texts(model, prompt_ids, require_token_id(tokenizer, "<pad>")).view(
+            len(classes), len(templates), -1).mean(1), dim=-1)
         predictions = []
         for begin in range(0, len(rows), batch_size):
             pixels = torch.stack([preprocess_image(load_image(str(images / row["image"])), image_size, pad_to_square)

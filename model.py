@@ -509,8 +509,10 @@ class MLLMConfig:
     qformer_config: QFormerConfig | None = None
     num_query_tokens: int = 32  # BLIP-2, sec. 3.1: 32 queries of 768
     # Lyrics (sec. 3.1): the MQ-Former, a "qformer" whose last `num_grounding_queries` queries
-    # read the visual refiner's objects (refiner.py) beside the visual ones.
+    # read the visual refiner's objects (refiner.py) beside the visual ones; `spatial_prompt`: the
+    # objects' spatial representation also goes before each image's first question (sec. 3.3).
     num_grounding_queries: int = 0
+    spatial_prompt: bool = False
     image_token_index: int = 32000  # llava-1.5-hf; an id >= the vocabulary is fine, it is never embedded
     pad_token_id: int = 32001
     vision_feature_layer: int = -2  # LLaVA-1.5; -1 = last layer (LLaVA's ablation, 0.96 points worse)

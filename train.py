@@ -71,6 +71,7 @@ class StageConfig:
     init: str = "previous"
     vision_path: str = ""  # a CLIP / EVA checkpoint (or Q-Former stage), or the name of an earlier stage
     refiner: str = ""  # Lyrics: the visual refiner's directory (refiner.py) for the grounding queries
+    spatial_prompt: bool = False  # Lyrics (sec. 3.3): the objects' spatial representation before each question
     language_path: str = ""  # a LlamaForCausalLM checkpoint, or the name of an earlier stage
     architecture: dict = field(default_factory=dict)  # config.json-style dims for init="scratch"
     data: str = ""  # LLaVA instruction JSON / jsonl (mllm, clip) or {"text"} jsonl (lm)
@@ -514,7 +515,8 @@ def build_dataset(stage: StageConfig, config: TrainConfig, model: torch.nn.Modul
                                    tags=conversation.read_tags(stage.tags, stage.tag_noise) if stage.tags else None,
                                    hint=conversation.tag_hint(tokenizer, model.config.hint_token_index),
                                    high_resolution=model.high_resolution,
-                                   objects=refiner.Refiner(stage.refiner) if stage.refiner else None)
+                                   objects=refiner.Refiner(stage.refiner) if stage.refiner else None,
+                                   spatial_prompt=model.config.spatial_prompt)
 
 
 def model_inputs(batch: dict, objective: str, device: torch.device) -> dict:
@@ -707,8 +709,14 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: Runtime, previ
             raise ValueError(f"stage {stage.name!r}: image_size interpolates the tower's positions; AnyRes "
                              "tiles at the tower's own size instead (LLaVA-1.5-HD, section 4.3)")
         model.vision_tower.interpolate_position_embedding(stage.image_size)  # the saved config says it too
-    if stage.objective == "mllm" and model.config.num_grounding_queries and not stage.refiner:
-        raise ValueError(f"stage {stage.name!r}: the MQ-Former's grounding queries read a visual refiner; give `refiner`")
+    if stage.objective == "mllm" and (model.config.num_grounding_queries or stage.spatial_prompt) and not stage.refiner:
+        raise ValueError(f"stage {stage.name!r}: the MQ-Former's grounding queries and the spatial prompt read a "
+                         f"visual refiner; give `refiner`")
+    if stage.objective == "mllm" and stage.spatial_prompt:  # the LLM learns Lyrics' markup tokens; the config says so
+        model.config.spatial_prompt = True
+        conversation.with_lyrics_tokens(tokenizer)
+        if tokenizer.get_vocab_size() > model.config.text_config.vocab_size:
+            model.language_model.resize_token_embeddings(tokenizer.get_vocab_size())
     if stage.objective == "mllm" and stage.visual_input:  # LION's stages: the saved config says it too
         model.config.visual_input = model.multi_modal_projector.visual_input = stage.visual_input
     if stage.tags and stage.soft_prompt and model.config.hint_token_index is None:  # LION's stage 3

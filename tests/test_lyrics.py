@@ -436,3 +436,41 @@ def test_itc_and_icg_are_their_equations_on_a_toy_batch():
     assert len(pairs) == 3 + 3 + 3  # rows 0, 1: [CLS] w w -> w w [SEP]; row 2: [CLS] w w -> w w [SEP]
     assert losses["itc"] == pytest.approx(expected_itc.item(), rel=1e-5)
     assert losses["icg"] == pytest.approx(expected_icg.item(), rel=1e-5)
+
+
+def test_the_spatial_prompt_puts_the_objects_before_the_first_question(world_and_tower, tmp_path):
+    import json
+
+    import conversation
+    import data
+    import eval as evaluation
+    import refiner
+    world, tower_dir = world_and_tower
+    reader = refiner.Refiner(refiner.write_oracle_refiner(world, tower_dir, tmp_path / "oracle"))
+    tokenizer = conversation.with_lyrics_tokens(data.load_tokenizer(str(world / "tokenizer.json")))
+    records = [record for record in json.loads((world / "train" / "instruct.json").read_text()) if "image" in record]
+    (tmp_path / "mix.json").write_text(json.dumps(records[:4]))
+
+    def first_item(spatial_prompt: bool) -> list[str]:
+        dataset = data.InstructionDataset(str(tmp_path / "mix.json"), str(world / "images"), tokenizer, "vicuna_v1",
+                                          tokenizer.token_to_id("<image>"), 4, 32, True, 512, objects=reader,
+                                          spatial_prompt=spatial_prompt)
+        item = dataset[0]
+        assert item["object_features"].shape == (reader.max_objects, reader.object_width)
+        return [tokenizer.id_to_token(i) for i in item["input_ids"].tolist()]
+
+    plain, spatial = first_item(False), first_item(True)
+    objects = reader.objects(records[0]["image"])
+    assert "<br>" not in plain and spatial.count("<br>") == spatial.count("</br>") == len(objects)
+    assert spatial.index("<image>") < spatial.index("<br>")  # after the image, before the question
+    # Eval asks the same way, from the same refiner; a blank refiner asks the bare question.
+    model = tiny_lyrics_mllm()
+    model.config.spatial_prompt = True
+    image = world / "images" / records[0]["image"]
+    sample = evaluation.Sample("q", image, "What is there?", None)
+    for blank, expected in ((False, conversation.spatial_question_prefix(reader.spatial_text(image.name))), (True, "")):
+        evaluator = evaluation.Evaluator(model, tokenizer, evaluation.PROMPT_STYLES["llava15"], objects=reader,
+                                         blank_objects=blank, qformer_tokenizer=tokenizer)
+        assert evaluator.tagged([("What is there?", None)], sample) == [(expected + "What is there?", None)]
+    with pytest.raises(ValueError, match="visual refiner's objects"):
+        evaluation.Evaluator(model, tokenizer, evaluation.PROMPT_STYLES["llava15"], qformer_tokenizer=tokenizer)

@@ -261,3 +261,9 @@ def test_lyrics_recipe_grows_blip2_into_the_mqformer_and_tunes_it_with_lora(reci
     state = model.language_model.state_dict()
     changed = [key for key, value in llama.items() if not torch.equal(state[key], value)]
     assert changed and all(key.endswith(("q_proj.weight", "v_proj.weight")) for key in changed)  # LoRA, merged
+    # The spatial prompt (sec. 3.3's option): the LLM grows by Lyrics' tokens, the config says so, eval asks so.
+    train.main([str(config), "--stage", "instruct", *SMOKE, f"--out_dir={recipe / 'lyrics_spatial'}",
+                f"--instruct.vision_path={out / 'pretrain'}", "--instruct.spatial_prompt=True"])
+    spatial = MLLM.from_pretrained(str(recipe / "lyrics_spatial" / "instruct"))
+    assert spatial.config.spatial_prompt and spatial.config.text_config.vocab_size > model.config.text_config.vocab_size
+    check_results(json.loads((recipe / "lyrics_spatial" / "results.json").read_text()))
