@@ -399,11 +399,12 @@ def test_the_pretraining_text_is_spatial_then_caption_and_loses_whole_objects(wo
     assert batch["object_features"].shape == (2, reader.max_objects, reader.object_width)
 
 
-def test_itc_and_icg_are_their_equations_on_a_toy_batch():
-    """ITC (eq. 1) and ICG (eq. 3) recomputed from one pass under each hand-drawn mask: ITC is
-    BLIP-2's loss of the visual queries against [CLS] averaged with the grounding queries' against
-    [BOS]; ICG predicts each caption token from the one before it, [DEC] in [CLS]'s place, and
-    never from a spatial position."""
+def test_itc_itm_and_icg_are_their_equations_on_a_toy_batch():
+    """ITC (eq. 1), ICG (eq. 3) and ITM (eq. 2) recomputed from one pass under each hand-drawn
+    mask: ITC is BLIP-2's loss of the visual queries against [CLS] averaged with the grounding
+    queries' against [BOS]; ICG predicts each caption token from the one before it, [DEC] in
+    [CLS]'s place, and never from a spatial position; ITM is the two heads' mean loss. (MSP:
+    test_msp_masks_whole_objects_and_restores_them.)"""
     from pretraining import image_text_contrastive_loss
     model = tiny_lyrics(msp_probability=0.0)
     batch = lyrics_batch()
@@ -436,6 +437,31 @@ def test_itc_and_icg_are_their_equations_on_a_toy_batch():
     assert len(pairs) == 3 + 3 + 3  # rows 0, 1: [CLS] w w -> w w [SEP]; row 2: [CLS] w w -> w w [SEP]
     assert losses["itc"] == pytest.approx(expected_itc.item(), rel=1e-5)
     assert losses["icg"] == pytest.approx(expected_icg.item(), rel=1e-5)
+
+    # ITM (eq. 2): the same hard negatives (the same draws from the same similarities), the rows
+    # [own image + own text, negative image + own text, own image + negative text] under the
+    # regionalized mask; the visual head's loss on the visual queries, the grounding one's on theirs.
+    from pretraining import sample_hard_negatives
+    with torch.no_grad():
+        _, visual_to_caption, caption_to_visual = image_text_contrastive_loss(queries[:, :3], caption, model.temperature)
+        _, grounding_to_spatial, spatial_to_grounding = image_text_contrastive_loss(queries[:, 3:], spatial,
+                                                                                    model.temperature)
+        torch.manual_seed(0)
+        negative_images = sample_hard_negatives(caption_to_visual + spatial_to_grounding)
+        negative_texts = sample_hard_negatives(visual_to_caption + grounding_to_spatial)
+        own, image_rows = torch.arange(3), torch.cat([torch.arange(3), negative_images, torch.arange(3)])
+        text_rows = torch.cat([own, own, negative_texts])
+        match_segments = torch.cat([segments[:1, :5].expand(9, 5), batch["text_segments"][text_rows]], 1)
+        match_padding = torch.cat([torch.ones(9, 5, dtype=torch.long), batch["attention_mask"][text_rows]], 1)
+        match = model.qformer(model.query_tokens.expand(9, -1, -1), batch["input_ids"][text_rows],
+                              attn_mask=lyrics_attention_mask("itm", match_segments, match_padding),
+                              image_embeds=model.image_embeds(batch["pixel_values"])[image_rows],
+                              num_grounding_queries=2, object_features=batch["object_features"][image_rows],
+                              object_mask=batch["object_mask"][image_rows])
+        labels = torch.tensor([1, 1, 1, 0, 0, 0, 0, 0, 0])
+        expected_itm = (torch.nn.functional.cross_entropy(model.itm_head(match[:, :3]).mean(1), labels)
+                        + torch.nn.functional.cross_entropy(model.itm_head(match[:, 3:5]).mean(1), labels)) / 2
+    assert losses["itm"] == pytest.approx(expected_itm.item(), rel=1e-5)
 
 
 def test_the_spatial_prompt_puts_the_objects_before_the_first_question(world_and_tower, tmp_path):
