@@ -627,20 +627,22 @@ def embed_texts(model: torch.nn.Module, token_ids: Sequence[Sequence[int]], pad_
 
 
 @torch.no_grad()
-def retrieve_pairs(model: torch.nn.Module, tokenizer: Tokenizer, pool: "CaptionDataset", queries: list[str],
-                   per_query: int, by: Literal["text", "image"], batch_size: int = 256) -> list[int]:
-    """Indices into `pool` of the pairs REACT retrieves for `queries` (eq. 2.1's prompts of the
-    task's concepts), with the frozen CLIP `model`: for each query its top `per_query` pairs by
-    the cosine similarity of the query's text embedding to each pair's text (`by="text"`, T2T,
-    eq. 2.2: closer matches) or image (`by="image"`, T2I, eq. 2.3: more varied captions); the
-    union, without duplicates, in order of first retrieval. The search is exact (numpy); at a
-    web-scale pool an approximate index (the dissertation's FAISS HNSW) replaces `np.argsort`.
-    A pool image that cannot be read is reported to `pool.problems` and never retrieved."""
+def retrieve_pairs(model: torch.nn.Module, tokenizer: Tokenizer, pool: "CaptionDataset", concepts: list[list[str]],
+                   per_concept: int, by: Literal["text", "image"], batch_size: int = 256) -> list[int]:
+    """Indices into `pool` of the pairs REACT retrieves for a task's `concepts`, each given as its
+    prompts (eq. 2.1: the concept in every template), with the frozen CLIP `model`. A pair's
+    relevance to a concept is its best cosine similarity to one of the concept's prompts, by the
+    pair's text (`by="text"`, T2T, eq. 2.2: closer matches) or image (`by="image"`, T2I, eq. 2.3:
+    more varied captions); each concept takes its top `per_concept` pairs, and the union comes back
+    without duplicates, in order of first retrieval. The search is exact (numpy); at a web-scale
+    pool an approximate index (the dissertation's FAISS HNSW) replaces `np.argsort`. A pool image
+    that cannot be read is reported to `pool.problems` and never retrieved."""
     if by not in ("text", "image"):
         raise ValueError(f"retrieval by must be 'text' (T2T) or 'image' (T2I), not {by!r}")
     pad_token_id = require_token_id(tokenizer, "<pad>")
     max_text_len = model.config.text_config.max_position_embeddings
-    query_embeddings = embed_texts(model, CaptionDataset.encode_texts(tokenizer, queries, max_text_len),
+    prompts = [prompt for concept in concepts for prompt in concept]
+    query_embeddings = embed_texts(model, CaptionDataset.encode_texts(tokenizer, prompts, max_text_len),
                                    pad_token_id, batch_size)
     readable = list(range(len(pool)))
     if by == "text":
@@ -659,21 +661,23 @@ def retrieve_pairs(model: torch.nn.Module, tokenizer: Tokenizer, pool: "CaptionD
                 pool_embeddings.append(F.normalize(model.encode_image(pixels).float(), dim=-1).cpu())
                 readable += [index for index, _ in samples]
         pool_embeddings = torch.cat(pool_embeddings)
-    scores = (query_embeddings @ pool_embeddings.t()).numpy()
-    ranked = np.argsort(-scores, axis=1, kind="stable")[:, :per_query]
+    prompt_scores = (query_embeddings @ pool_embeddings.t()).numpy()
+    ends = np.cumsum([len(concept) for concept in concepts])
+    scores = np.stack([prompt_scores[end - len(concept):end].max(axis=0) for concept, end in zip(concepts, ends)])
+    ranked = np.argsort(-scores, axis=1, kind="stable")[:, :per_concept]
     chosen = dict.fromkeys(readable[position] for position in ranked.flatten())  # ordered, deduplicated
     return list(chosen)
 
 
 def retrieve_for_task(model: torch.nn.Module, tokenizer: Tokenizer, pool: "CaptionDataset", task: str,
-                      per_query: int, by: Literal["text", "image"], out_path: str | os.PathLike[str]) -> str:
+                      per_concept: int, by: Literal["text", "image"], out_path: str | os.PathLike[str]) -> str:
     """REACT's retrieval-augmented task instruction (dissertation section 2.3, eq. 2.1-2.3): the
-    pool's pairs nearest to every template x class prompt of the classification `task` file, by
+    pool's pairs nearest to each class of the classification `task` file in its templates, by
     the frozen CLIP `model` (retrieve_pairs), written to `out_path` (LLaVA caption JSON, the
     pool's own records) so a reader can see what the model will train on. Returns that path."""
     classes, templates, _ = read_classification_task(task)
-    queries = [template.format(name) for name in classes for template in templates]
-    chosen = retrieve_pairs(model, tokenizer, pool, queries, per_query, by)
+    chosen = retrieve_pairs(model, tokenizer, pool, [[t.format(name) for t in templates] for name in classes],
+                            per_concept, by)
     if pool.problems.total:
         print(f"retrieval pool: {pool.problems.summary()}")
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
@@ -682,7 +686,7 @@ def retrieve_for_task(model: torch.nn.Module, tokenizer: Tokenizer, pool: "Capti
         json.dump([pool.records[index] for index in chosen], file)
     os.replace(temporary, out_path)
     print(f"retrieved {len(chosen)} of {len(pool)} pool pairs ({'text-to-text' if by == 'text' else 'text-to-image'}, "
-          f"top {per_query} of {len(queries)} prompts) -> {out_path}")
+          f"top {per_concept} for each of {len(classes)} classes in {len(templates)} templates) -> {out_path}")
     return str(out_path)
 
 

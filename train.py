@@ -82,7 +82,7 @@ class StageConfig:
     # trainable=[r"\.gated_block\."]); `positive_threshold`, eq. 2.5-2.6's gamma (0: CLIP's
     # one-to-one pairs); `retrieval`, the stage's data retrieved from a pool of image-text pairs
     # (data.retrieve_pairs): {"task": a classification task file (its classes and templates are
-    # the queries), "pool": LLaVA caption JSON, "per_query": K, "by": "text" (T2T) or "image" (T2I)}.
+    # the queries), "pool": LLaVA caption JSON, "per_concept": K, "by": "text" (T2T) or "image" (T2I)}.
     gated_image_layers: int = 0
     positive_threshold: float = 0.0
     retrieval: dict = field(default_factory=dict)
@@ -260,9 +260,9 @@ def check_stage(stage: StageConfig) -> None:
             raise ValueError(f"{where}: {key} belongs to the clip objective (CLIP, REACT), not to {stage.objective!r}")
     if not 0 <= stage.positive_threshold <= 1:
         raise ValueError(f"{where}: positive_threshold is a cosine gamma in (0, 1], or 0 for CLIP's pairs")
-    unknown = set(stage.retrieval) - {"task", "pool", "per_query", "by"}
-    if unknown or (stage.retrieval and not {"task", "pool", "per_query"} <= set(stage.retrieval)):
-        raise KeyError(f"{where}: retrieval needs 'task', 'pool', 'per_query' and may have 'by' "
+    unknown = set(stage.retrieval) - {"task", "pool", "per_concept", "by"}
+    if unknown or (stage.retrieval and not {"task", "pool", "per_concept"} <= set(stage.retrieval)):
+        raise KeyError(f"{where}: retrieval needs 'task', 'pool', 'per_concept' and may have 'by' "
                        f"(unknown: {sorted(unknown)})")
     if stage.retrieval:
         check_choice(f"{stage.name}.retrieval.by", stage.retrieval.get("by", "text"), ("text", "image"))
@@ -501,7 +501,7 @@ def build_dataset(stage: StageConfig, config: TrainConfig, model: torch.nn.Modul
             return captions(stage.data)
         retrieval = stage.retrieval  # REACT's retrieval-augmented task instruction (dissertation section 2.3)
         return captions(data.retrieve_for_task(
-            model, tokenizer, captions(retrieval["pool"]), retrieval["task"], retrieval["per_query"],
+            model, tokenizer, captions(retrieval["pool"]), retrieval["task"], retrieval["per_concept"],
             retrieval.get("by", "text"), Path(config.out_dir) / "retrieved" / f"{stage.name}.json"))
     instruction_aware = model.multi_modal_projector.takes_instruction  # InstructBLIP: the Q-Former reads it
     return data.InstructionDataset(stage.data, stage.image_folder, tokenizer, stage.template,

@@ -22,7 +22,8 @@ _tasks = _world + "/eval/classification"
 stages = [
     dict(name="react", objective="clip", init="out/shapes_llava15/clip", gated_image_layers=2,
          trainable=[r"\.gated_block\."],  # locked text, locked image, gated blocks alone (Table 2.6)
-         retrieval=dict(task=_tasks + "/small.json", pool=_world + "/train/pretrain.json", per_query=100, by="text"),
+         retrieval=dict(task=_tasks + "/small.json", pool=_world + "/train/pretrain.json", per_concept=100,
+                        by="text"),
          # gamma: REACT's 0.9 "for classification tasks" presumes a text space that separates
          # the classes; this tiny text tower gives "a small blue diamond" and "a small blue star"
          # cosine 0.97, so 0.9 pairs different shapes (small accuracy 0.265, below the generic

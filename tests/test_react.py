@@ -245,12 +245,13 @@ def test_text_to_text_retrieval_finds_the_pool_captions_equal_to_a_query(world, 
     pool_path.write_text(json.dumps(records))
     pool = data.CaptionDataset(str(pool_path), str(world / "images"), tokenizer, 32, pad_to_square=True)
     model = world_clip(world)
-    # A query equal to a pool caption has cosine 1 with it, the most any pair can have.
-    queries = [captions[3], captions[7], captions[3]]
-    chosen = data.retrieve_pairs(model, tokenizer, pool, queries, per_query=1, by="text")
+    # A prompt equal to a pool caption has cosine 1 with it, the most any pair can have; a concept
+    # scores a pair by its closest prompt.
+    concepts = [["an unrelated prompt.", captions[3]], [captions[7]], [captions[3]]]
+    chosen = data.retrieve_pairs(model, tokenizer, pool, concepts, per_concept=1, by="text")
     assert [captions[index] for index in chosen] == [captions[3], captions[7]]  # the repeat counted once
-    several = data.retrieve_pairs(model, tokenizer, pool, queries, per_query=4, by="text")
-    assert len(several) == len(set(several)) and 4 <= len(several) <= 8 and {3, 7} <= set(several)
+    several = data.retrieve_pairs(model, tokenizer, pool, concepts, per_concept=4, by="text")
+    assert len(several) == len(set(several)) and 4 <= len(several) <= 12 and {3, 7} <= set(several)
 
 
 def test_text_to_image_retrieval_skips_an_unreadable_image(world, tmp_path):
@@ -263,8 +264,8 @@ def test_text_to_image_retrieval_skips_an_unreadable_image(world, tmp_path):
     (images / records[2]["image"]).write_bytes(b"not a png")
     (tmp_path / "pool.json").write_text(json.dumps(records))
     pool = data.CaptionDataset(str(tmp_path / "pool.json"), str(images), tokenizer, 32, pad_to_square=True)
-    chosen = data.retrieve_pairs(world_clip(world), tokenizer, pool, ["a small red star.", "a circle."],
-                                 per_query=6, by="image")
+    chosen = data.retrieve_pairs(world_clip(world), tokenizer, pool, [["a small red star."], ["a circle."]],
+                                 per_concept=6, by="image")
     assert sorted(chosen) == [0, 1, 3, 4, 5]
     assert pool.problems.total == 1 and records[2]["image"] in pool.problems.summary()
 
@@ -304,11 +305,11 @@ def test_a_classification_task_file_with_a_foreign_label_is_refused(tmp_path):
 
 def test_react_settings_belong_to_the_clip_objective():
     for settings, message in ((dict(gated_image_layers=2), "gated_image_layers belongs to the clip"),
-                              (dict(retrieval={"task": "t.json", "pool": "p.json", "per_query": 5}),
+                              (dict(retrieval={"task": "t.json", "pool": "p.json", "per_concept": 5}),
                                "retrieval belongs to the clip")):
         with pytest.raises(ValueError, match=message):
             train.check_stage(train.StageConfig(name="s", objective="mllm", **settings))
-    with pytest.raises(KeyError, match="retrieval needs 'task', 'pool', 'per_query'"):
+    with pytest.raises(KeyError, match="retrieval needs 'task', 'pool', 'per_concept'"):
         train.check_stage(train.StageConfig(name="s", objective="clip", retrieval={"task": "t.json"}))
     with pytest.raises(ValueError, match="positive_threshold"):
         train.check_stage(train.StageConfig(name="s", objective="clip", positive_threshold=1.5))
