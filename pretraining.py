@@ -138,6 +138,17 @@ def gather_across_processes(tensor: torch.Tensor, with_grad: bool) -> torch.Tens
     return torch.cat(gathered, dim=0)
 
 
+def pad_to_common_length(tensor: torch.Tensor, dim: int, value: float) -> torch.Tensor:
+    """`tensor` padded along `dim` to the longest of all processes, so that it can be gathered
+    (each process pads its batch to its own longest text, and Lyrics' to its most objects)."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    length = torch.tensor(tensor.shape[dim], device=tensor.device)
+    dist.all_reduce(length, op=dist.ReduceOp.MAX)
+    padding = [0, 0] * (tensor.dim() - 1 - dim) + [0, int(length) - tensor.shape[dim]]
+    return F.pad(tensor, padding, value=value)
+
+
 def image_text_contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
                                 temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ITC (BLIP-2 sec. 3.2): a text's similarity to an image is the highest over the image's
@@ -256,14 +267,14 @@ class QFormerStage1(nn.Module):
 
         # ITM: each text with its image, with a hard negative image; each image with a hard negative text.
         image_embeds_all = gather_across_processes(image_embeds, with_grad=True)
-        input_ids_all = gather_across_processes(input_ids, with_grad=False)
-        attention_mask_all = gather_across_processes(attention_mask, with_grad=False)
+        texts = [pad_to_common_length(tensor, 1, 0) for tensor in (input_ids, attention_mask)]
+        input_ids_all, attention_mask_all = (gather_across_processes(tensor, with_grad=False) for tensor in texts)
         negative_images = sample_hard_negatives(text_to_image)
         negative_texts = sample_hard_negatives(image_to_text)
         batch = len(input_ids)
         match = self.match_logits(torch.cat([image_embeds, image_embeds_all[negative_images], image_embeds]),
-                                  torch.cat([input_ids, input_ids, input_ids_all[negative_texts]]),
-                                  torch.cat([attention_mask, attention_mask, attention_mask_all[negative_texts]]))
+                                  torch.cat([texts[0], texts[0], input_ids_all[negative_texts]]),
+                                  torch.cat([texts[1], texts[1], attention_mask_all[negative_texts]]))
         labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(match.device)
         itm = F.cross_entropy(match, labels)
 
@@ -372,17 +383,6 @@ class LyricsStage1Config(QFormerStage1Config):
             raise ValueError("LyricsStage1Config needs the [BOS] and [MLM] token ids (conversation.with_lyrics_tokens)")
 
 
-def pad_to_common_length(tensor: torch.Tensor, dim: int, value: float) -> torch.Tensor:
-    """`tensor` padded along `dim` to the longest of all processes, so that it can be gathered
-    (each process pads its batch to its own longest text and most objects)."""
-    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
-        return tensor
-    length = torch.tensor(tensor.shape[dim], device=tensor.device)
-    dist.all_reduce(length, op=dist.ReduceOp.MAX)
-    padding = [0, 0] * (tensor.dim() - 1 - dim) + [0, int(length) - tensor.shape[dim]]
-    return F.pad(tensor, padding, value=value)
-
-
 class LyricsStage1(QFormerStage1):
     """Lyrics' pretraining of the MQ-Former (sec. 3.2): `num_query_tokens` visual queries read the
     frozen ViT, `num_grounding_queries` grounding queries read the visual refiner's objects (their
@@ -486,20 +486,14 @@ class LyricsStage1(QFormerStage1):
 
         # ITM: each text with its image, with a hard negative image (its objects go with it), and
         # each image with a hard negative text (spatial representation and caption together).
-        everything = [pad_to_common_length(tensor, 1, value) for tensor, value in
-                      ((input_ids, 0), (attention_mask, 0), (text_segments, CAPTION))]
-        text_all = [gather_across_processes(tensor, with_grad=False) for tensor in everything]
+        own_text = [pad_to_common_length(tensor, 1, value) for tensor, value in
+                    ((input_ids, 0), (attention_mask, 0), (text_segments, CAPTION))]
+        own_objects = [pad_to_common_length(tensor, 1, 0) for tensor in (object_features, object_mask)]
+        text_all = [gather_across_processes(tensor, with_grad=False) for tensor in own_text]
+        objects_all = [gather_across_processes(tensor, with_grad=False) for tensor in own_objects]
         images_all = gather_across_processes(image_embeds, with_grad=True)
-        objects_all = [gather_across_processes(pad_to_common_length(tensor, 1, 0), with_grad=False)
-                       for tensor in (object_features, object_mask)]
         negative_images = sample_hard_negatives(caption_to_visual + spatial_to_grounding)
         negative_texts = sample_hard_negatives(visual_to_caption + grounding_to_spatial)
-        width = text_all[0].shape[1]
-        own_text = [F.pad(tensor, (0, width - tensor.shape[1]), value=value)
-                    for tensor, value in ((input_ids, 0), (attention_mask, 0), (text_segments, CAPTION))]
-        objects = object_features.shape[1]
-        own_objects = [F.pad(object_features, (0, 0, 0, objects_all[0].shape[1] - objects)),
-                       F.pad(object_mask, (0, objects_all[1].shape[1] - objects), value=False)]
         match_text = [torch.cat([own, own, every[negative_texts]]) for own, every in zip(own_text, text_all)]
         match_images = torch.cat([image_embeds, images_all[negative_images], image_embeds])
         match_objects = [torch.cat([own, every[negative_images], own]) for own, every in zip(own_objects, objects_all)]

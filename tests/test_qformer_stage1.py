@@ -187,3 +187,15 @@ def test_matching_and_contrastive_scores_match_transformers(retrieval, tmp_path,
     again = QFormerStage1.from_pretrained(tmp_path)
     assert torch.equal(again.itg_head.dense.weight, ours.itg_head.dense.weight)
     assert again.temperature.item() == ours.temperature.item()
+
+
+def test_texts_pad_to_the_longest_process_before_they_are_gathered(monkeypatch):
+    """Each process pads its captions to its own longest; ITM's negatives gather every process's,
+    so they first pad to the longest of all (all_reduce MAX, here another process's 7)."""
+    monkeypatch.setattr(pretraining.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(pretraining.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(pretraining.dist, "all_reduce", lambda tensor, op: tensor.fill_(7))
+    padded = pretraining.pad_to_common_length(torch.ones(2, 5, dtype=torch.long), 1, 0)
+    assert padded.shape == (2, 7) and padded[:, :5].eq(1).all() and padded[:, 5:].eq(0).all()
+    objects = pretraining.pad_to_common_length(torch.ones(2, 3, 4), 1, 0)
+    assert objects.shape == (2, 7, 4) and objects[:, 3:].eq(0).all()
