@@ -66,7 +66,8 @@ def write_refiner(directory: str | Path, objects: dict[str, list[dict]], feature
 
 class Refiner:
     """A refiner directory, read lazily: the boxes and tags at once, each image's features when
-    asked (safetensors maps the file, so a DataLoader worker reads only its own rows)."""
+    asked, through one memory-mapped handle per process (safetensors parses the file's header of
+    every image once, not per sample; a DataLoader worker opens its own)."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -96,6 +97,10 @@ class Refiner:
                         raise DataError(f"{self.directory}: image {image} object {index} needs a 'tag' and a 'box' "
                                         f"[x1, y1, x2, y2] of fractions, got {row!r}")
         self.max_objects = max((len(rows) for rows in self.images.values()), default=0)
+        self._tensors: Any = None
+
+    def __getstate__(self) -> dict:  # a spawned worker opens its own handle
+        return {**self.__dict__, "_tensors": None}
 
     @property
     def object_width(self) -> int:
@@ -117,8 +122,9 @@ class Refiner:
         `slots` keeps its first ones, as a detector keeps its best queries."""
         slots = self.max_objects if slots is None else slots
         rows = self.objects(image)[:slots]
-        with safe_open(self.directory / REFINER_TENSORS, "pt") as tensors:
-            features = tensors.get_tensor(image)[:slots]
+        if self._tensors is None:
+            self._tensors = safe_open(self.directory / REFINER_TENSORS, "pt")
+        features = self._tensors.get_tensor(image)[:slots]
         boxes = torch.tensor([row["box"] for row in rows], dtype=torch.float32).reshape(-1, 4)
         centered = torch.cat([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], dim=1)
         padded = torch.zeros(max(slots, 1), self.object_width)
