@@ -24,7 +24,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import random
 import re
 import shutil
@@ -43,6 +42,7 @@ from tqdm import tqdm
 
 import conversation
 import data
+import parallel
 import refiner
 from adapters import TASK_LEVELS, apply_lora, set_trainable
 from connectors import VISUAL_INPUTS, QFormerConfig
@@ -123,6 +123,12 @@ class StageConfig:
     epochs: float = 1.0
     max_steps: int = 0  # when > 0, the stage's length in optimizer steps (the schedule follows it)
     gradient_checkpointing: bool = False
+    # Several processes: "ddp" (a replica each) or "fsdp" (FSDP2: weights, gradients and AdamW
+    # moments sharded, ZeRO-3 as LLaVA's DeepSpeed setting; parallel.py).
+    parallel: str = "ddp"
+    # Pack each micro-batch's samples into rows of up to max_seq_len tokens, each sample
+    # attending to itself only (data.pack_rows); decoder-only LLMs.
+    pack: bool = False
 
 
 @dataclass
@@ -139,7 +145,8 @@ class TrainConfig:
     eval_tasks: list = field(default_factory=list)  # eval.run_eval after the last stage
     eval_blind: bool = False  # also evaluate with every image replaced by zeros
     device: str = "auto"  # "auto": cuda if available, else cpu
-    compile: bool = False
+    # torch.compile each transformer block (parallel.compile_blocks): "auto" = on CUDA only
+    compile: str = "auto"
     num_workers: int = 2
     log_every: int = 10
     save_every: int = 500  # optimizer steps between checkpoints (and one at the end of each stage)
@@ -223,6 +230,7 @@ def load_config(path: str, overrides: list[str]) -> tuple[TrainConfig, list[Stag
             check_type(f"{stage.name}.{name}", value, stage_fields[name])
         check_stage(stage)
     check_choice("on_data_error", config.on_data_error, ("skip", "raise"))
+    check_choice("compile", config.compile, ("auto", "on", "off"))
     model_fields = {f.name for f in dataclasses.fields(MLLMConfig)} - {"vision_config", "text_config"}
     for key in config.model:
         if key not in model_fields:
@@ -248,6 +256,9 @@ def check_stage(stage: StageConfig) -> None:
     check_choice(f"{stage.name}.template", stage.template, tuple(conversation.TEMPLATES))
     check_choice(f"{stage.name}.image_aspect_ratio", stage.image_aspect_ratio, ("", "pad", "square", "anyres"))
     check_choice(f"{stage.name}.visual_input", stage.visual_input, ("", *VISUAL_INPUTS))
+    check_choice(f"{stage.name}.parallel", stage.parallel, parallel.PARALLEL)
+    if stage.pack and stage.objective not in ("mllm", "lm"):
+        raise ValueError(f"{where}: pack joins the samples of a language-modeling batch (mllm, lm), not {stage.objective!r}")
     check_choice(f"{stage.name}.schedule", stage.schedule, SCHEDULES[:2])
     for level in stage.task_levels:
         check_choice(f"{stage.name}.task_levels", level, tuple(TASK_LEVELS))
@@ -288,61 +299,19 @@ def check_stage(stage: StageConfig) -> None:
 # ----------------------------------------------------------------------------------------------
 # 2. Processes, devices, checkpoint files
 
-@dataclass
-class Runtime:
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_runtime(config: TrainConfig) -> Runtime:
-    """One process, or one of `torchrun`'s (RANK / WORLD_SIZE / LOCAL_RANK in the environment):
-    NCCL between GPUs, gloo between CPU processes."""
-    use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    if "RANK" not in os.environ:
-        return Runtime(0, 1, torch.device("cuda" if use_cuda else config.device if config.device != "auto" else "cpu"))
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Runtime(dist.get_rank(), dist.get_world_size(),
-                   torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu"))
-
-
-def barrier(runtime: Runtime) -> None:
-    if runtime.world_size > 1:
-        dist.barrier()
-
-
-def gather_from_processes(value, runtime: Runtime) -> list:
-    """`value` of every process, in rank order (each process has its own RNG stream to save)."""
-    if runtime.world_size == 1:
-        return [value]
-    values = [None] * runtime.world_size
-    dist.all_gather_object(values, value)
-    return values
-
-
-def mean_over_processes(value: float, runtime: Runtime) -> float:
-    if runtime.world_size == 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=runtime.device)
-    dist.all_reduce(tensor)
-    return tensor.item() / runtime.world_size
-
-
 @contextmanager
 def atomic_directory(path: Path):
     """Write a directory under a temporary name, then swap it in, so a crash mid-write never
     leaves a half checkpoint: at any moment `path` (or, during the swap, `path.old`) is complete."""
-    temporary, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    temporary = path.with_name(path.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
     yield temporary
+    swap_in(temporary, path)
+
+
+def swap_in(temporary: Path, path: Path) -> None:
+    old = path.with_name(path.name + ".old")
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)
         path.rename(old)
@@ -633,22 +602,65 @@ def restore_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, optimizer, step: int, epoch: int,
-                    batches_done: int, rng: list[dict], tokenizer_path: str, qformer_tokenizer_path: str = "") -> None:
-    """Weights via save_pretrained (the layout every tool reads) plus train_state.pt: the optimizer,
-    step, data position, every process's RNG states and the trainable tensors as they are in memory (LoRA factors
-    unmerged: save_pretrained merges them, so exact resume needs them separately). The tokenizers
-    go along (the Q-Former's as qformer_tokenizer.json), so eval.py needs only the directory."""
-    with atomic_directory(path) as directory:
-        model.save_pretrained(str(directory))
+def save_checkpoint(path: Path, model: torch.nn.Module, optimizer, progress: dict, runtime: parallel.Runtime,
+                    tokenizer_path: str, qformer_tokenizer_path: str = "") -> None:
+    """Weights via save_pretrained (the layout every tool reads) plus the training state: the step,
+    data position and every process's RNG states in train_state.pt, with the optimizer and the
+    trainable tensors as they are in memory (LoRA factors unmerged: save_pretrained merges them,
+    so exact resume needs them separately) in train_state.pt too, or, for a sharded model, in
+    the DCP directory `sharded/`. The tokenizers go along (the Q-Former's as
+    qformer_tokenizer.json), so eval.py needs only the directory. Every process calls this."""
+    progress = {**progress, "rng": parallel.gather_from_processes(rng_states(), runtime)}
+    temporary = path.with_name(path.name + ".tmp")
+    if runtime.is_main:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    parallel.barrier(runtime)
+    with parallel.gathered_state_dict(model):
+        if runtime.is_main:
+            model.save_pretrained(str(temporary))
+    if parallel.is_sharded(model):
+        parallel.save_sharded_state(temporary / parallel.SHARDED_STATE, model, optimizer)
+    else:
+        progress.update(optimizer=optimizer.state_dict(),
+                        trainable={name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad})
+    if runtime.is_main:
         for source_path, name in ((tokenizer_path, "tokenizer.json"), (qformer_tokenizer_path, "qformer_tokenizer.json")):
             if source_path:
                 source = Path(source_path)
-                shutil.copy(source / name if source.is_dir() else source, directory / name)
-        trainable = {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
-        torch.save({"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-                    "batches_done": batches_done, "rng": rng, "trainable": trainable},
-                   directory / "train_state.pt")
+                shutil.copy(source / name if source.is_dir() else source, temporary / name)
+        torch.save(progress, temporary / "train_state.pt")
+        swap_in(temporary, path)
+    parallel.barrier(runtime)
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, trainable: list[str],
+                    runtime: parallel.Runtime) -> dict:
+    """Restore what save_checkpoint wrote into this run's model and optimizer (the saved moments
+    and step counts; the hyperparameters stay this run's, so an override on resume counts) and
+    this process's RNG states. A sharded state reads back on any number of processes; the RNG
+    streams (dropout) then restart from the seed. Returns the progress (step, epoch, batches_done)."""
+    progress = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
+    hyperparameters = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    if (path / parallel.SHARDED_STATE).is_dir():
+        parallel.load_sharded_state(path / parallel.SHARDED_STATE, model, optimizer)
+    else:
+        missing, unexpected = model.load_state_dict(progress["trainable"], strict=False)
+        if unexpected or set(trainable) & set(missing):
+            raise ValueError(f"{path}: train_state.pt does not fit this stage's trainable parameters "
+                             f"(unexpected {unexpected[:5]}, missing {sorted(set(trainable) & set(missing))[:5]})")
+        optimizer.load_state_dict(progress["optimizer"])
+    for group, fresh in zip(optimizer.param_groups, hyperparameters):
+        group.update(fresh)
+    if len(progress["rng"]) == runtime.world_size:
+        restore_rng_states(progress["rng"][runtime.rank])
+    elif not (path / parallel.SHARDED_STATE).is_dir():
+        raise ValueError(f"{path} was written by {len(progress['rng'])} processes; resume with as many "
+                         f"(a stage with parallel='fsdp' resumes on any number)")
+    elif runtime.is_main:
+        print(f"{path} was written by {len(progress['rng'])} processes, this run has {runtime.world_size}: "
+              f"weights, optimizer and data position resume exactly, random streams (dropout) start afresh")
+    return progress
 
 
 def plot_loss_curve(steps: list[int], losses: list[float], path: Path, title: str) -> None:
@@ -689,15 +701,9 @@ def log_step(log_path: Path, progress: tqdm, stage_name: str, log_every: int, to
 # ----------------------------------------------------------------------------------------------
 # 6. One stage
 
-def train_stage(stage: StageConfig, config: TrainConfig, runtime: Runtime, previous: Path | None,
-                stage_names: list[str], resume: bool) -> Path:
-    out_dir = Path(config.out_dir)
-    final_dir, checkpoint_dir = out_dir / stage.name, out_dir / "checkpoints" / stage.name
-    log_path = out_dir / "logs" / f"{stage.name}.jsonl"
-    tokenizer = data.load_tokenizer(config.tokenizer)
-    torch.manual_seed(config.seed)  # the same initial weights in every process
-
-    model = build_model(stage, config, previous, stage_names, tokenizer)
+def prepare_model(model: torch.nn.Module, stage: StageConfig, config: TrainConfig, tokenizer) -> list[str]:
+    """What the stage changes in its starting model before training (each change is recorded in
+    the config the stage saves); returns the names of the trainable parameters."""
     if stage.objective == "mllm" and stage.image_aspect_ratio:
         # As LLaVA's train.py does: the stage's choice goes into the saved config, so that eval
         # and the next stage prepare images the way this stage trained on them; AnyRes's grids
@@ -730,6 +736,21 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: Runtime, previ
     for module in model.modules():
         if hasattr(module, "gradient_checkpointing"):
             module.gradient_checkpointing = stage.gradient_checkpointing
+    return trainable
+
+
+def train_stage(stage: StageConfig, config: TrainConfig, runtime: parallel.Runtime, previous: Path | None,
+                stage_names: list[str], resume: bool) -> Path:
+    out_dir = Path(config.out_dir)
+    final_dir, checkpoint_dir = out_dir / stage.name, out_dir / "checkpoints" / stage.name
+    log_path = out_dir / "logs" / f"{stage.name}.jsonl"
+    tokenizer = data.load_tokenizer(config.tokenizer)
+    torch.manual_seed(config.seed)  # the same initial weights in every process
+
+    model = build_model(stage, config, previous, stage_names, tokenizer)
+    trainable = prepare_model(model, stage, config, tokenizer)
+    if stage.parallel == "fsdp" and runtime.world_size > 1:  # the parameters and the optimizer see shards
+        parallel.wrap(model, "fsdp", runtime, find_unused_parameters=False)
     model.to(runtime.device)
     torch.manual_seed(config.seed + runtime.rank)  # from here on (dropout), each process its own stream
 
@@ -765,20 +786,8 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: Runtime, previ
     step = epoch = batches_done = 0
     resume_from = complete_directory(checkpoint_dir) if resume else None
     if resume_from is not None:
-        state = torch.load(resume_from / "train_state.pt", map_location="cpu", weights_only=False)
-        missing, unexpected = model.load_state_dict(state["trainable"], strict=False)
-        if unexpected or set(trainable) & set(missing):
-            raise ValueError(f"{resume_from}: train_state.pt does not fit this stage's trainable parameters "
-                             f"(unexpected {unexpected[:5]}, missing {sorted(set(trainable) & set(missing))[:5]})")
-        # The saved moments and step counts; the hyperparameters stay this run's (an override on resume counts).
-        hyperparameters = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        optimizer.load_state_dict(state["optimizer"])
-        for group, fresh in zip(optimizer.param_groups, hyperparameters):
-            group.update(fresh)
-        step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
-        if len(state["rng"]) != runtime.world_size:
-            raise ValueError(f"{resume_from} was written by {len(state['rng'])} processes; resume with as many")
-        restore_rng_states(state["rng"][runtime.rank])
+        progress = load_checkpoint(resume_from, model, optimizer, trainable, runtime)
+        step, epoch, batches_done = progress["step"], progress["epoch"], progress["batches_done"]
     elif runtime.is_main:  # a fresh start: an older run's checkpoint must not pass for this one's
         for leftover in (checkpoint_dir, *(checkpoint_dir.with_name(checkpoint_dir.name + suffix)
                                            for suffix in (".old", ".tmp"))):
@@ -794,13 +803,12 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: Runtime, previ
               f"({accumulation} x {stage.micro_batch_size} x {runtime.world_size} processes)"
               + (f", resumed at step {step}" if resume_from is not None else ""))
 
-    train_model = model
-    if config.compile:
-        train_model = torch.compile(model)
-    if runtime.world_size > 1:
-        # Text-only batches leave the connector without gradients, hence find_unused_parameters.
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, find_unused_parameters=stage.objective == "mllm")
+    if config.compile == "on" or (config.compile == "auto" and runtime.device.type == "cuda"):
+        parallel.compile_blocks(model)
+    # Under DDP, a step of text-only samples leaves the tower and connector without gradients, and
+    # LION's visual_input leaves part of its connector unread: only then must DDP search for them.
+    unused = stage.objective == "mllm" and (not all(dataset.has_image) or model.config.visual_input != "ALL")
+    train_model = parallel.wrap(model, "ddp", runtime, unused) if stage.parallel == "ddp" else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if runtime.device.type == "cuda" else nullcontext()
     image_token_index = model.config.image_token_index if stage.objective == "mllm" else None
     loss_options = {"positive_threshold": stage.positive_threshold} if stage.positive_threshold else {}
@@ -828,8 +836,7 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: Runtime, previ
                 sum(p.sum() for p in trainable_parameters).mul(0.0).backward()
             for index, chunk in enumerate(chunks):
                 # Gradients are all-reduced once per step, on the last micro-batch.
-                sync = index == len(chunks) - 1 or runtime.world_size == 1
-                with nullcontext() if sync else train_model.no_sync():
+                with parallel.gradient_sync(train_model, enabled=index == len(chunks) - 1):
                     with autocast:
                         output, loss = train_model(**model_inputs(chunk, stage.objective, runtime.device),
                                                    **loss_options)
@@ -844,7 +851,7 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: Runtime, previ
                     for name, value in output.items():
                         loss_parts[name] = loss_parts.get(name, 0.0) + value.item() / len(chunks)
                 tokens += int(chunk["attention_mask"].sum())
-            loss_value = mean_over_processes(loss_sum / max(1, len(chunks)), runtime)
+            loss_value = parallel.mean_over_processes(loss_sum / max(1, len(chunks)), runtime)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters, stage.grad_clip or math.inf)
             if not (math.isfinite(loss_value) and torch.isfinite(grad_norm)):
                 raise FloatingPointError(
@@ -859,15 +866,12 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: Runtime, previ
                     "step": step, "loss": loss_value, "lr": stage.learning_rate * learning_rate_factor(
                         step - 1, total_steps, warmup_steps, stage.min_lr_ratio, stage.schedule),
                     "grad_norm": float(grad_norm),
-                    **{name: mean_over_processes(value, runtime) for name, value in loss_parts.items()},
+                    **{name: parallel.mean_over_processes(value, runtime) for name, value in loss_parts.items()},
                     "tokens_per_second": tokens * runtime.world_size / max(1e-9, time.time() - step_started)})
             stop = step >= total_steps or steps_this_run == config.stop_after_steps
             if step % config.save_every == 0 or stop:
-                rng = gather_from_processes(rng_states(), runtime)
-                if runtime.is_main:
-                    save_checkpoint(checkpoint_dir, model, optimizer, step, epoch, batches_done, rng, config.tokenizer,
-                                    config.qformer_tokenizer)
-                barrier(runtime)
+                save_checkpoint(checkpoint_dir, model, optimizer, {"step": step, "epoch": epoch,
+                                "batches_done": batches_done}, runtime, config.tokenizer, config.qformer_tokenizer)
             if stop:
                 break
         if not stop:  # the epoch ran out
@@ -892,10 +896,10 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: Runtime, previ
     if runtime.is_main:
         with atomic_directory(final_dir) as directory:
             for item in complete_directory(checkpoint_dir).iterdir():
-                if item.name != "train_state.pt":
+                if item.name not in ("train_state.pt", parallel.SHARDED_STATE):
                     shutil.copy(item, directory / item.name)
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    barrier(runtime)
+    parallel.barrier(runtime)
     return final_dir
 
 
@@ -958,18 +962,18 @@ def main(argv: list[str]) -> None:
     stage_names = [s.name for s in stages]
     if stage_only is not None and stage_only not in stage_names:
         raise SystemExit(f"--stage {stage_only}: no such stage (stages: {stage_names})")
-    runtime = setup_runtime(config)
+    runtime = parallel.setup_runtime(config.device)
     started = time.time()
     if config.world:
         import shapes
         if runtime.is_main:
             shapes.build_world(**config.world)
-        barrier(runtime)
+        parallel.barrier(runtime)
     if config.oracle_refiner and runtime.is_main and not (Path(config.oracle_refiner["out"]) / refiner.REFINER_JSON).is_file():
         print(f"writing the oracle visual refiner to {config.oracle_refiner['out']}")
         refiner.write_oracle_refiner(config.oracle_refiner["world"], config.oracle_refiner["tower"],
                                      config.oracle_refiner["out"])
-    barrier(runtime)
+    parallel.barrier(runtime)
 
     previous = None
     for index, stage in enumerate(stages):

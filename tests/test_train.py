@@ -161,18 +161,53 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(world, tiny_checkpoint, t
 
 def test_two_processes_match_one(world, tiny_checkpoint, tmp_path):
     """gloo on CPU: 2 processes x 1 micro-batch = 1 process x 2 micro-batches, same global batch."""
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     runs = {}
     for processes in (1, 2):
         out_dir = tmp_path / f"world{processes}"
         config = write_config(tmp_path / f"d{processes}.py", world, tiny_checkpoint, out_dir, max_steps=3)
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--standalone", str(ROOT / "train.py"), str(config)]
-        result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+        result = torchrun(processes, config)
         assert result.returncode == 0, result.stderr[-3000:]
         runs[processes] = losses(out_dir)
     assert len(runs[1]) == 3
     assert runs[2] == pytest.approx(runs[1], rel=1e-5, abs=1e-6)
+
+
+def torchrun(processes: int, config: Path, *options: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--standalone",
+               str(ROOT / "train.py"), str(config), *options]
+    return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+
+
+def test_fsdp_matches_one_process_and_resumes_on_another_number(world, tiny_checkpoint, tmp_path):
+    """FSDP2 over 2 gloo processes: the losses of 1 process; its DCP checkpoint, written by 2
+    processes at step 3, resumes in 1 process exactly; the gathered weights load in transformers."""
+    import transformers
+    runs = {}
+    for name, processes in (("one", 1), ("fsdp", 2), ("resumed", 2)):
+        out_dir = tmp_path / name
+        config = write_config(tmp_path / f"{name}.py", world, tiny_checkpoint, out_dir, max_steps=5, parallel="fsdp")
+        if name == "resumed":
+            result = torchrun(processes, config, "--stop_after_steps=3")
+            assert result.returncode != 0 and "continue with --resume" in result.stderr, result.stderr[-3000:]
+            assert (out_dir / "checkpoints" / "finetune" / "sharded").is_dir()
+            train.main([str(config), "--resume"])  # one process reads the shards of two
+        else:
+            result = torchrun(processes, config)
+            assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = losses(out_dir)
+    assert len(runs["one"]) == 5
+    assert runs["fsdp"] == pytest.approx(runs["one"], rel=1e-5, abs=1e-6)
+    assert runs["resumed"] == pytest.approx(runs["fsdp"], rel=1e-5, abs=1e-6)
+    one = MLLM.from_pretrained(str(tmp_path / "one" / "finetune"))
+    for name in ("fsdp", "resumed"):
+        sharded = MLLM.from_pretrained(str(tmp_path / name / "finetune"))
+        for (key, a), b in zip(sharded.state_dict().items(), one.state_dict().values()):
+            assert torch.allclose(a, b, atol=1e-5), (name, key)
+    reference = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "fsdp" / "finetune").eval()
+    input_ids = torch.tensor([[1, 5, 9, 14, 30, 2]])
+    with torch.no_grad():
+        assert torch.allclose(reference(input_ids=input_ids).logits, sharded.eval()(input_ids), atol=1e-5)
 
 
 def test_image_aspect_ratio_is_a_stage_setting(world, tiny_checkpoint, tmp_path):
