@@ -125,11 +125,13 @@ def unmerge_lora(model: nn.Module) -> None:
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict with every (unmerged) LoRA update folded into its `.weight` and the
     factors dropped: the keys and values of the equivalent plain model. The model is unchanged."""
-    state = model.state_dict()
+    # From the state dict's tensors, not the layers' (a sharded model's are gathered there only).
+    state = dict(model.state_dict())
     for name, layer in lora_layers(model):
+        lora_a, lora_b = state.pop(f"{name}.lora_A.weight"), state.pop(f"{name}.lora_B.weight")
         if not layer.merged:
-            state[f"{name}.weight"] = layer.weight.detach() + layer.delta_weight().detach().to(layer.weight.dtype)
-        del state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"]
+            weight = state[f"{name}.weight"]
+            state[f"{name}.weight"] = weight + ((lora_b @ lora_a) * layer.scaling).to(weight.dtype)
     return state
 
 

@@ -589,107 +589,6 @@ class CaptionDataset(_ImageRecordDataset):
         return sample
 
 
-# --------------------------------------------------------------------------------------------
-# REACT: a task's training pairs retrieved from an image-text pool (dissertation section 2.3)
-# --------------------------------------------------------------------------------------------
-
-def read_classification_task(path: str) -> tuple[list[str], list[str], list[dict]]:
-    """(classes, templates, images) of a zero-shot classification task file: JSON
-    {"classes": [names], "templates": ["a photo of a {}.", ...], "images": [{"image": file,
-    "label": a class name}, ...]}. Classes and templates are the task instruction (REACT's J0 and
-    prompt set P, eq. 2.1; CLIP's prompt ensembling, Radford et al. 2021, section 3.1.4); the
-    images are only for evaluation, and retrieval never reads them."""
-    task = read_json(path, "classification task")
-    classes, templates, images = (task.get(key) if isinstance(task, dict) else None
-                                  for key in ("classes", "templates", "images"))
-    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
-        raise DataError(f"{path}: 'classes' must be a non-empty list of names")
-    if not (isinstance(templates, list) and templates and all(isinstance(t, str) and "{}" in t for t in templates)):
-        raise DataError(f"{path}: 'templates' must be a non-empty list of strings with a '{{}}' for the class name")
-    for index, row in enumerate(images or []):
-        if not (isinstance(row, dict) and isinstance(row.get("image"), str) and row.get("label") in classes):
-            raise DataError(f"{path}: images[{index}] needs an 'image' file and a 'label' from 'classes', got {row!r}")
-    return classes, templates, images or []
-
-
-@torch.no_grad()
-def embed_texts(model: torch.nn.Module, token_ids: Sequence[Sequence[int]], pad_token_id: int,
-                batch_size: int = 256) -> torch.Tensor:
-    """(texts, projection_dim) normalized CLIP text embeddings of tokenized texts (CaptionDataset.encode_texts)."""
-    device = next(model.parameters()).device
-    embeddings = []
-    for begin in range(0, len(token_ids), batch_size):
-        rows = token_ids[begin:begin + batch_size]
-        input_ids, attention_mask = pad_sequences(rows, pad_token_id)
-        embeddings.append(F.normalize(model.encode_text(input_ids.to(device), attention_mask.to(device)).float(),
-                                      dim=-1))
-    return torch.cat(embeddings).cpu()
-
-
-@torch.no_grad()
-def retrieve_pairs(model: torch.nn.Module, tokenizer: Tokenizer, pool: "CaptionDataset", concepts: list[list[str]],
-                   per_concept: int, by: Literal["text", "image"], batch_size: int = 256) -> list[int]:
-    """Indices into `pool` of the pairs REACT retrieves for a task's `concepts`, each given as its
-    prompts (eq. 2.1: the concept in every template), with the frozen CLIP `model`. A pair's
-    relevance to a concept is its best cosine similarity to one of the concept's prompts, by the
-    pair's text (`by="text"`, T2T, eq. 2.2: closer matches) or image (`by="image"`, T2I, eq. 2.3:
-    more varied captions); each concept takes its top `per_concept` pairs, and the union comes back
-    without duplicates, in order of first retrieval. The search is exact (numpy); at a web-scale
-    pool an approximate index (the dissertation's FAISS HNSW) replaces `np.argsort`. A pool image
-    that cannot be read is reported to `pool.problems` and never retrieved."""
-    if by not in ("text", "image"):
-        raise ValueError(f"retrieval by must be 'text' (T2T) or 'image' (T2I), not {by!r}")
-    pad_token_id = require_token_id(tokenizer, "<pad>")
-    max_text_len = model.config.text_config.max_position_embeddings
-    prompts = [prompt for concept in concepts for prompt in concept]
-    query_embeddings = embed_texts(model, CaptionDataset.encode_texts(tokenizer, prompts, max_text_len),
-                                   pad_token_id, batch_size)
-    readable = list(range(len(pool)))
-    if by == "text":
-        pool_embeddings = embed_texts(model, pool.token_ids, pad_token_id, batch_size)
-    else:
-        device = next(model.parameters()).device
-        pool_embeddings, readable = [], []
-        for begin in range(0, len(pool), batch_size):
-            samples = [(index, pool[index]) for index in range(begin, min(begin + batch_size, len(pool)))]
-            for _, sample in samples:
-                if "problem" in sample:
-                    pool.problems.report(*sample["problem"])
-            samples = [(index, sample) for index, sample in samples if "problem" not in sample]
-            if samples:
-                pixels = torch.stack([sample["pixel_values"] for _, sample in samples]).to(device)
-                pool_embeddings.append(F.normalize(model.encode_image(pixels).float(), dim=-1).cpu())
-                readable += [index for index, _ in samples]
-        pool_embeddings = torch.cat(pool_embeddings)
-    prompt_scores = (query_embeddings @ pool_embeddings.t()).numpy()
-    ends = np.cumsum([len(concept) for concept in concepts])
-    scores = np.stack([prompt_scores[end - len(concept):end].max(axis=0) for concept, end in zip(concepts, ends)])
-    ranked = np.argsort(-scores, axis=1, kind="stable")[:, :per_concept]
-    chosen = dict.fromkeys(readable[position] for position in ranked.flatten())  # ordered, deduplicated
-    return list(chosen)
-
-
-def retrieve_for_task(model: torch.nn.Module, tokenizer: Tokenizer, pool: "CaptionDataset", task: str,
-                      per_concept: int, by: Literal["text", "image"], out_path: str | os.PathLike[str]) -> str:
-    """REACT's retrieval-augmented task instruction (dissertation section 2.3, eq. 2.1-2.3): the
-    pool's pairs nearest to each class of the classification `task` file in its templates, by
-    the frozen CLIP `model` (retrieve_pairs), written to `out_path` (LLaVA caption JSON, the
-    pool's own records) so a reader can see what the model will train on. Returns that path."""
-    classes, templates, _ = read_classification_task(task)
-    chosen = retrieve_pairs(model, tokenizer, pool, [[t.format(name) for t in templates] for name in classes],
-                            per_concept, by)
-    if pool.problems.total:
-        print(f"retrieval pool: {pool.problems.summary()}")
-    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    temporary = f"{out_path}.tmp"
-    with open(temporary, "w", encoding="utf-8") as file:
-        json.dump([pool.records[index] for index in chosen], file)
-    os.replace(temporary, out_path)
-    print(f"retrieved {len(chosen)} of {len(pool)} pool pairs ({'text-to-text' if by == 'text' else 'text-to-image'}, "
-          f"top {per_concept} for each of {len(classes)} classes in {len(templates)} templates) -> {out_path}")
-    return str(out_path)
-
-
 class QFormerCaptionDataset(CaptionDataset):
     """Image-caption pairs for BLIP-2's stage 1 (sec. 3.2), from the same LLaVA JSON captions file:
     each caption as the Q-Former reads it, "[CLS] caption [SEP]" in its own tokenizer, cut to 32
@@ -835,6 +734,60 @@ def collate(batch: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
         # Padding is masked, so its id only has to exist: 0 is [PAD] in BERT's vocabulary.
         batch["qformer_input_ids"], batch["qformer_attention_mask"] = pad_sequences(instructions, 0)
     return batch
+
+
+IMAGE_ROW_KEYS = ("pixel_values", "qformer_input_ids", "qformer_attention_mask", "image_sizes", "object_features",
+                  "object_mask")  # one row per image, in the order of the batch's image tokens
+
+
+def pack_rows(batch: dict[str, Any], max_length: int, image_token_index: int | None) -> dict[str, Any]:
+    """Packing: the samples of a collated (right-padded) batch laid end to end, in order, into as
+    few rows of at most `max_length` tokens as first-fit finds. The attention mask numbers each
+    row's samples 1, 2, ... (0 = padding), so a token attends within its own sample only
+    (layers.causal_attention_mask) and positions restart at each sample
+    (layers.positions_in_samples): every sample computes what it computes alone, where packing
+    with a plain mask lets samples read each other. A sample's first label is ignored, as nothing
+    predicts it unpacked. Images, and their per-image rows, follow their samples."""
+    lengths = (batch["attention_mask"] != 0).sum(1).tolist()
+    # LION's router reads one task level per row: a row takes samples of one level only.
+    levels = batch["task_level"].tolist() if batch.get("task_level") is not None else [None] * len(lengths)
+    if max(lengths, default=0) > max_length:
+        raise ValueError(f"pack: a sample of {max(lengths)} tokens is longer than the rows ({max_length})")
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for row, length in enumerate(lengths):
+        target = next((index for index, free in enumerate(room)
+                       if free >= length and levels[bins[index][0]] == levels[row]), len(bins))
+        if target == len(bins):
+            bins.append([])
+            room.append(max_length)
+        bins[target].append(row)
+        room[target] -= length
+    width = max((max_length - free for free in room), default=0)
+    # Padding ids are masked and unsupervised: any id in the vocabulary will do.
+    packed = {"input_ids": torch.zeros(len(bins), width, dtype=torch.long),
+              "attention_mask": torch.zeros(len(bins), width, dtype=torch.long),
+              "labels": torch.full((len(bins), width), IGNORE_INDEX) if batch.get("labels") is not None else None}
+    for index, rows in enumerate(bins):
+        start = 0
+        for number, row in enumerate(rows, 1):
+            span = slice(start, start + lengths[row])
+            packed["input_ids"][index, span] = batch["input_ids"][row, :lengths[row]]
+            packed["attention_mask"][index, span] = number
+            if packed["labels"] is not None:
+                packed["labels"][index, span] = batch["labels"][row, :lengths[row]]
+                packed["labels"][index, start] = IGNORE_INDEX
+            start += lengths[row]
+    has_image = ((batch["input_ids"] == image_token_index).any(1) if image_token_index is not None  # not the lm objective
+                 else torch.zeros(len(lengths), dtype=torch.bool))
+    image_of_row = has_image.long().cumsum(0) - 1
+    images = torch.tensor([int(image_of_row[row]) for rows in bins for row in rows if has_image[row]], dtype=torch.long)
+    for key in IMAGE_ROW_KEYS:
+        if batch.get(key) is not None:
+            packed[key] = batch[key][images]
+    if batch.get("task_level") is not None:
+        packed["task_level"] = batch["task_level"][[rows[0] for rows in bins]]
+    return packed
 
 
 def collate_regions(samples: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:

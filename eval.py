@@ -33,13 +33,14 @@ from adapters import TASK_LEVELS
 from conversation import (EOS_TOKEN, IMAGE_PLACEHOLDER, TEMPLATES, last_supervised_run, read_tags,
                           render_conversation, require_token_id, spatial_question_prefix, split_for_encoder_decoder,
                           tag_hint, tag_sentence, with_lyrics_tokens)
-from data import (REC_PROMPT, CaptionDataset, embed_texts, encode_qformer_texts, load_image, load_tokenizer,
-                  pad_sequences, read_classification_task, read_json, read_json_lines, stack_images)
+from data import (REC_PROMPT, CaptionDataset, encode_qformer_texts, load_image, load_tokenizer, pad_sequences,
+                  read_json, read_json_lines, stack_images)
 from layers import IGNORE_INDEX, row_log_likelihoods
 from metrics import (box_iou, caption_tokens, cider_d, circular_accuracy, evalai_answer, parse_box, parse_choice,
                      pope_answer, pope_metrics, vqa_accuracy)
 from model import MLLM
 from refiner import Refiner
+from retrieval import embed_texts, read_classification_task
 from vision import (CLIP_BACKGROUND, CLIPModel, box_from_padded_square, high_resolution_tiles, padded_square_box,
                     preprocess_image)
 
@@ -831,7 +832,7 @@ def run_eval(model: MLLM, tokenizer: Tokenizer, task: str, data_dir: str | Path,
 # ---------------------------------------------------------------------------------------------
 # Zero-shot classification with a CLIP model (REACT's task transfer, dissertation section 2.4)
 
-CLASSIFICATION_TASK = "classification"  # DATA/eval/classification/{split}.json (data.read_classification_task)
+CLASSIFICATION_TASK = "classification"  # DATA/eval/classification/{split}.json (retrieval.read_classification_task)
 
 
 def run_zero_shot_classification(model: CLIPModel, tokenizer: Tokenizer, data_dir: str | Path, split: str,

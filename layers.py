@@ -204,7 +204,8 @@ def causal_attention_mask(attention_mask: torch.Tensor | None, query_length: int
     """(attn_mask, is_causal) of a decoder for scaled_dot_product_attention, building a mask
     only when needed.
 
-    attention_mask: (B, past_length + query_length), 1 = real token, 0 = padding, or None.
+    attention_mask: (B, past_length + query_length), 1 = real token, 0 = padding, or None; a
+      packed training row numbers its samples 1, 2, ... instead (axolotl's convention).
     - No padding (or RIGHT padding only, as in training): the causal structure alone is exact for
       every real token, because a real token never looks right of itself, so SDPA's `is_causal`
       fast path is used; outputs at right-padding positions are garbage and carry no loss.
@@ -214,6 +215,11 @@ def causal_attention_mask(attention_mask: torch.Tensor | None, query_length: int
       itself; padding outputs are never used.
     """
     device = attention_mask.device if attention_mask is not None else None
+    if attention_mask is not None and past_length == 0 and attention_mask.max() > 1:
+        # Packed rows (data.pack_rows): a token sees the earlier tokens of its own sample only.
+        query_sample, key_sample = attention_mask[:, None, :, None], attention_mask[:, None, None, :]
+        diagonal = torch.eye(query_length, dtype=torch.bool, device=device)
+        return (diagonal.cumsum(0).bool() & (query_sample == key_sample) & (key_sample != 0)) | diagonal, False
     if attention_mask is not None:
         attention_mask = attention_mask.bool()
         is_right_padded = bool((attention_mask.cummin(dim=-1).values == attention_mask).all())
@@ -231,6 +237,18 @@ def causal_attention_mask(attention_mask: torch.Tensor | None, query_length: int
     if attention_mask is not None:
         allowed = (allowed & attention_mask[:, None, None, :]) | (key_positions == query_positions)
     return allowed, False
+
+
+def positions_in_samples(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each token's position: the count of real tokens before it, so left padding shifts nothing,
+    and in a packed row (samples numbered 1, 2, ...) the count within its own sample."""
+    mask = attention_mask.long()
+    if mask.max() <= 1:
+        return (mask.cumsum(-1) - 1).clamp(min=0)
+    index = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+    starts = torch.ones_like(mask, dtype=torch.bool)
+    starts[:, 1:] = mask[:, 1:] != mask[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(-1).values
 
 
 # ----------------------------------------------------------------------------------------------

@@ -41,8 +41,8 @@ from checkpoints import (BLIP2_LAYOUT, INSTRUCTBLIP_LAYOUT, LION_LAYOUT, LLAMA_L
 from connectors import (HighResolution, LIONConnector, PerceiverResampler, QFormerConfig, ResamplerConfig,
                         VisionAggregatorConfig, bert_initialization, build_connector)
 from layers import (IGNORE_INDEX, Attention, GatedFeedForward, PreNormBlock, RMSNorm, activation_named, additive_mask,
-                    causal_attention_mask, relative_position_buckets, rotary_cos_sin, shifted_cross_entropy,
-                    supervised_cross_entropy)
+                    causal_attention_mask, positions_in_samples, relative_position_buckets, rotary_cos_sin,
+                    shifted_cross_entropy, supervised_cross_entropy)
 from pretraining import load_stage1
 from vision import VisionConfig, VisionTransformer, vision_config_from_dict
 
@@ -163,7 +163,7 @@ class LanguageModel(nn.Module):
             if attention_mask is None:
                 position_ids = torch.arange(past_length, past_length + length, device=x.device).expand(batch, -1)
             else:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+                position_ids = positions_in_samples(attention_mask)[:, -length:]
         rotary = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         attn_mask, is_causal = causal_attention_mask(attention_mask, length, past_length)
         for index, layer in enumerate(self.model.layers):

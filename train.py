@@ -50,6 +50,7 @@ from layers import IGNORE_INDEX
 from model import (MLLM, LanguageModel, MLLMConfig, T5Config, T5LanguageModel, TextConfig,
                    language_model_from_pretrained)
 from pretraining import LyricsStage1, LyricsStage1Config, QFormerStage1, QFormerStage1Config
+from retrieval import retrieve_for_task
 from vision import CLIPConfig, CLIPModel, VisionTransformer
 
 
@@ -81,7 +82,7 @@ class StageConfig:
     # `gated_image_layers` blocks (locked-text gated-image tuning trains them alone:
     # trainable=[r"\.gated_block\."]); `positive_threshold`, eq. 2.5-2.6's gamma (0: CLIP's
     # one-to-one pairs); `retrieval`, the stage's data retrieved from a pool of image-text pairs
-    # (data.retrieve_pairs): {"task": a classification task file (its classes and templates are
+    # (retrieval.retrieve_pairs): {"task": a classification task file (its classes and templates are
     # the queries), "pool": LLaVA caption JSON, "per_concept": K, "by": "text" (T2T) or "image" (T2I)}.
     gated_image_layers: int = 0
     positive_threshold: float = 0.0
@@ -469,7 +470,7 @@ def build_dataset(stage: StageConfig, config: TrainConfig, model: torch.nn.Modul
         if not stage.retrieval:
             return captions(stage.data)
         retrieval = stage.retrieval  # REACT's retrieval-augmented task instruction (dissertation section 2.3)
-        return captions(data.retrieve_for_task(
+        return captions(retrieve_for_task(
             model, tokenizer, captions(retrieval["pool"]), retrieval["task"], retrieval["per_concept"],
             retrieval.get("by", "text"), Path(config.out_dir) / "retrieved" / f"{stage.name}.json"))
     instruction_aware = model.multi_modal_projector.takes_instruction  # InstructBLIP: the Q-Former reads it
@@ -534,8 +535,7 @@ def split_batch(batch: dict, num_chunks: int, image_token_index: int | None,
         if batch.get("task_level") is not None:  # LION's router: one level per row
             chunk["task_level"] = batch["task_level"][part]
         images = image_slot[part][has_image[part]]
-        for key in ("pixel_values", "qformer_input_ids", "qformer_attention_mask", "image_sizes", "object_features",
-                    "object_mask"):  # a row per image
+        for key in data.IMAGE_ROW_KEYS:
             chunk[key] = batch[key][images] if len(images) and batch.get(key) is not None else None
         chunks.append(chunk)
     return chunks
@@ -813,6 +813,8 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: parallel.Runti
     image_token_index = model.config.image_token_index if stage.objective == "mllm" else None
     loss_options = {"positive_threshold": stage.positive_threshold} if stage.positive_threshold else {}
     encoder_decoder = stage.objective in ("lm", "mllm") and is_encoder_decoder(model)
+    if stage.pack and encoder_decoder:
+        raise ValueError(f"stage {stage.name!r}: pack is for decoder-only LLMs (a T5's encoder reads its inputs whole)")
     trainable_parameters = [p for p in model.parameters() if p.requires_grad]
 
     train_model.train()
@@ -831,6 +833,8 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: parallel.Runti
                                                                       stage.min_lr_ratio, group["schedule"])
             chunks = (split_batch(batch, accumulation, image_token_index, encoder_decoder)
                       if batch["input_ids"].shape[0] else [])
+            if stage.pack:
+                chunks = [data.pack_rows(chunk, stage.max_seq_len, image_token_index) for chunk in chunks]
             step_started, loss_sum, tokens, loss_parts = time.time(), 0.0, 0, {}
             if not chunks:  # every sample of this step was skipped: a zero gradient keeps DDP in step
                 sum(p.sum() for p in trainable_parameters).mul(0.0).backward()
@@ -850,7 +854,7 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: parallel.Runti
                 if isinstance(output, dict):  # the named losses of a multi-objective stage (BLIP-2 stage 1)
                     for name, value in output.items():
                         loss_parts[name] = loss_parts.get(name, 0.0) + value.item() / len(chunks)
-                tokens += int(chunk["attention_mask"].sum())
+                tokens += int((chunk["attention_mask"] != 0).sum())
             loss_value = parallel.mean_over_processes(loss_sum / max(1, len(chunks)), runtime)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters, stage.grad_clip or math.inf)
             if not (math.isfinite(loss_value) and torch.isfinite(grad_norm)):

@@ -13,6 +13,7 @@ from PIL import Image
 import checkpoints
 import data
 import eval as evaluation
+import retrieval
 import shapes
 import train
 from adapters import set_trainable
@@ -248,9 +249,9 @@ def test_text_to_text_retrieval_finds_the_pool_captions_equal_to_a_query(world, 
     # A prompt equal to a pool caption has cosine 1 with it, the most any pair can have; a concept
     # scores a pair by its closest prompt.
     concepts = [["an unrelated prompt.", captions[3]], [captions[7]], [captions[3]]]
-    chosen = data.retrieve_pairs(model, tokenizer, pool, concepts, per_concept=1, by="text")
+    chosen = retrieval.retrieve_pairs(model, tokenizer, pool, concepts, per_concept=1, by="text")
     assert [captions[index] for index in chosen] == [captions[3], captions[7]]  # the repeat counted once
-    several = data.retrieve_pairs(model, tokenizer, pool, concepts, per_concept=4, by="text")
+    several = retrieval.retrieve_pairs(model, tokenizer, pool, concepts, per_concept=4, by="text")
     assert len(several) == len(set(several)) and 4 <= len(several) <= 12 and {3, 7} <= set(several)
 
 
@@ -264,7 +265,7 @@ def test_text_to_image_retrieval_skips_an_unreadable_image(world, tmp_path):
     (images / records[2]["image"]).write_bytes(b"not a png")
     (tmp_path / "pool.json").write_text(json.dumps(records))
     pool = data.CaptionDataset(str(tmp_path / "pool.json"), str(images), tokenizer, 32, pad_to_square=True)
-    chosen = data.retrieve_pairs(world_clip(world), tokenizer, pool, [["a small red star."], ["a circle."]],
+    chosen = retrieval.retrieve_pairs(world_clip(world), tokenizer, pool, [["a small red star."], ["a circle."]],
                                  per_concept=6, by="image")
     assert sorted(chosen) == [0, 1, 3, 4, 5]
     assert pool.problems.total == 1 and records[2]["image"] in pool.problems.summary()
@@ -275,12 +276,12 @@ def test_zero_shot_classification_ensembles_the_templates(world, tmp_path):
     model = world_clip(world)
     metrics = evaluation.run_zero_shot_classification(model, tokenizer, world, "small", out_dir=tmp_path,
                                                       print_results=False)
-    classes, templates, rows = data.read_classification_task(str(world / "eval" / "classification" / "small.json"))
+    classes, templates, rows = retrieval.read_classification_task(str(world / "eval" / "classification" / "small.json"))
     assert classes == ["circle", "square", "triangle", "star", "diamond"] and len(rows) % len(classes) == 0
     # The same prediction by hand: per class, the mean of its normalized prompt embeddings.
     pad = tokenizer.token_to_id("<pad>")
     with torch.no_grad():
-        class_embeddings = torch.stack([F.normalize(data.embed_texts(model, data.CaptionDataset.encode_texts(
+        class_embeddings = torch.stack([F.normalize(retrieval.embed_texts(model, data.CaptionDataset.encode_texts(
             tokenizer, [template.format(name) for template in templates], 64), pad).mean(0), dim=0) for name in classes])
         pixels = torch.stack([evaluation.preprocess_image(evaluation.load_image(str(world / "images" / row["image"])),
                                                           32, True) for row in rows])
@@ -297,10 +298,10 @@ def test_a_classification_task_file_with_a_foreign_label_is_refused(tmp_path):
     path.write_text(json.dumps({"classes": ["circle"], "templates": ["a {}."],
                                 "images": [{"image": "1.png", "label": "star"}]}))
     with pytest.raises(data.DataError, match=r"images\[0\].*'label' from 'classes'"):
-        data.read_classification_task(str(path))
+        retrieval.read_classification_task(str(path))
     path.write_text(json.dumps({"classes": ["circle"], "templates": ["a circle."]}))
     with pytest.raises(data.DataError, match="'templates'"):
-        data.read_classification_task(str(path))
+        retrieval.read_classification_task(str(path))
 
 
 def test_react_settings_belong_to_the_clip_objective():

@@ -20,6 +20,7 @@ from PIL import Image
 import data
 import eval as evaluation
 import metrics
+import retrieval
 import shapes
 
 NUM_TRAIN, NUM_EVAL = 40, 24
@@ -193,7 +194,7 @@ def test_cli_small_world(tmp_path):
 def test_classification_tasks_are_one_balanced_object_of_their_size(world):
     eval_ids = set()
     for size in shapes.SIZES:
-        classes, templates, rows = data.read_classification_task(str(world / "eval" / "classification" / f"{size}.json"))
+        classes, templates, rows = retrieval.read_classification_task(str(world / "eval" / "classification" / f"{size}.json"))
         assert classes == list(shapes.SHAPES) and all(size in template for template in templates)
         assert [row["label"] for row in rows] == [classes[i % len(classes)] for i in range(len(rows))]
         for row in rows:

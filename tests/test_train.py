@@ -210,6 +210,18 @@ def test_fsdp_matches_one_process_and_resumes_on_another_number(world, tiny_chec
         assert torch.allclose(reference(input_ids=input_ids).logits, sharded.eval()(input_ids), atol=1e-5)
 
 
+def test_packed_stage_trains_as_the_unpacked_one(world, tiny_checkpoint, tmp_path):
+    """Packing changes the rows, not what is learned: each micro-batch's loss is the mean over the
+    same supervised tokens, so the whole run's losses agree."""
+    runs = {}
+    for pack in (False, True):
+        out_dir = tmp_path / f"pack{pack}"
+        train.main([str(write_config(tmp_path / f"p{pack}.py", world, tiny_checkpoint, out_dir, pack=pack,
+                                     max_steps=4))])
+        runs[pack] = losses(out_dir)
+    assert runs[True] == pytest.approx(runs[False], rel=1e-4)
+
+
 def test_image_aspect_ratio_is_a_stage_setting(world, tiny_checkpoint, tmp_path):
     """LLaVA-1.5 center-crops in stage 1 and pads in stage 2: a stage's setting wins over the
     model's, and a bad value is refused naming the key."""
