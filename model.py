@@ -983,10 +983,11 @@ def build_without_init(module_class: type[nn.Module], config: MLLMConfig | TextC
                        dtype: torch.dtype) -> nn.Module:
     """A model whose weights will all be overwritten by a checkpoint: built on the meta device and
     then given uninitialized storage, which skips a random initialization that for a 7B model
-    costs longer than the load itself. Modules here hold no buffers that need init."""
+    costs longer than the load itself. Modules here hold no buffers that need init. Under `with
+    torch.device("meta")` it stays there (train.py --estimate_memory builds models that way)."""
     with torch.device("meta"):
         model = module_class(config)
-    model = model.to_empty(device="cpu").to(dtype)
+    model = model.to_empty(device=torch.get_default_device()).to(dtype)
     for module in model.modules():  # to_empty gives each module its own storage, untying the head
         if isinstance(module, LANGUAGE_MODELS):
             module.tie_weights()

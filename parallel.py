@@ -1,5 +1,6 @@
 """Training on many processes: the process group, DDP or FSDP2 around the model, torch.compile per
-block, the sharded training state on disk, and the memory a stage needs per GPU.
+block, the training state on disk (atomic checkpoints, exact resume, sharded through DCP), and
+the memory a stage needs per GPU.
 
 LLaVA trains its 7B / 13B stage 2 under DeepSpeed ZeRO-3: weights, gradients and AdamW moments
 are split across the GPUs, and each layer's weights are gathered only while it runs. PyTorch's
@@ -18,10 +19,13 @@ GPUs resumes on 4. The stage's weights are still gathered into one llava-hf safe
 from __future__ import annotations
 
 import os
+import random
+import shutil
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -189,3 +193,170 @@ def load_sharded_state(directory: Path, model: torch.nn.Module, optimizer: torch
     # while a trainable one missing from the files already stopped dcp.load.
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
+
+
+# ----------------------------------------------------------------------------------------------
+# The training state on disk
+
+@contextmanager
+def atomic_directory(path: Path):
+    """Write a directory under a temporary name, then swap it in, so a crash mid-write never
+    leaves a half checkpoint: at any moment `path` (or, during the swap, `path.old`) is complete."""
+    temporary = path.with_name(path.name + ".tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    yield temporary
+    swap_in(temporary, path)
+
+
+def swap_in(temporary: Path, path: Path) -> None:
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+    temporary.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def complete_directory(path: Path) -> Path | None:
+    """`path`, or its `.old` copy if a crash interrupted the swap of atomic_directory."""
+    for candidate in (path, path.with_name(path.name + ".old")):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def rng_states() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, optimizer, progress: dict, runtime: Runtime,
+                    tokenizer_path: str, qformer_tokenizer_path: str = "") -> None:
+    """Weights via save_pretrained (the layout every tool reads) plus the training state: the step,
+    data position and every process's RNG states in train_state.pt, with the optimizer and the
+    trainable tensors as they are in memory (LoRA factors unmerged: save_pretrained merges them,
+    so exact resume needs them separately) in train_state.pt too, or, for a sharded model, in
+    the DCP directory `sharded/`. The tokenizers go along (the Q-Former's as
+    qformer_tokenizer.json), so eval.py needs only the directory. Every process calls this."""
+    progress = {**progress, "rng": gather_from_processes(rng_states(), runtime)}
+    temporary = path.with_name(path.name + ".tmp")
+    if runtime.is_main:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    barrier(runtime)
+    with gathered_state_dict(model):
+        if runtime.is_main:
+            model.save_pretrained(str(temporary))
+    if is_sharded(model):
+        save_sharded_state(temporary / SHARDED_STATE, model, optimizer)
+    else:
+        progress.update(optimizer=optimizer.state_dict(),
+                        trainable={name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad})
+    if runtime.is_main:
+        for source_path, name in ((tokenizer_path, "tokenizer.json"), (qformer_tokenizer_path, "qformer_tokenizer.json")):
+            if source_path:
+                source = Path(source_path)
+                shutil.copy(source / name if source.is_dir() else source, temporary / name)
+        torch.save(progress, temporary / "train_state.pt")
+        swap_in(temporary, path)
+    barrier(runtime)
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, trainable: list[str],
+                    runtime: Runtime) -> dict:
+    """Restore what save_checkpoint wrote into this run's model and optimizer (the saved moments
+    and step counts; the hyperparameters stay this run's, so an override on resume counts) and
+    this process's RNG states. A sharded state reads back on any number of processes; the RNG
+    streams (dropout) then restart from the seed. Returns the progress (step, epoch, batches_done)."""
+    progress = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
+    hyperparameters = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    if (path / SHARDED_STATE).is_dir():
+        load_sharded_state(path / SHARDED_STATE, model, optimizer)
+    else:
+        missing, unexpected = model.load_state_dict(progress["trainable"], strict=False)
+        if unexpected or set(trainable) & set(missing):
+            raise ValueError(f"{path}: train_state.pt does not fit this stage's trainable parameters "
+                             f"(unexpected {unexpected[:5]}, missing {sorted(set(trainable) & set(missing))[:5]})")
+        optimizer.load_state_dict(progress["optimizer"])
+    for group, fresh in zip(optimizer.param_groups, hyperparameters):
+        group.update(fresh)
+    if len(progress["rng"]) == runtime.world_size:
+        restore_rng_states(progress["rng"][runtime.rank])
+    elif not (path / SHARDED_STATE).is_dir():
+        raise ValueError(f"{path} was written by {len(progress['rng'])} processes; resume with as many "
+                         f"(a stage with parallel='fsdp' resumes on any number)")
+    elif runtime.is_main:
+        print(f"{path} was written by {len(progress['rng'])} processes, this run has {runtime.world_size}: "
+              f"weights, optimizer and data position resume exactly, random streams (dropout) start afresh")
+    return progress
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory per GPU, before launching
+
+def activation_elements_per_token(block: torch.nn.Module) -> int:
+    """What backward keeps of one block, per token: each Linear's input and output (its input for
+    the weight gradient; its output feeds SDPA or the activation function, which keep it) and each
+    norm's input. LLaMA's block: 11 h + 2 kv + 3 i, within a third of a hand count of its saved
+    tensors; flash / memory-efficient SDPA keeps no attention matrix."""
+    total = 0
+    for module in block.modules():
+        if isinstance(module, torch.nn.Linear):
+            total += module.in_features + module.out_features
+        elif isinstance(module, torch.nn.LayerNorm) or type(module).__name__ == "RMSNorm":
+            total += module.weight.shape[0]
+    return total
+
+
+def estimate_memory(model: torch.nn.Module, micro_batch_size: int, max_seq_len: int, processes: int,
+                    gradient_checkpointing: bool, tokens_per_image: int = 0) -> dict[str, dict[str, float]]:
+    """Bytes per GPU of one training stage under DDP and under FSDP over `processes` GPUs:
+    - weights: fp32 (the optimizer's master copy). DDP: all on every GPU; FSDP: a 1/processes
+      shard, plus two blocks gathered in bf16 (the one running and the one prefetched);
+    - gradients: fp32, of the trainable parameters (sharded under FSDP);
+    - optimizer: AdamW's two fp32 moments of the trainable parameters (sharded under FSDP);
+    - activations: bf16, the same under both: per block, activation_elements_per_token for every
+      token of a micro-batch (max_seq_len per sample for the LLM, `tokens_per_image` for a tower
+      block that trains), or with gradient checkpointing each block's input plus one block
+      recomputed; plus the fp32 logits and their gradient (2 x 4 x vocabulary per token).
+    An estimate (the allocator's fragmentation and temporary buffers are not in it): leave 10-20%."""
+    parameters = list(model.parameters())
+    total = sum(p.numel() for p in parameters)
+    trainable = sum(p.numel() for p in parameters if p.requires_grad)
+    blocks = set(map(id, transformer_blocks(model)))
+    largest_block, kept, recomputed = 0, 0, 0
+    for name, block in model.named_modules():
+        if id(block) not in blocks:
+            continue
+        largest_block = max(largest_block, sum(p.numel() for p in block.parameters()))
+        reads_image = any(part in name for part in ("vision", "qformer", "projector"))  # the tower and connector
+        if reads_image and not any(p.requires_grad for p in block.parameters()):
+            continue  # a frozen tower keeps nothing for backward: no gradient flows into it
+        tokens = micro_batch_size * (tokens_per_image if reads_image else max_seq_len)
+        width = next(m for m in block.modules() if isinstance(m, torch.nn.Linear)).in_features
+        full = 2 * tokens * activation_elements_per_token(block)
+        kept += 2 * tokens * width if gradient_checkpointing else full
+        recomputed = max(recomputed, full if gradient_checkpointing else 0)
+    head = next((module for name, module in model.named_modules() if name.endswith("lm_head")), None)
+    vocabulary = head.out_features if head is not None else 0
+    activations = kept + recomputed + 2 * 4 * micro_batch_size * max_seq_len * vocabulary
+    estimates = {"ddp": {"weights": 4 * total, "gradients": 4 * trainable, "optimizer": 8 * trainable},
+                 "fsdp": {"weights": 4 * total / processes + 2 * 2 * largest_block,
+                          "gradients": 4 * trainable / processes, "optimizer": 8 * trainable / processes}}
+    for estimate in estimates.values():
+        estimate["activations"] = activations
+        estimate["total"] = sum(estimate.values())
+    return estimates
+
+
+def format_bytes(count: float) -> str:
+    return f"{count / 2 ** 30:.1f} GiB" if count >= 2 ** 30 else f"{count / 2 ** 20:.1f} MiB"

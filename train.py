@@ -4,6 +4,7 @@
     python train.py configs/llava15.py --stage finetune   # one stage (starts from the previous one's output)
     python train.py configs/llava15.py --resume           # continue exactly where the last run stopped
     python train.py configs/llava15.py --micro_batch_size=4 --finetune.learning_rate=1e-5
+    python train.py configs/llava15.py --estimate_memory [--processes 8]   # bytes per GPU, DDP vs FSDP
     torchrun --nproc_per_node 8 train.py configs/llava15.py
 
 A recipe is a list of stages (LLaVA: stage 1 "feature alignment" then stage 2 "instruction
@@ -24,16 +25,15 @@ import dataclasses
 import functools
 import json
 import math
-import random
 import re
 import shutil
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
@@ -298,38 +298,7 @@ def check_stage(stage: StageConfig) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Processes, devices, checkpoint files
-
-@contextmanager
-def atomic_directory(path: Path):
-    """Write a directory under a temporary name, then swap it in, so a crash mid-write never
-    leaves a half checkpoint: at any moment `path` (or, during the swap, `path.old`) is complete."""
-    temporary = path.with_name(path.name + ".tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    yield temporary
-    swap_in(temporary, path)
-
-
-def swap_in(temporary: Path, path: Path) -> None:
-    old = path.with_name(path.name + ".old")
-    if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        path.rename(old)
-    temporary.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def complete_directory(path: Path) -> Path | None:
-    """`path`, or its `.old` copy if a crash interrupted the swap of atomic_directory."""
-    for candidate in (path, path.with_name(path.name + ".old")):
-        if candidate.is_dir():
-            return candidate
-    return None
-
-
-# ----------------------------------------------------------------------------------------------
-# 3. Models and data per objective
+# 2. Models and data per objective
 
 def resolve_path(path: str, out_dir: Path, stage_names: list[str]) -> str:
     """A stage name stands for that stage's output directory."""
@@ -548,7 +517,7 @@ def is_encoder_decoder(model: torch.nn.Module) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Optimizer and schedule
+# 3. Optimizer and schedule
 
 def build_optimizer(model: torch.nn.Module, stage: StageConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters. Norms, biases and other vectors get no weight decay
@@ -587,81 +556,7 @@ def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, min_rat
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Checkpoints and logs
-
-def rng_states() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def restore_rng_states(states: dict) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if states["cuda"]:
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def save_checkpoint(path: Path, model: torch.nn.Module, optimizer, progress: dict, runtime: parallel.Runtime,
-                    tokenizer_path: str, qformer_tokenizer_path: str = "") -> None:
-    """Weights via save_pretrained (the layout every tool reads) plus the training state: the step,
-    data position and every process's RNG states in train_state.pt, with the optimizer and the
-    trainable tensors as they are in memory (LoRA factors unmerged: save_pretrained merges them,
-    so exact resume needs them separately) in train_state.pt too, or, for a sharded model, in
-    the DCP directory `sharded/`. The tokenizers go along (the Q-Former's as
-    qformer_tokenizer.json), so eval.py needs only the directory. Every process calls this."""
-    progress = {**progress, "rng": parallel.gather_from_processes(rng_states(), runtime)}
-    temporary = path.with_name(path.name + ".tmp")
-    if runtime.is_main:
-        shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir(parents=True)
-    parallel.barrier(runtime)
-    with parallel.gathered_state_dict(model):
-        if runtime.is_main:
-            model.save_pretrained(str(temporary))
-    if parallel.is_sharded(model):
-        parallel.save_sharded_state(temporary / parallel.SHARDED_STATE, model, optimizer)
-    else:
-        progress.update(optimizer=optimizer.state_dict(),
-                        trainable={name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad})
-    if runtime.is_main:
-        for source_path, name in ((tokenizer_path, "tokenizer.json"), (qformer_tokenizer_path, "qformer_tokenizer.json")):
-            if source_path:
-                source = Path(source_path)
-                shutil.copy(source / name if source.is_dir() else source, temporary / name)
-        torch.save(progress, temporary / "train_state.pt")
-        swap_in(temporary, path)
-    parallel.barrier(runtime)
-
-
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, trainable: list[str],
-                    runtime: parallel.Runtime) -> dict:
-    """Restore what save_checkpoint wrote into this run's model and optimizer (the saved moments
-    and step counts; the hyperparameters stay this run's, so an override on resume counts) and
-    this process's RNG states. A sharded state reads back on any number of processes; the RNG
-    streams (dropout) then restart from the seed. Returns the progress (step, epoch, batches_done)."""
-    progress = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
-    hyperparameters = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    if (path / parallel.SHARDED_STATE).is_dir():
-        parallel.load_sharded_state(path / parallel.SHARDED_STATE, model, optimizer)
-    else:
-        missing, unexpected = model.load_state_dict(progress["trainable"], strict=False)
-        if unexpected or set(trainable) & set(missing):
-            raise ValueError(f"{path}: train_state.pt does not fit this stage's trainable parameters "
-                             f"(unexpected {unexpected[:5]}, missing {sorted(set(trainable) & set(missing))[:5]})")
-        optimizer.load_state_dict(progress["optimizer"])
-    for group, fresh in zip(optimizer.param_groups, hyperparameters):
-        group.update(fresh)
-    if len(progress["rng"]) == runtime.world_size:
-        restore_rng_states(progress["rng"][runtime.rank])
-    elif not (path / parallel.SHARDED_STATE).is_dir():
-        raise ValueError(f"{path} was written by {len(progress['rng'])} processes; resume with as many "
-                         f"(a stage with parallel='fsdp' resumes on any number)")
-    elif runtime.is_main:
-        print(f"{path} was written by {len(progress['rng'])} processes, this run has {runtime.world_size}: "
-              f"weights, optimizer and data position resume exactly, random streams (dropout) start afresh")
-    return progress
-
+# 4. Logs
 
 def plot_loss_curve(steps: list[int], losses: list[float], path: Path, title: str) -> None:
     """A small PNG of the training loss, drawn with pillow (no plotting dependency)."""
@@ -699,7 +594,7 @@ def log_step(log_path: Path, progress: tqdm, stage_name: str, log_every: int, to
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. One stage
+# 5. One stage
 
 def prepare_model(model: torch.nn.Module, stage: StageConfig, config: TrainConfig, tokenizer) -> list[str]:
     """What the stage changes in its starting model before training (each change is recorded in
@@ -737,6 +632,15 @@ def prepare_model(model: torch.nn.Module, stage: StageConfig, config: TrainConfi
         if hasattr(module, "gradient_checkpointing"):
             module.gradient_checkpointing = stage.gradient_checkpointing
     return trainable
+
+
+def has_unused_parameters(stage: StageConfig, model: torch.nn.Module, dataset) -> bool:
+    """Whether some step may leave trainable parameters without a gradient, which DDP must then
+    search for every step: a step of text-only samples (the tower and connector unused), or LION's
+    visual_input reading one branch of its connector."""
+    if stage.objective != "mllm":
+        return False
+    return not all(dataset.has_image) or model.config.visual_input != "ALL"
 
 
 def train_stage(stage: StageConfig, config: TrainConfig, runtime: parallel.Runtime, previous: Path | None,
@@ -784,9 +688,9 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: parallel.Runti
     optimizer = build_optimizer(model, stage)
 
     step = epoch = batches_done = 0
-    resume_from = complete_directory(checkpoint_dir) if resume else None
+    resume_from = parallel.complete_directory(checkpoint_dir) if resume else None
     if resume_from is not None:
-        progress = load_checkpoint(resume_from, model, optimizer, trainable, runtime)
+        progress = parallel.load_checkpoint(resume_from, model, optimizer, trainable, runtime)
         step, epoch, batches_done = progress["step"], progress["epoch"], progress["batches_done"]
     elif runtime.is_main:  # a fresh start: an older run's checkpoint must not pass for this one's
         for leftover in (checkpoint_dir, *(checkpoint_dir.with_name(checkpoint_dir.name + suffix)
@@ -805,9 +709,7 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: parallel.Runti
 
     if config.compile == "on" or (config.compile == "auto" and runtime.device.type == "cuda"):
         parallel.compile_blocks(model)
-    # Under DDP, a step of text-only samples leaves the tower and connector without gradients, and
-    # LION's visual_input leaves part of its connector unread: only then must DDP search for them.
-    unused = stage.objective == "mllm" and (not all(dataset.has_image) or model.config.visual_input != "ALL")
+    unused = has_unused_parameters(stage, model, dataset)
     train_model = parallel.wrap(model, "ddp", runtime, unused) if stage.parallel == "ddp" else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if runtime.device.type == "cuda" else nullcontext()
     image_token_index = model.config.image_token_index if stage.objective == "mllm" else None
@@ -874,7 +776,7 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: parallel.Runti
                     "tokens_per_second": tokens * runtime.world_size / max(1e-9, time.time() - step_started)})
             stop = step >= total_steps or steps_this_run == config.stop_after_steps
             if step % config.save_every == 0 or stop:
-                save_checkpoint(checkpoint_dir, model, optimizer, {"step": step, "epoch": epoch,
+                parallel.save_checkpoint(checkpoint_dir, model, optimizer, {"step": step, "epoch": epoch,
                                 "batches_done": batches_done}, runtime, config.tokenizer, config.qformer_tokenizer)
             if stop:
                 break
@@ -898,8 +800,8 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: parallel.Runti
         raise SystemExit(f"[{stage.name}] stopped after {steps_this_run} steps as asked (stop_after_steps); "
                          f"continue with --resume")
     if runtime.is_main:
-        with atomic_directory(final_dir) as directory:
-            for item in complete_directory(checkpoint_dir).iterdir():
+        with parallel.atomic_directory(final_dir) as directory:
+            for item in parallel.complete_directory(checkpoint_dir).iterdir():
                 if item.name not in ("train_state.pt", parallel.SHARDED_STATE):
                     shutil.copy(item, directory / item.name)
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
@@ -908,7 +810,7 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: parallel.Runti
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. The recipe
+# 6. The recipe
 
 def evaluate(config: TrainConfig, model_dir: Path, last_stage: StageConfig) -> dict:
     """eval.run_eval over `eval_tasks` on the last stage's model. Each task may `report` metrics
@@ -953,19 +855,49 @@ def evaluate(config: TrainConfig, model_dir: Path, last_stage: StageConfig) -> d
     return results
 
 
+def estimate_memory(config: TrainConfig, stages: list[StageConfig], processes: int) -> None:
+    """Print each stage's bytes per GPU under DDP and FSDP (parallel.estimate_memory). The models
+    are built on the meta device (the checkpoints are read, their tensors dropped), and a stage
+    that starts from the previous one takes the model built here, so nothing needs to be trained."""
+    tokenizer = data.load_tokenizer(config.tokenizer)
+    model, stage_names = None, [stage.name for stage in stages]
+    print(f"per GPU, {processes} processes: weights + gradients + optimizer + activations = total")
+    for stage in stages:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "copying into a meta parameter is a no-op": the point here
+            if not (stage.init == "previous" and model is not None):
+                model = build_model(stage, config, None, stage_names, tokenizer)
+            prepare_model(model, stage, config, tokenizer)
+        vision = getattr(getattr(model, "config", None), "vision_config", None)
+        tokens_per_image = (vision.image_size // vision.patch_size) ** 2 + 1 if vision is not None else 0
+        per_gpu = stage.micro_batch_size if stage.objective != "clip" else stage.global_batch_size
+        estimates = parallel.estimate_memory(model, per_gpu, stage.max_seq_len, processes,
+                                             stage.gradient_checkpointing, tokens_per_image)
+        for mode, estimate in estimates.items():
+            parts = " + ".join(parallel.format_bytes(estimate[key])
+                               for key in ("weights", "gradients", "optimizer", "activations"))
+            chosen = " (this stage's choice)" if mode == stage.parallel else ""
+            print(f"[{stage.name}] {mode:4s} {parts} = {parallel.format_bytes(estimate['total'])}{chosen}")
+
+
 def main(argv: list[str]) -> None:
     options = [a for a in argv if a.startswith("--") and "=" not in a]
-    unknown = set(options) - {"--resume", "--stage"}
+    unknown = set(options) - {"--resume", "--stage", "--estimate_memory", "--processes"}
     if not argv or unknown:
         raise SystemExit(__doc__ if not argv else f"unknown option(s) {sorted(unknown)}")
-    if "--stage" in argv and argv.index("--stage") == len(argv) - 1:
-        raise SystemExit("--stage needs a stage name")
+    for option in ("--stage", "--processes"):
+        if option in argv and argv.index(option) == len(argv) - 1:
+            raise SystemExit(f"{option} needs a value")
     stage_only = argv[argv.index("--stage") + 1] if "--stage" in argv else None
-    positional = [a for i, a in enumerate(argv) if not a.startswith("--") and not (i and argv[i - 1] == "--stage")]
+    positional = [a for i, a in enumerate(argv)
+                  if not a.startswith("--") and not (i and argv[i - 1] in ("--stage", "--processes"))]
     config, stages = load_config(positional[0], [a for a in argv if a.startswith("--") and "=" in a])
     stage_names = [s.name for s in stages]
     if stage_only is not None and stage_only not in stage_names:
         raise SystemExit(f"--stage {stage_only}: no such stage (stages: {stage_names})")
+    if "--estimate_memory" in argv:
+        estimate_memory(config, stages, int(argv[argv.index("--processes") + 1]) if "--processes" in argv else 8)
+        return
     runtime = parallel.setup_runtime(config.device)
     started = time.time()
     if config.world:
@@ -984,7 +916,7 @@ def main(argv: list[str]) -> None:
         if stage_only is not None and stage.name != stage_only:
             continue
         previous = Path(config.out_dir) / stages[index - 1].name if index else None
-        finished = complete_directory(Path(config.out_dir) / stage.name)
+        finished = parallel.complete_directory(Path(config.out_dir) / stage.name)
         if finished and "--resume" in argv:
             if runtime.is_main:
                 print(f"[{stage.name}] already done, skipped (--resume)")

@@ -11,7 +11,8 @@ import parallel
 import shapes
 import train
 from conftest import tiny_mllm_config
-from layers import IGNORE_INDEX, PreNormBlock, causal_attention_mask, positions_in_samples
+from adapters import set_trainable
+from layers import IGNORE_INDEX, causal_attention_mask, positions_in_samples
 from model import MLLM
 
 
@@ -104,3 +105,72 @@ def test_a_packed_batch_gives_every_sample_its_own_loss(world):
     assert torch.allclose(torch.stack(found), torch.stack(alone), atol=1e-5)
     assert (torch.stack(naive) - torch.stack(alone))[1:].abs().min() > 1e-3, "a plain mask lets samples read each other"
     assert torch.allclose(packed_loss, batch_loss, atol=1e-5)
+
+
+def test_memory_estimate_counts_what_each_mode_keeps(world):
+    tokenizer = data.load_tokenizer(str(world / "tokenizer.json"))
+    model = MLLM(tiny_mllm_config(tokenizer))
+    set_trainable(model, [r"^multi_modal_projector\.", r"^language_model\."])
+    text = model.config.text_config
+    hidden, intermediate = text.hidden_size, text.intermediate_size
+    key_value = text.num_key_value_heads * hidden // text.num_attention_heads
+    per_token = 11 * hidden + 2 * key_value + 3 * intermediate  # 7 projections' inputs and outputs, 2 norms
+    assert parallel.activation_elements_per_token(model.language_model.model.layers[0]) == per_token
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    tokens, layers, vocabulary = 2 * 10, text.num_hidden_layers, text.vocab_size
+    logits = 2 * 4 * tokens * vocabulary
+    plain = parallel.estimate_memory(model, 2, 10, processes=4, gradient_checkpointing=False, tokens_per_image=17)
+    assert plain["ddp"] == {"weights": 4 * total, "gradients": 4 * trainable, "optimizer": 8 * trainable,
+                            "activations": layers * 2 * tokens * per_token + logits,  # the frozen tower keeps nothing
+                            "total": plain["ddp"]["total"]}
+    assert plain["fsdp"]["optimizer"] == 8 * trainable / 4 and plain["fsdp"]["gradients"] == 4 * trainable / 4
+    largest_block = sum(p.numel() for p in model.language_model.model.layers[0].parameters())
+    assert plain["fsdp"]["weights"] == 4 * total / 4 + 2 * 2 * largest_block
+    checkpointed = parallel.estimate_memory(model, 2, 10, processes=4, gradient_checkpointing=True, tokens_per_image=17)
+    assert checkpointed["ddp"]["activations"] == layers * 2 * tokens * hidden + 2 * tokens * per_token + logits
+    set_trainable(model, [r"^vision_tower\."])  # a training tower keeps its blocks' activations, per image token
+    tower = parallel.estimate_memory(model, 2, 10, processes=4, gradient_checkpointing=False, tokens_per_image=17)
+    vision_block = model.vision_tower.encoder.layers[0]
+    assert tower["ddp"]["activations"] - plain["ddp"]["activations"] == \
+        len(model.vision_tower.encoder.layers) * 2 * 2 * 17 * parallel.activation_elements_per_token(vision_block)
+
+
+def test_estimate_memory_builds_every_stage_on_the_meta_device(world, tmp_path, capsys):
+    tokenizer = data.load_tokenizer(str(world / "tokenizer.json"))
+    MLLM(tiny_mllm_config(tokenizer)).save_pretrained(str(tmp_path / "tiny"))
+    config = tmp_path / "recipe.py"
+    config.write_text(f"out_dir = {str(tmp_path / 'out')!r}\ntokenizer = {str(world / 'tokenizer.json')!r}\n"
+                      f"stages = [dict(name='finetune', init={str(tmp_path / 'tiny')!r}, max_seq_len=64),\n"
+                      f"          dict(name='lora', lora=dict(targets=['_proj$'], rank=4), trainable=['lora_'],\n"
+                      f"               parallel='fsdp', gradient_checkpointing=True, max_seq_len=64)]\n")
+    train.main([str(config), "--estimate_memory", "--processes", "4"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "per GPU, 4 processes: weights + gradients + optimizer + activations = total"
+    assert [line.split()[:2] for line in lines[1:]] == [["[finetune]", "ddp"], ["[finetune]", "fsdp"],
+                                                       ["[lora]", "ddp"], ["[lora]", "fsdp"]]
+    assert lines[2].endswith("MiB") and lines[4].endswith("(this stage's choice)")
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+def test_ddp_searches_for_unused_parameters_only_when_a_step_can_leave_some(world):
+    tokenizer = data.load_tokenizer(str(world / "tokenizer.json"))
+    model = MLLM(tiny_mllm_config(tokenizer))
+    stage = train.StageConfig(name="s", data=str(world / "train" / "instruct.json"), image_folder=str(world / "images"))
+    dataset = train.build_dataset(stage, train.TrainConfig(tokenizer=str(world / "tokenizer.json")), model, tokenizer)
+    assert not all(dataset.has_image) and train.has_unused_parameters(stage, model, dataset)
+    dataset.has_image = [True] * len(dataset.has_image)  # an image-only mixture (LLaVA's stage 1)
+    assert not train.has_unused_parameters(stage, model, dataset)
+    model.config.visual_input = "QFORMER"  # LION reading one branch
+    assert train.has_unused_parameters(stage, model, dataset)
+    assert not train.has_unused_parameters(train.StageConfig(name="t", objective="lm"), model, dataset)
+
+
+def test_shard_and_compile_units_are_the_outermost_blocks(world):
+    tokenizer = data.load_tokenizer(str(world / "tokenizer.json"))
+    model = MLLM(tiny_mllm_config(tokenizer))
+    model.vision_tower.add_gated_blocks(1)  # REACT: a gated block inside the tower's last block
+    units = parallel.transformer_blocks(model)
+    assert units == [*model.vision_tower.encoder.layers, *model.language_model.model.layers]
+    gated = model.vision_tower.encoder.layers[-1].gated_block
+    assert all(gated is not unit for unit in units)  # it is sharded and compiled with the block that holds it
