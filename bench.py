@@ -6,13 +6,18 @@
     python bench.py data                                   # configs/shapes_llava15.py, stage finetune
     python bench.py data --num-workers 0 1 2 --steps 8
     python bench.py eval [--samples 64] [--new-tokens 8,32] [--width 128] [--threads 1] [--device cpu]
+    python bench.py train --gpu [--layers 4] | --cpu       # tokens/s, MFU, memory of a 7B-shaped slice
+    torchrun --nproc_per_node 8 bench.py train --gpu --parallel fsdp
+    python bench.py decode --gpu [--dtype bf16] | --cpu    # generation against the bandwidth roofline
 
 model: a training step and greedy generation of our MLLM against transformers'
 LlavaForConditionalGeneration, same weights, same inputs. t5: greedy generation of our T5
 against transformers' T5ForConditionalGeneration. data: the input pipeline against the
 training step (the loader must never be the bottleneck). eval: batched eval generation against
-one sample at a time (the floor is a 3x speedup). `python bench.py SUBCOMMAND --help` says more.
-Only `model` and `t5` need transformers (a dev dependency); it is imported there alone.
+one sample at a time (the floor is a 3x speedup). train: a training step's tokens/s, MFU and peak
+memory (one GPU, or FSDP over a node). decode: generation tokens/s as a fraction of the weight-
+bandwidth roofline. `python bench.py SUBCOMMAND --help` says more.
+Only `model`, `t5` and `decode` need transformers (a dev dependency); it is imported there alone.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -31,11 +37,12 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 import data
+import parallel
 import shapes
 import train
 from adapters import set_trainable
 from eval import run_eval
-from model import MLLM, MLLMConfig, T5LanguageModel, TextConfig
+from model import MLLM, LanguageModel, MLLMConfig, T5LanguageModel, TextConfig
 from probe import add_command
 from vision import VisionConfig
 
@@ -351,6 +358,188 @@ def bench_eval(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
+# train: tokens/s, MFU and memory of a training step; decode: generation against the roofline
+
+# Dense bf16 tensor-core peaks per GPU (the vendors' datasheets, without sparsity), by name fragment,
+# most specific first: torch.cuda.get_device_name says e.g. "NVIDIA H100 80GB HBM3".
+GPU_PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("GH200", 989e12),
+                  ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12), ("L4", 121e12))
+
+
+def slice_config(args: argparse.Namespace) -> TextConfig:
+    """LLaMA-2-7B's block (width 4096, 32 heads, SwiGLU 11008, vocabulary 32000) with --layers of
+    its 32 layers on a GPU; on the CPU a small model of similar proportions."""
+    if args.gpu:
+        return TextConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                          num_key_value_heads=32, num_hidden_layers=args.layers, max_position_embeddings=4096)
+    return TextConfig(vocab_size=4096, hidden_size=256, intermediate_size=688, num_attention_heads=4,
+                      num_key_value_heads=4, num_hidden_layers=args.layers, max_position_embeddings=4096)
+
+
+def flops_per_token(model: LanguageModel, sequence_length: int) -> float:
+    """Model FLOPs of training one token (PaLM, appendix B; nanoGPT's estimate_mfu): 6 per
+    parameter (forward 2, backward 4; the embedding lookup excluded, the norms' few counted) plus
+    attention's QK^T and AV, 12 x layers x width x sequence (causal masking not subtracted, by
+    convention)."""
+    config = model.config
+    matmul_weights = sum(p.numel() for p in model.parameters()) - model.input_embeddings().weight.numel()
+    return 6 * matmul_weights + 12 * config.num_hidden_layers * config.hidden_size * sequence_length
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(function: Callable[[], None], device: torch.device, repeats: int) -> float:
+    """Seconds per call, after one untimed call."""
+    function()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        function()
+    synchronize(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """The device's peak: the datasheet's for a known GPU, else a measured large matmul (a CPU's
+    practical peak, so its MFU reads as a fraction of what its matmul kernel reaches)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for fragment, flops in GPU_PEAK_FLOPS:
+            if fragment in name:
+                return flops, f"{name}, datasheet bf16 peak {flops / 1e12:.0f} TFLOP/s"
+    size = 4096 if device.type == "cuda" else 1024
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    flops = 2 * size ** 3 / timed(lambda: a @ b, device, repeats=10)
+    return flops, f"{device.type}, peak = a measured {size}^2 {str(dtype).removeprefix('torch.')} matmul, " \
+                   f"{flops / 1e12:.2f} TFLOP/s"
+
+
+def peak_memory(device: torch.device) -> float:
+    """Bytes: the CUDA allocator's peak, or this process's peak resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def bench_train(args: argparse.Namespace) -> None:
+    """Training throughput of a LLaMA-7B-shaped slice, as train.py runs it: tokens/s per device,
+    model FLOP/s and MFU, peak memory against train.py's estimate.
+
+    --gpu: LLaMA-2-7B's block (width 4096, 32 heads, SwiGLU 11008) x --layers, vocabulary 32000,
+    --seq 2048 tokens, bf16 autocast, blocks compiled (parallel.compile_blocks), AdamW; MFU
+    against the GPU's datasheet bf16 peak. Under torchrun with --parallel fsdp, FSDP2 over the
+    processes (parallel.wrap), the numbers per GPU. --cpu: a small model of similar proportions
+    in fp32, MFU against a measured matmul; CI runs it.
+        python bench.py train --gpu --layers 4
+        torchrun --nproc_per_node 8 bench.py train --gpu --layers 8 --parallel fsdp
+    """
+    runtime = parallel.setup_runtime("cuda" if args.gpu else "cpu")
+    torch.manual_seed(0)
+    config = slice_config(args)
+    model = LanguageModel(config)
+    model.gradient_checkpointing = args.gradient_checkpointing
+    estimate = parallel.estimate_memory(model, args.micro_batch, args.seq, runtime.world_size,
+                                        args.gradient_checkpointing)[args.parallel]
+    model_flops = flops_per_token(model, args.seq)
+    parameters = sum(p.numel() for p in model.parameters())
+    if args.parallel == "fsdp" and runtime.world_size > 1:
+        parallel.wrap(model, "fsdp", runtime, find_unused_parameters=False)
+    model.to(runtime.device)
+    if args.gpu and not args.no_compile:
+        parallel.compile_blocks(model)
+    train_model = parallel.wrap(model, "ddp", runtime, False) if args.parallel == "ddp" else model
+    optimizer = train.build_optimizer(model, train.StageConfig(learning_rate=1e-5))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.gpu else nullcontext()
+    generator = torch.Generator().manual_seed(runtime.rank)
+    input_ids = torch.randint(0, config.vocab_size, (args.micro_batch, args.seq), generator=generator)
+    input_ids = input_ids.to(runtime.device)
+
+    def step() -> None:
+        with autocast:
+            loss = train_model(input_ids, labels=input_ids)[1]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):  # compilation, the allocator's first requests
+        step()
+    if runtime.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(runtime.device)
+    tokens_per_second = args.micro_batch * args.seq / timed(step, runtime.device, args.steps)
+    achieved = tokens_per_second * model_flops
+    peak, peak_source = peak_flops(runtime.device, torch.bfloat16 if args.gpu else torch.float32)
+    if runtime.is_main:
+        print_table(
+            f"{peak_source}; torch {torch.__version__}; {parameters / 1e6:.0f}M parameters ({config.num_hidden_layers} "
+            f"layers x {config.hidden_size}), micro-batch {args.micro_batch} x {args.seq} tokens, {args.parallel} over "
+            f"{runtime.world_size} process(es), {'bf16 autocast' if args.gpu else 'fp32'}, gradient checkpointing "
+            f"{args.gradient_checkpointing}; mean of {args.steps} steps after {args.warmup + 1}",
+            ["tokens/s per device", "model TFLOP/s per device", "MFU", "peak memory", "train.py's estimate"],
+            [[f"{tokens_per_second:.0f}", f"{achieved / 1e12:.3f}", f"{achieved / peak:.1%}",
+              parallel.format_bytes(peak_memory(runtime.device)), parallel.format_bytes(estimate["total"])]])
+    if runtime.world_size > 1:
+        torch.distributed.destroy_process_group()
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a large copy within the device's memory (each byte read once, written once)."""
+    size = (1 << 30) if device.type == "cuda" else (1 << 28)
+    source = torch.ones(size, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    return 2 * size / timed(lambda: target.copy_(source), device, repeats=10)
+
+
+def bench_decode(args: argparse.Namespace) -> None:
+    """Greedy generation at batch 1 against the weight-bandwidth roofline: each new token reads
+    every weight once (the input embedding's one row aside), so tokens/s is at most the device's
+    copy bandwidth / the weights' bytes. Ours and transformers' LlamaForCausalLM, same weights,
+    same dtype (--dtype bf16: bf16 weights for inference). --gpu: LLaMA-2-7B's shape with
+    --layers (32 = the whole 7B); --cpu: a small model. Needs transformers (a dev dependency)."""
+    import transformers
+
+    device = torch.device("cuda" if args.gpu else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    config = slice_config(args)
+    torch.manual_seed(0)
+    reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
+        num_hidden_layers=config.num_hidden_layers, max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps, tie_word_embeddings=False))
+    with tempfile.TemporaryDirectory() as directory:
+        reference.save_pretrained(directory)
+        ours = LanguageModel.from_pretrained(directory)
+    reference, ours = reference.to(device, dtype).eval(), ours.to(device, dtype).eval()
+    embedding = ours.input_embeddings().weight
+    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters()) - embedding.numel() * embedding.element_size()
+    bandwidth = copy_bandwidth(device)
+    roofline = bandwidth / weight_bytes
+    prompt = torch.randint(3, config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def generate(model) -> None:
+        if model is reference:
+            model.generate(input_ids=prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                           do_sample=False, pad_token_id=0)
+        else:
+            model.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+
+    rates = {name: args.new_tokens / timed(lambda: generate(model), device, args.repeats)
+             for name, model in (("nanoMLLM", ours), ("transformers", reference))}
+    print_table(
+        f"{torch.cuda.get_device_name(device) if args.gpu else 'CPU'}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}; {config.num_hidden_layers} layers x {config.hidden_size}, {args.dtype} weights "
+        f"({weight_bytes / 2 ** 30:.2f} GiB read per token), copy bandwidth {bandwidth / 1e9:.0f} GB/s, roofline "
+        f"{roofline:.0f} tokens/s; batch 1, 16-token prompt, {args.new_tokens} new tokens (prefill included), "
+        f"mean of {args.repeats}",
+        ["model", "tokens/s", "fraction of the roofline"],
+        [[name, f"{rate:.1f}", f"{rate / roofline:.1%}"] for name, rate in rates.items()])
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line (sys.argv when argv is None; the tests pass a list) and run the subcommand."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -391,6 +580,24 @@ def main(argv: list[str] | None = None) -> None:
                                  "help the batched run, whose matrices are bigger")
     evaluation.add_argument("--device", default="cpu")
     evaluation.add_argument("--floor", type=float, default=3.0, help="least batched / single speedup")
+
+    training = add_command(commands, "train", bench_train)
+    decode = add_command(commands, "decode", bench_decode)
+    for command, layers in ((training, 4), (decode, 32)):
+        where = command.add_mutually_exclusive_group(required=True)
+        where.add_argument("--gpu", action="store_true", help="LLaMA-2-7B's block on CUDA")
+        where.add_argument("--cpu", action="store_true", help="a small model on the CPU (CI)")
+        command.add_argument("--layers", type=int, default=layers)
+    training.add_argument("--seq", type=int, default=2048)
+    training.add_argument("--micro-batch", type=int, default=1)
+    training.add_argument("--steps", type=int, default=10)
+    training.add_argument("--warmup", type=int, default=2)
+    training.add_argument("--parallel", choices=parallel.PARALLEL, default="ddp")
+    training.add_argument("--gradient-checkpointing", action="store_true")
+    training.add_argument("--no-compile", action="store_true", help="eager blocks on the GPU")
+    decode.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    decode.add_argument("--new-tokens", type=int, default=128)
+    decode.add_argument("--repeats", type=int, default=3)
 
     args = parser.parse_args(argv)
     args.run(args)

@@ -12,7 +12,7 @@ import bench
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("command", [[], ["model"], ["t5"], ["data"], ["eval"]])
+@pytest.mark.parametrize("command", [[], ["model"], ["t5"], ["data"], ["eval"], ["train"], ["decode"]])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main([*command, "--help"])
@@ -43,3 +43,28 @@ def test_loads_without_transformers():
     blocked = "import sys; sys.modules['transformers'] = None; import bench; bench.main(['data', '--help'])"
     result = subprocess.run([sys.executable, "-c", blocked], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_train_reports_throughput_mfu_and_memory(capsys):
+    bench.main(["train", "--cpu", "--layers", "1", "--seq", "32", "--steps", "1", "--warmup", "0"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-3].startswith("| tokens/s per device | model TFLOP/s per device | MFU |")
+    tokens_per_second, flops, mfu, measured, estimated = (cell.strip() for cell in lines[-1].strip("|").split("|"))
+    assert float(tokens_per_second) > 0 and float(flops) > 0 and 0 < float(mfu.rstrip("%")) < 100
+    assert measured.endswith("iB") and estimated.endswith("iB")
+
+
+def test_flops_per_token_is_six_per_matmul_weight_plus_attention():
+    config = bench.TextConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                              num_key_value_heads=2, num_hidden_layers=3)
+    model = bench.LanguageModel(config)
+    per_layer = 4 * 16 * 16 + 3 * 16 * 32 + 2 * 16  # q k v o, gate up down, two norms
+    weights = 3 * per_layer + 16 + 100 * 16  # + the final norm and the head (the embedding is a lookup)
+    assert bench.flops_per_token(model, 50) == 6 * weights + 12 * 3 * 16 * 50
+
+
+def test_decode_reports_the_fraction_of_the_roofline(capsys):
+    bench.main(["decode", "--cpu", "--layers", "1", "--new-tokens", "4", "--repeats", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2].startswith("| nanoMLLM | ") and lines[-1].startswith("| transformers | ")
+    assert all(line.rstrip(" |").endswith("%") for line in lines[-2:])
