@@ -240,12 +240,12 @@ def restore_rng_states(states: dict) -> None:
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer, progress: dict, runtime: Runtime,
-                    tokenizer_path: str, qformer_tokenizer_path: str = "") -> None:
+                    tokenizer_path: str, qformer_tokenizer_path: str = "", sharded: bool = False) -> None:
     """Weights via save_pretrained (the layout every tool reads) plus the training state: the step,
     data position and every process's RNG states in train_state.pt, with the optimizer and the
     trainable tensors as they are in memory (LoRA factors unmerged: save_pretrained merges them,
-    so exact resume needs them separately) in train_state.pt too, or, for a sharded model, in
-    the DCP directory `sharded/`. The tokenizers go along (the Q-Former's as
+    so exact resume needs them separately) in train_state.pt too, or with `sharded` (an FSDP
+    stage, on any number of processes) in the DCP directory `sharded/`. The tokenizers go along (the Q-Former's as
     qformer_tokenizer.json), so eval.py needs only the directory. Every process calls this."""
     progress = {**progress, "rng": gather_from_processes(rng_states(), runtime)}
     temporary = path.with_name(path.name + ".tmp")
@@ -256,7 +256,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer, progress: dic
     with gathered_state_dict(model):
         if runtime.is_main:
             model.save_pretrained(str(temporary))
-    if is_sharded(model):
+    if sharded:
         save_sharded_state(temporary / SHARDED_STATE, model, optimizer)
     else:
         progress.update(optimizer=optimizer.state_dict(),

@@ -776,8 +776,9 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: parallel.Runti
                     "tokens_per_second": tokens * runtime.world_size / max(1e-9, time.time() - step_started)})
             stop = step >= total_steps or steps_this_run == config.stop_after_steps
             if step % config.save_every == 0 or stop:
-                parallel.save_checkpoint(checkpoint_dir, model, optimizer, {"step": step, "epoch": epoch,
-                                "batches_done": batches_done}, runtime, config.tokenizer, config.qformer_tokenizer)
+                parallel.save_checkpoint(checkpoint_dir, model, optimizer,
+                                         {"step": step, "epoch": epoch, "batches_done": batches_done}, runtime,
+                                         config.tokenizer, config.qformer_tokenizer, sharded=stage.parallel == "fsdp")
             if stop:
                 break
         if not stop:  # the epoch ran out

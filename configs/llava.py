@@ -26,5 +26,6 @@ stages = [
     dict(name="finetune", init="previous",
          data="data/LLaVA-Instruct-150K/llava_instruct_158k.json", image_folder="data/coco/train2017",
          trainable=[r"^multi_modal_projector\.", r"^language_model\."],
-         learning_rate=2e-5, global_batch_size=32, micro_batch_size=4, epochs=3),
+         learning_rate=2e-5, global_batch_size=32, micro_batch_size=4, epochs=3,
+         parallel="fsdp"),  # LLaVA's finetune script: --fsdp "full_shard auto_wrap"
 ]

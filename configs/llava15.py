@@ -7,9 +7,10 @@ Paths point at local copies of the public checkpoints and data (nothing is downl
                                            with "<image>" and "<pad>" added as special tokens)
   data/LLaVA-Pretrain                      blip_laion_cc_sbu_558k.json + images/
   data/llava_v1_5_mix665k.json + data/     the 665K mixture and its image folders (coco, gqa, ocr_vqa, textvqa, vg)
-Memory: train.py uses plain DistributedDataParallel, which keeps fp32 weights, gradients and AdamW
-moments on every GPU (~112 GB for a 7B stage 2); LLaVA used DeepSpeed ZeRO-3. On 80 GB cards use
-the LoRA variant, or add sharding (FSDP); the smaller stage 1 fits as is.
+Memory (python train.py configs/llava15.py --estimate_memory): under plain DDP a 7B stage 2 keeps
+fp32 weights, gradients and AdamW moments on every GPU (~112 GB), so stage 2 shards them with FSDP2
+(parallel="fsdp"), PyTorch's counterpart of the DeepSpeed ZeRO-3 LLaVA-1.5 used; stage 1 trains
+the projector alone and fits under DDP.
 """
 out_dir = "out/llava15"
 tokenizer = "checkpoints/vicuna-7b-v1.5"
@@ -37,5 +38,6 @@ stages = [
          data="data/llava_v1_5_mix665k.json", image_folder="data",
          template="vicuna_v1",  # --version v1
          trainable=[r"^multi_modal_projector\.", r"^language_model\."],  # vision tower frozen
-         learning_rate=2e-5, global_batch_size=128, epochs=1),
+         learning_rate=2e-5, global_batch_size=128, epochs=1,
+         parallel="fsdp"),  # zero3.json
 ]

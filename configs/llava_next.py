@@ -10,7 +10,7 @@ of the rate (LLaVA-NeXT's released recipe: 2e-5 and 2e-6, global batch 128, one 
 tokens; a 2x2 image alone is 2,928 tokens).
 Paths as configs/llava15.py, plus the LLaVA-NeXT instruction mixture (760K samples in the
 dissertation's Table of LLaVA-NeXT results) at data/llava_next_mix760k.json.
-Memory: the 7B stage 2 with a trainable tower needs sharding (FSDP) on 80 GB cards; see configs/llava15.py.
+Memory: the 7B stage 2 with a trainable tower is sharded (parallel="fsdp"); see configs/llava15.py.
 """
 out_dir = "out/llava_next"
 tokenizer = "checkpoints/vicuna-7b-v1.5"
@@ -39,5 +39,5 @@ stages = [
          template="vicuna_v1", image_aspect_ratio="anyres", max_seq_len=4096,
          trainable=[r"^multi_modal_projector\.", r"^image_newline$", r"^language_model\.", r"^vision_tower\."],
          learning_rate=2e-5, param_groups=[dict(pattern=r"^vision_tower\.", learning_rate=2e-6)],
-         global_batch_size=128, epochs=1),
+         global_batch_size=128, epochs=1, parallel="fsdp"),
 ]

@@ -41,7 +41,8 @@ stages = [
          trainable=_bridge, learning_rate=1e-4, global_batch_size=1536, micro_batch_size=16, max_steps=100_000),
     dict(name="resolution", data="data/lynx_resolution.json", image_size=420, **_lynx,
          trainable=[*_bridge, r"^vision_tower\."], learning_rate=1e-5,
-         global_batch_size=448, micro_batch_size=14, max_steps=10_000),
+         global_batch_size=448, micro_batch_size=14, max_steps=10_000,
+         parallel="fsdp"),  # the 1B tower trains beside the frozen 7B LLM: shard both
     dict(name="instruct", data="data/lynx_instruct.json", **_lynx, trainable=_bridge, learning_rate=2e-5,
          global_batch_size=480, micro_batch_size=15, max_steps=20_000),
 ]
