@@ -232,8 +232,7 @@ TASKS = {
     "vqa": ("vqa", "vqa", "val"),
     "captions": ("caption", "captions", "test"),
     "pope": ("pope", "pope", "all"),
-    "mc": ("choice", "mc", "test"),
-    "mc-rank": ("rank", "mc", "test"),
+    "mc": ("choice", "mc", "test"), "mc-rank": ("rank", "mc", "test"),
 }
 COCO_IMAGE_TEMPLATE = "COCO_{split}2014_{image_id:012d}.jpg"
 

@@ -738,7 +738,7 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: parallel.Runti
             if stage.pack:
                 chunks = [data.pack_rows(chunk, stage.max_seq_len, image_token_index) for chunk in chunks]
             step_started, loss_sum, tokens, loss_parts = time.time(), 0.0, 0, {}
-            if not chunks:  # every sample of this step was skipped: a zero gradient keeps DDP in step
+            if not chunks:  # every sample of this step was skipped: a zero gradient keeps the processes in step
                 sum(p.sum() for p in trainable_parameters).mul(0.0).backward()
             for index, chunk in enumerate(chunks):
                 # Gradients are all-reduced once per step, on the last micro-batch.
@@ -750,7 +750,7 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: parallel.Runti
                         (loss / len(chunks)).backward()  # a short last batch has fewer micro-batches
                     else:  # text-only samples before a frozen LLM (BLIP-2): nothing here can learn from them
                         untrainable_batches += 1
-                        if runtime.world_size > 1:  # DDP's gradient hooks still expect this step: zeros
+                        if runtime.world_size > 1:  # the other processes' gradient reductions expect one: zeros
                             sum(p.sum() for p in trainable_parameters).mul(0.0).backward()
                 loss_sum += loss.item()
                 if isinstance(output, dict):  # the named losses of a multi-objective stage (BLIP-2 stage 1)
