@@ -425,9 +425,20 @@ def peak_memory(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def attention_kernels(model: torch.nn.Module, input_ids: torch.Tensor, autocast) -> str:
+    """Which kernels SDPA dispatched to in a forward (the profiler's op names): flash, memory-
+    efficient, cuDNN, or the math fallback that materializes the attention matrix."""
+    with torch.profiler.profile() as profiler, torch.no_grad(), autocast:
+        model(input_ids)
+    names = {event.name.removeprefix("aten::_scaled_dot_product_") for event in profiler.events()
+             if event.name.startswith("aten::_scaled_dot_product_")}
+    return ", ".join(sorted(names)) or "math (no fused kernel)"
+
+
 def bench_train(args: argparse.Namespace) -> None:
     """Training throughput of a LLaMA-7B-shaped slice, as train.py runs it: tokens/s per device,
-    model FLOP/s and MFU, peak memory against train.py's estimate.
+    model FLOP/s and MFU, peak memory against train.py's estimate (on the CPU the peak is the
+    process's resident set, the framework included), and the SDPA kernel that ran.
 
     --gpu: LLaMA-2-7B's block (width 4096, 32 heads, SwiGLU 11008) x --layers, vocabulary 32000,
     --seq 2048 tokens, bf16 autocast, blocks compiled (parallel.compile_blocks), AdamW; MFU
@@ -473,15 +484,17 @@ def bench_train(args: argparse.Namespace) -> None:
     tokens_per_second = args.micro_batch * args.seq / timed(step, runtime.device, args.steps)
     achieved = tokens_per_second * model_flops
     peak, peak_source = peak_flops(runtime.device, torch.bfloat16 if args.gpu else torch.float32)
+    kernels = attention_kernels(train_model, input_ids, autocast)
     if runtime.is_main:
         print_table(
             f"{peak_source}; torch {torch.__version__}; {parameters / 1e6:.0f}M parameters ({config.num_hidden_layers} "
             f"layers x {config.hidden_size}), micro-batch {args.micro_batch} x {args.seq} tokens, {args.parallel} over "
             f"{runtime.world_size} process(es), {'bf16 autocast' if args.gpu else 'fp32'}, gradient checkpointing "
             f"{args.gradient_checkpointing}; mean of {args.steps} steps after {args.warmup + 1}",
-            ["tokens/s per device", "model TFLOP/s per device", "MFU", "peak memory", "train.py's estimate"],
+            ["tokens/s per device", "model TFLOP/s per device", "MFU", "peak memory", "train.py's estimate",
+             "SDPA kernel"],
             [[f"{tokens_per_second:.0f}", f"{achieved / 1e12:.3f}", f"{achieved / peak:.1%}",
-              parallel.format_bytes(peak_memory(runtime.device)), parallel.format_bytes(estimate["total"])]])
+              parallel.format_bytes(peak_memory(runtime.device)), parallel.format_bytes(estimate["total"]), kernels]])
     if runtime.world_size > 1:
         torch.distributed.destroy_process_group()
 

@@ -49,9 +49,10 @@ def test_train_reports_throughput_mfu_and_memory(capsys):
     bench.main(["train", "--cpu", "--layers", "1", "--seq", "32", "--steps", "1", "--warmup", "0"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[-3].startswith("| tokens/s per device | model TFLOP/s per device | MFU |")
-    tokens_per_second, flops, mfu, measured, estimated = (cell.strip() for cell in lines[-1].strip("|").split("|"))
+    tokens_per_second, flops, mfu, measured, estimated, kernel = (cell.strip() for cell in lines[-1].strip("|").split("|"))
     assert float(tokens_per_second) > 0 and float(flops) > 0 and 0 < float(mfu.rstrip("%")) < 100
     assert measured.endswith("iB") and estimated.endswith("iB")
+    assert "flash_attention" in kernel  # the causal training path needs no mask: SDPA's fused kernel
 
 
 def test_flops_per_token_is_six_per_matmul_weight_plus_attention():

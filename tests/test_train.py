@@ -209,6 +209,25 @@ def test_fsdp_matches_one_process_and_resumes_on_another_number(world, tiny_chec
         assert torch.allclose(reference(input_ids=input_ids).logits, sharded.eval()(input_ids), atol=1e-5)
 
 
+def test_lora_under_fsdp_matches_one_process(world, tiny_checkpoint, tmp_path):
+    """LoRA's factors are sharded and trained like any parameter, and the gathered save merges them."""
+    runs = {}
+    for processes in (1, 2):
+        out_dir = tmp_path / f"lora{processes}"
+        config = write_config(tmp_path / f"l{processes}.py", world, tiny_checkpoint, out_dir, max_steps=3,
+                              parallel="fsdp", lora=dict(targets=[r"language_model.*_proj$"], rank=4, alpha=8),
+                              trainable=[r"lora_", r"^multi_modal_projector\."], gradient_checkpointing=True)
+        result = torchrun(processes, config)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[processes] = (losses(out_dir), MLLM.from_pretrained(str(out_dir / "finetune")).state_dict())
+    assert runs[2][0] == pytest.approx(runs[1][0], rel=1e-5, abs=1e-6)
+    start = MLLM.from_pretrained(str(tiny_checkpoint)).state_dict()
+    key = "language_model.model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(runs[2][1][key], start[key])  # merged: the saved weight moved
+    for name, value in runs[2][1].items():
+        assert torch.allclose(value, runs[1][1][name], atol=1e-5), name
+
+
 def test_packed_stage_trains_as_the_unpacked_one(world, tiny_checkpoint, tmp_path):
     """Packing changes the rows, not what is learned: each micro-batch's loss is the mean over the
     same supervised tokens, so the whole run's losses agree."""
