@@ -228,6 +228,17 @@ def test_lora_under_fsdp_matches_one_process(world, tiny_checkpoint, tmp_path):
         assert torch.allclose(value, runs[1][1][name], atol=1e-5), name
 
 
+def test_compiled_blocks_train_as_eager_ones(world, tiny_checkpoint, tmp_path):
+    """compile="on" (the default on CUDA): each block compiled by inductor, the same losses."""
+    runs = {}
+    for compile_setting in ("off", "on"):
+        out_dir = tmp_path / compile_setting
+        train.main([str(write_config(tmp_path / f"{compile_setting}.py", world, tiny_checkpoint, out_dir, max_steps=2,
+                                     global_batch_size=4)), f"--compile={compile_setting}"])
+        runs[compile_setting] = losses(out_dir)
+    assert runs["on"] == pytest.approx(runs["off"], rel=1e-4)
+
+
 def test_packed_stage_trains_as_the_unpacked_one(world, tiny_checkpoint, tmp_path):
     """Packing changes the rows, not what is learned: each micro-batch's loss is the mean over the
     same supervised tokens, so the whole run's losses agree."""
