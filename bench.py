@@ -9,6 +9,7 @@
     python bench.py train --gpu [--layers 4] | --cpu       # tokens/s, MFU, memory of a 7B-shaped slice
     torchrun --nproc_per_node 8 bench.py train --gpu --parallel fsdp
     python bench.py decode --gpu [--dtype bf16] | --cpu    # generation against the bandwidth roofline
+    python bench.py memory [--processes 8]                 # LLaVA-1.5 7B / 13B stage 2 per GPU, DDP vs FSDP
 
 model: a training step and greedy generation of our MLLM against transformers'
 LlavaForConditionalGeneration, same weights, same inputs. t5: greedy generation of our T5
@@ -40,7 +41,7 @@ import data
 import parallel
 import shapes
 import train
-from adapters import set_trainable
+from adapters import LLAVA15_LORA_TARGETS, apply_lora, set_trainable
 from eval import run_eval
 from model import MLLM, LanguageModel, MLLMConfig, T5LanguageModel, TextConfig
 from probe import add_command
@@ -499,6 +500,34 @@ def bench_train(args: argparse.Namespace) -> None:
         torch.distributed.destroy_process_group()
 
 
+def bench_memory(args: argparse.Namespace) -> None:
+    """Bytes per GPU of LLaVA-1.5's stage 2 (configs/llava15.py and llava15_lora.py: micro-batch
+    16 x 2048 tokens, gradient checkpointing, the tower frozen) at 7B and 13B, under DDP and FSDP
+    over --processes GPUs: parallel.estimate_memory on models built from the published dims on
+    the meta device, so no weights are needed. `train.py CONFIG --estimate_memory` does the same
+    for any config whose checkpoints are at hand."""
+    sizes = {"7B": TextConfig(vocab_size=32064),
+             "13B": TextConfig(vocab_size=32064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                               num_attention_heads=40)}
+    rows = []
+    for size, text in sizes.items():
+        for recipe in ("full", "LoRA"):
+            with torch.device("meta"):
+                model = MLLM(MLLMConfig(text_config=text))
+                if recipe == "LoRA":
+                    apply_lora(model, LLAVA15_LORA_TARGETS, rank=128, alpha=256)
+            set_trainable(model, [r"^multi_modal_projector\.", r"^language_model\." if recipe == "full" else r"lora_"])
+            estimates = parallel.estimate_memory(model, 16, 2048, args.processes, gradient_checkpointing=True,
+                                                 tokens_per_image=model.config.vision_config.num_patches + 1)
+            for mode, estimate in estimates.items():
+                rows.append([f"LLaVA-1.5-{size}, {recipe}", mode, *(parallel.format_bytes(estimate[key]) for key in
+                             ("weights", "gradients", "optimizer", "activations", "total")),
+                             "yes" if estimate["total"] < 0.85 * args.gpu_memory * 2 ** 30 else "no"])
+    print_table(f"stage 2 per GPU, {args.processes} processes, micro-batch 16 x 2048 tokens, gradient checkpointing; "
+                f"fits = under 85% of {args.gpu_memory} GiB",
+                ["model, stage 2", "parallel", "weights", "gradients", "optimizer", "activations", "total", "fits"], rows)
+
+
 def copy_bandwidth(device: torch.device) -> float:
     """Bytes/s of a large copy within the device's memory (each byte read once, written once)."""
     size = (1 << 30) if device.type == "cuda" else (1 << 28)
@@ -601,6 +630,9 @@ def main(argv: list[str] | None = None) -> None:
         where.add_argument("--gpu", action="store_true", help="LLaMA-2-7B's block on CUDA")
         where.add_argument("--cpu", action="store_true", help="a small model on the CPU (CI)")
         command.add_argument("--layers", type=int, default=layers)
+    memory = add_command(commands, "memory", bench_memory)
+    memory.add_argument("--processes", type=int, default=8)
+    memory.add_argument("--gpu-memory", type=int, default=80, help="GiB per GPU")
     training.add_argument("--seq", type=int, default=2048)
     training.add_argument("--micro-batch", type=int, default=1)
     training.add_argument("--steps", type=int, default=10)

@@ -7,10 +7,10 @@ Paths point at local copies of the public checkpoints and data (nothing is downl
                                            with "<image>" and "<pad>" added as special tokens)
   data/LLaVA-Pretrain                      blip_laion_cc_sbu_558k.json + images/
   data/llava_v1_5_mix665k.json + data/     the 665K mixture and its image folders (coco, gqa, ocr_vqa, textvqa, vg)
-Memory (python train.py configs/llava15.py --estimate_memory): under plain DDP a 7B stage 2 keeps
-fp32 weights, gradients and AdamW moments on every GPU (~112 GB), so stage 2 shards them with FSDP2
-(parallel="fsdp"), PyTorch's counterpart of the DeepSpeed ZeRO-3 LLaVA-1.5 used; stage 1 trains
-the projector alone and fits under DDP.
+Memory (python bench.py memory; train.py CONFIG --estimate_memory): under plain DDP a 7B stage 2
+keeps fp32 weights, gradients and AdamW moments on every GPU, ~123 GiB with the activations, so
+stage 2 shards them with FSDP2 (parallel="fsdp", ~35 GiB over 8 GPUs), PyTorch's counterpart of the
+DeepSpeed ZeRO-3 LLaVA-1.5 used; stage 1 trains the projector alone and fits under DDP.
 """
 out_dir = "out/llava15"
 tokenizer = "checkpoints/vicuna-7b-v1.5"

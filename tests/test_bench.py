@@ -12,7 +12,7 @@ import bench
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("command", [[], ["model"], ["t5"], ["data"], ["eval"], ["train"], ["decode"]])
+@pytest.mark.parametrize("command", [[], ["model"], ["t5"], ["data"], ["eval"], ["train"], ["decode"], ["memory"]])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main([*command, "--help"])
@@ -69,3 +69,11 @@ def test_decode_reports_the_fraction_of_the_roofline(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[-2].startswith("| nanoMLLM | ") and lines[-1].startswith("| transformers | ")
     assert all(line.rstrip(" |").endswith("%") for line in lines[-2:])
+
+
+def test_memory_says_a_7b_stage_2_needs_sharding_on_80_gb(capsys):
+    bench.main(["memory"])
+    rows = {tuple(cell.strip() for cell in line.strip("|").split("|")[:2]): line.rstrip(" |").rsplit("|", 1)[-1].strip()
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| LLaVA")}
+    assert rows[("LLaVA-1.5-7B, full", "ddp")] == "no" and rows[("LLaVA-1.5-7B, full", "fsdp")] == "yes"
+    assert rows[("LLaVA-1.5-13B, full", "fsdp")] == "yes"
