@@ -548,15 +548,14 @@ def bench_decode(args: argparse.Namespace) -> None:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     config = slice_config(args)
     torch.manual_seed(0)
-    reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
-        num_hidden_layers=config.num_hidden_layers, max_position_embeddings=config.max_position_embeddings,
-        rms_norm_eps=config.rms_norm_eps, tie_word_embeddings=False))
-    with tempfile.TemporaryDirectory() as directory:
-        reference.save_pretrained(directory)
-        ours = LanguageModel.from_pretrained(directory)
-    reference, ours = reference.to(device, dtype).eval(), ours.to(device, dtype).eval()
+    with torch.device(device):  # built where they run: a 7B model never passes through the CPU or the disk
+        reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+            num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
+            num_hidden_layers=config.num_hidden_layers, max_position_embeddings=config.max_position_embeddings,
+            rms_norm_eps=config.rms_norm_eps, tie_word_embeddings=False)).to(dtype).eval()
+        ours = LanguageModel(config).to(dtype).eval()
+    ours.load_state_dict(reference.state_dict())  # LLaMA's names are transformers' (checkpoints.LLAMA_LAYOUT)
     embedding = ours.input_embeddings().weight
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters()) - embedding.numel() * embedding.element_size()
     bandwidth = copy_bandwidth(device)
