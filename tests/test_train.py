@@ -38,7 +38,9 @@ def write_config(path: Path, world: Path, checkpoint: Path, out_dir: Path, **sta
                       image_folder=str(world / "images"), template="vicuna_v1", max_seq_len=256,
                       learning_rate=1e-3, warmup_steps=2, global_batch_size=8, micro_batch_size=4,
                       max_steps=6), **stage)
-    path.write_text(f"out_dir = {str(out_dir)!r}\ntokenizer = {str(world / 'tokenizer.json')!r}\n"
+    # The CPU, also on a GPU machine: bit-exact resume and 1 process = 2 are CPU properties (CUDA's
+    # atomic-add kernels, as in the embedding's backward, are not bitwise reproducible).
+    path.write_text(f"out_dir = {str(out_dir)!r}\ntokenizer = {str(world / 'tokenizer.json')!r}\ndevice = 'cpu'\n"
                     f"num_workers = 0\nsave_every = 3\nstages = [{stage!r}]\n")
     return path
 
