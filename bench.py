@@ -458,11 +458,11 @@ def bench_train(args: argparse.Namespace) -> None:
                                         args.gradient_checkpointing)[args.parallel]
     model_flops = flops_per_token(model, args.seq)
     parameters = sum(p.numel() for p in model.parameters())
+    if args.gpu and not args.no_compile:
+        parallel.compile_blocks(model)
     if args.parallel == "fsdp" and runtime.world_size > 1:
         parallel.wrap(model, "fsdp", runtime, find_unused_parameters=False)
     model.to(runtime.device)
-    if args.gpu and not args.no_compile:
-        parallel.compile_blocks(model)
     train_model = parallel.wrap(model, "ddp", runtime, False) if args.parallel == "ddp" else model
     optimizer = train.build_optimizer(model, train.StageConfig(learning_rate=1e-5))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.gpu else nullcontext()

@@ -656,6 +656,8 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: parallel.Runti
 
     model = build_model(stage, config, previous, stage_names, tokenizer)
     trainable = prepare_model(model, stage, config, tokenizer)
+    if config.compile == "on" or (config.compile == "auto" and runtime.device.type == "cuda"):
+        parallel.compile_blocks(model)  # then shard the compiled blocks: torchtitan's order
     if stage.parallel == "fsdp" and runtime.world_size > 1:  # the parameters and the optimizer see shards
         parallel.wrap(model, "fsdp", runtime, find_unused_parameters=False)
     model.to(runtime.device)
@@ -710,8 +712,6 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: parallel.Runti
               f"({accumulation} x {stage.micro_batch_size} x {runtime.world_size} processes)"
               + (f", resumed at step {step}" if resume_from is not None else ""))
 
-    if config.compile == "on" or (config.compile == "auto" and runtime.device.type == "cuda"):
-        parallel.compile_blocks(model)
     unused = has_unused_parameters(stage, model, dataset)
     train_model = parallel.wrap(model, "ddp", runtime, unused) if stage.parallel == "ddp" else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if runtime.device.type == "cuda" else nullcontext()
@@ -872,8 +872,8 @@ def estimate_memory(config: TrainConfig, stages: list[StageConfig], processes: i
             if not (stage.init == "previous" and model is not None):
                 model = build_model(stage, config, None, stage_names, tokenizer)
             prepare_model(model, stage, config, tokenizer)
-        vision = getattr(getattr(model, "config", None), "vision_config", None)
-        tokens_per_image = (vision.image_size // vision.patch_size) ** 2 + 1 if vision is not None else 0
+        vision = getattr(model.config, "vision_config", None)
+        tokens_per_image = vision.num_patches + 1 if vision is not None else 0
         per_gpu = stage.micro_batch_size if stage.objective != "clip" else stage.global_batch_size
         estimates = parallel.estimate_memory(model, per_gpu, stage.max_seq_len, processes,
                                              stage.gradient_checkpointing, tokens_per_image)
