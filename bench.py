@@ -363,8 +363,8 @@ def bench_eval(args: argparse.Namespace) -> None:
 
 # Dense bf16 tensor-core peaks per GPU (the vendors' datasheets, without sparsity), by name fragment,
 # most specific first: torch.cuda.get_device_name says e.g. "NVIDIA H100 80GB HBM3".
-GPU_PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("GH200", 989e12),
-                  ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12), ("L4", 121e12))
+GPU_PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12),
+                  ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12))
 
 
 def slice_config(args: argparse.Namespace) -> TextConfig:

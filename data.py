@@ -778,8 +778,8 @@ def pack_rows(batch: dict[str, Any], max_length: int, image_token_index: int | N
                 packed["labels"][index, span] = batch["labels"][row, :lengths[row]]
                 packed["labels"][index, start] = IGNORE_INDEX
             start += lengths[row]
-    has_image = ((batch["input_ids"] == image_token_index).any(1) if image_token_index is not None  # not the lm objective
-                 else torch.zeros(len(lengths), dtype=torch.bool))
+    has_image = ((batch["input_ids"] == image_token_index).any(1) if image_token_index is not None
+                 else torch.zeros(len(lengths), dtype=torch.bool))  # a text stage (the lm objective)
     image_of_row = has_image.long().cumsum(0) - 1
     images = torch.tensor([int(image_of_row[row]) for rows in bins for row in rows if has_image[row]], dtype=torch.long)
     for key in IMAGE_ROW_KEYS:

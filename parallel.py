@@ -143,13 +143,13 @@ def gradient_sync(train_model: torch.nn.Module, enabled: bool):
     if isinstance(train_model, torch.nn.parallel.DistributedDataParallel):
         return train_model.no_sync()
     if is_sharded(train_model):
-        return requires_gradient_sync(train_model, False)
+        return without_gradient_sync(train_model)
     return nullcontext()
 
 
 @contextmanager
-def requires_gradient_sync(model: FSDPModule, enabled: bool):
-    model.set_requires_gradient_sync(enabled)
+def without_gradient_sync(model: FSDPModule):
+    model.set_requires_gradient_sync(False)
     try:
         yield
     finally:
