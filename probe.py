@@ -20,7 +20,8 @@ documents for train.py's lm stage, `score` measures the yes / no accuracy of its
 text-loss: how much language ability an MLLM's LLM kept (Lynx's question: adapters vs finetuning
 the whole LLM), as its loss on held-out text documents of the world. vqa-compare: two runs' VQA
 accuracy question by question, per slice of the questions, with the paired standard error.
-`python probe.py SUBCOMMAND --help` says more.
+`python probe.py SUBCOMMAND --help` says more. train.py draws its logs with the curves at the end
+(`plot_curves`): the training loss per modality, and the held-out metrics of the last stage.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 from tokenizers import Tokenizer
 
 import data
@@ -395,6 +397,62 @@ def probe_vqa_compare(args: argparse.Namespace) -> None:
         paired = paired_accuracy(first, second, pattern)
         print(f"| {name} | {paired['questions']} | {paired['first']:.3f} | {paired['second']:.3f} | "
               f"{paired['difference']:+.3f} | {paired['standard_error']:.3f} |")
+
+
+# ----------------------------------------------------------------------------------------------
+# Curves (train.py draws its logs with these)
+
+CURVE_COLORS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207))
+
+
+def plot_curves(series: dict[str, tuple[list[int], list[float]]], path: Path, title: str, smoothing: float = 0.0) -> None:
+    """A small PNG of named curves over steps, drawn with pillow (no plotting dependency). With
+    `smoothing`, each curve is drawn faint as measured and solid as its exponential moving average
+    (the weight of the past, as TensorBoard's slider)."""
+    width, height, margin = 720, 400, 56
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([margin, margin // 2, width - margin // 2, height - margin], outline="black")
+    drawn = {name: (steps, values) for name, (steps, values) in series.items() if len(values) >= 2}
+    if drawn:
+        first, last = min(s[0] for s, _ in drawn.values()), max(s[-1] for s, _ in drawn.values())
+        low, high = min(min(v) for _, v in drawn.values()), max(max(v) for _, v in drawn.values())
+        span_x, span_y = max(1, last - first), max(1e-12, high - low)
+
+        def point(step: int, value: float) -> tuple[float, float]:
+            return (margin + (step - first) / span_x * (width - 1.5 * margin),
+                    height - margin - (value - low) / span_y * (height - 1.5 * margin))
+
+        for index, (name, (steps, values)) in enumerate(drawn.items()):
+            color = CURVE_COLORS[index % len(CURVE_COLORS)]
+            if smoothing:
+                faint = tuple(255 - (255 - c) // 4 for c in color)
+                draw.line([point(s, v) for s, v in zip(steps, values)], fill=faint, width=1)
+                average, smoothed = values[0], []
+                for value in values:
+                    average = smoothing * average + (1 - smoothing) * value
+                    smoothed.append(average)
+                values = smoothed
+            draw.line([point(s, v) for s, v in zip(steps, values)], fill=color, width=2)
+            draw.text((width - 200, margin // 2 + 6 + 14 * index), name, fill=color)
+        draw.text((4, margin // 2), f"{high:.3f}", fill="black")
+        draw.text((4, height - margin - 10), f"{low:.3f}", fill="black")
+        draw.text((margin, height - margin + 6), f"step {first}", fill="black")
+        draw.text((width - 3 * margin, height - margin + 6), f"step {last}", fill="black")
+    draw.text((margin, 4), title, fill="black")
+    image.save(path)
+
+
+def plot_training_loss(records: list[dict], path: Path, stage_name: str) -> None:
+    """The loss per step, per modality when the stage has text-only steps (each step holds one
+    modality: data.ModalityLengthGroupedSampler), smoothed, so that rare text-only steps neither
+    hide in nor spike the image curve."""
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for record in records:
+        steps, values = series.setdefault(record.get("modality", "loss"), ([], []))
+        steps.append(record["step"])
+        values.append(record["loss"])
+    plot_curves(series, path, f"{stage_name}: training loss (faint: each step; solid: smoothed)", smoothing=0.9)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,13 +36,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
 import conversation
 import data
 import parallel
+import probe
 import refiner
 from adapters import TASK_LEVELS, apply_lora, set_trainable
 from connectors import VISUAL_INPUTS, QFormerConfig
@@ -145,6 +145,10 @@ class TrainConfig:
     oracle_refiner: dict = field(default_factory=dict)
     eval_tasks: list = field(default_factory=list)  # eval.run_eval after the last stage
     eval_blind: bool = False  # also evaluate with every image replaced by zeros
+    # The last stage's held-out curve: every `curve_every` steps, each eval task on its first
+    # `curve_samples` samples (logs/<stage>_held_out.jsonl and .png); 0 = none.
+    curve_every: int = 0
+    curve_samples: int = 32
     device: str = "auto"  # "auto": cuda if available, else cpu
     # torch.compile each transformer block (parallel.compile_blocks): "auto" = on CUDA only
     compile: str = "auto"
@@ -561,26 +565,6 @@ def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, min_rat
 # ----------------------------------------------------------------------------------------------
 # 4. Logs
 
-def plot_loss_curve(steps: list[int], losses: list[float], path: Path, title: str) -> None:
-    """A small PNG of the training loss, drawn with pillow (no plotting dependency)."""
-    width, height, margin = 640, 360, 48
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    draw.rectangle([margin, margin // 2, width - margin // 2, height - margin], outline="black")
-    if len(losses) >= 2:
-        low, high = min(losses), max(losses)
-        span_x, span_y = max(1, steps[-1] - steps[0]), max(1e-12, high - low)
-        points = [(margin + (s - steps[0]) / span_x * (width - 1.5 * margin),
-                   height - margin - (l - low) / span_y * (height - 1.5 * margin)) for s, l in zip(steps, losses)]
-        draw.line(points, fill=(31, 119, 180), width=2)
-        draw.text((4, margin // 2), f"{high:.3f}", fill="black")
-        draw.text((4, height - margin - 10), f"{low:.3f}", fill="black")
-        draw.text((margin, height - margin + 6), f"step {steps[0]}", fill="black")
-        draw.text((width - 3 * margin, height - margin + 6), f"step {steps[-1]}", fill="black")
-    draw.text((margin, 4), title, fill="black")
-    image.save(path)
-
-
 def log_step(log_path: Path, progress: tqdm, stage_name: str, log_every: int, total_steps: int,
              record: dict) -> None:
     """One jsonl line per step (tests and plots read it), the tqdm bar, and a plain line every
@@ -722,10 +706,28 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: parallel.Runti
         raise ValueError(f"stage {stage.name!r}: pack is for decoder-only LLMs (a T5's encoder reads its inputs whole)")
     trainable_parameters = [p for p in model.parameters() if p.requires_grad]
 
-    train_model.train()
-    for module in model.modules():  # frozen parts (the vision tower) behave as at inference
-        if not any(p.requires_grad for p in module.parameters()):
-            module.eval()
+    def training_mode() -> None:
+        train_model.train()
+        for module in model.modules():  # frozen parts (the vision tower) behave as at inference
+            if not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+
+    curve_path = out_dir / "logs" / f"{stage.name}_held_out.jsonl"
+    curve = bool(config.curve_every and config.eval_tasks and stage.name == stage_names[-1]
+                 and stage.objective == "mllm" and not parallel.is_sharded(model))  # FSDP: every process holds a shard
+
+    def curve_point() -> None:
+        if runtime.is_main:
+            with curve_path.open("a") as log:
+                log.write(json.dumps(held_out_point(model, config, stage, tokenizer, step)) + "\n")
+            training_mode()
+        parallel.barrier(runtime)
+
+    if curve and runtime.is_main and resume_from is None:
+        curve_path.unlink(missing_ok=True)
+    if curve and step == 0:
+        curve_point()
+    training_mode()
     progress = tqdm(total=total_steps, initial=step, desc=stage.name, disable=not runtime.is_main, dynamic_ncols=True)
     steps_this_run, started, stop, untrainable_batches = 0, time.time(), step >= total_steps, 0
     while not stop:
@@ -775,9 +777,13 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: parallel.Runti
                     "step": step, "loss": loss_value, "lr": stage.learning_rate * learning_rate_factor(
                         step - 1, total_steps, warmup_steps, stage.min_lr_ratio, stage.schedule),
                     "grad_norm": float(grad_norm),
+                    **({"modality": "image" if batch["pixel_values"] is not None else "text"}
+                       if stage.objective == "mllm" else {}),
                     **{name: parallel.mean_over_processes(value, runtime) for name, value in loss_parts.items()},
                     "tokens_per_second": tokens * runtime.world_size / max(1e-9, time.time() - step_started)})
             stop = step >= total_steps or steps_this_run == config.stop_after_steps
+            if curve and (step % config.curve_every == 0 or step == total_steps):
+                curve_point()
             if step % config.save_every == 0 or stop:
                 parallel.save_checkpoint(checkpoint_dir, model, optimizer,
                                          {"step": step, "epoch": epoch, "batches_done": batches_done}, runtime,
@@ -792,8 +798,12 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: parallel.Runti
 
     if runtime.is_main:
         records = [json.loads(line) for line in log_path.read_text().splitlines()]
-        plot_loss_curve([r["step"] for r in records], [r["loss"] for r in records],
-                        out_dir / "logs" / f"{stage.name}_loss.png", f"{stage.name}: training loss")
+        probe.plot_training_loss(records, out_dir / "logs" / f"{stage.name}_loss.png", stage.name)
+        if curve:
+            points = [json.loads(line) for line in curve_path.read_text().splitlines()]
+            probe.plot_curves({key: ([p["step"] for p in points], [p[key] for p in points]) for key in points[0] if key != "step"},
+                        out_dir / "logs" / f"{stage.name}_held_out.png",
+                        f"{stage.name}: held-out metrics on the first {config.curve_samples} samples of each task")
         print(f"[{stage.name}] {steps_this_run} steps in {time.time() - started:.0f}s; "
               f"{dataset.problems.summary()}")
         if untrainable_batches:
@@ -815,6 +825,28 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: parallel.Runti
 
 # ----------------------------------------------------------------------------------------------
 # 6. The recipe
+
+def eval_task(task: dict, last_stage: StageConfig) -> tuple[str, dict, dict]:
+    """(name, report, run_eval's arguments) of an `eval_tasks` entry: the questions carry the last
+    stage's tags (LION) and refiner (Lyrics) unless the entry sets its own."""
+    task = {"tags": last_stage.tags or None, "tag_noise": last_stage.tag_noise,
+            "refiner": last_stage.refiner or None, **task}
+    return task.pop("name", task["task"]), task.pop("report", {}), task
+
+
+def held_out_point(model: MLLM, config: TrainConfig, stage: StageConfig, tokenizer, step: int) -> dict:
+    """Each eval task's reported metrics on its first `curve_samples` samples, now: a point of the
+    held-out curve that shows when stage 2 starts to use the image (the same samples every time)."""
+    import eval as evaluation
+    model.eval()
+    point: dict = {"step": step}
+    for task in config.eval_tasks:
+        name, report, task = eval_task(task, stage)
+        metrics = evaluation.run_eval(model, tokenizer, limit=config.curve_samples, progress=False,
+                                      print_results=False, **task)
+        point.update({key: metrics[metric] for key, metric in (report or {name: "accuracy"}).items()})
+    return point
+
 
 def evaluate(config: TrainConfig, model_dir: Path, last_stage: StageConfig) -> dict:
     """eval.run_eval over `eval_tasks` on the last stage's model. Each task may `report` metrics
@@ -845,9 +877,7 @@ def evaluate(config: TrainConfig, model_dir: Path, last_stage: StageConfig) -> d
     for blind in ([False, True] if config.eval_blind else [False]):
         reported, per_task = {}, {}
         for task in config.eval_tasks:
-            task = {"tags": last_stage.tags or None, "tag_noise": last_stage.tag_noise,
-                    "refiner": last_stage.refiner or None, **task}
-            report, name = task.pop("report", {}), task.pop("name", task["task"])
+            name, report, task = eval_task(task, last_stage)
             out = Path(config.out_dir) / "eval" / (("blind_" if blind else "") + name)
             per_task[name] = evaluation.run_eval(model, tokenizer, out_dir=str(out), blind=blind,
                                                  qformer_tokenizer=qformer_tokenizer, **task)

@@ -232,3 +232,15 @@ def test_vqa_compare_pairs_questions_and_refuses_different_ones():
     assert (counting["questions"], counting["first"], counting["second"]) == (2, 0.8, 0.0)
     with pytest.raises(ValueError, match="different questions"):
         probe.paired_accuracy(first, second[:3])
+
+
+def test_training_loss_is_drawn_per_modality(tmp_path):
+    """Rare text-only steps get a curve of their own instead of spikes in the image curve."""
+    from PIL import Image
+
+    records = [{"step": step, "loss": 1.0 / step, "modality": "image" if step % 7 else "text"} for step in range(1, 60)]
+    probe.plot_training_loss(records, tmp_path / "loss.png", "finetune")
+    colors = set(Image.open(tmp_path / "loss.png").convert("RGB").getdata())
+    assert probe.CURVE_COLORS[0] in colors and probe.CURVE_COLORS[1] in colors  # image, then text
+    probe.plot_training_loss([{"step": s, "loss": 1.0} for s in (1, 2, 3)], tmp_path / "one.png", "lm")
+    assert probe.CURVE_COLORS[1] not in set(Image.open(tmp_path / "one.png").convert("RGB").getdata())

@@ -241,6 +241,25 @@ def test_compiled_blocks_train_as_eager_ones(world, tiny_checkpoint, tmp_path):
     assert runs["on"] == pytest.approx(runs["off"], rel=1e-4)
 
 
+def test_held_out_curve_and_loss_per_modality(world, tiny_checkpoint, tmp_path):
+    """The last stage's held-out metrics every `curve_every` steps (and before the first), and the
+    loss of image and text-only steps apart, each drawn to a PNG."""
+    out_dir = tmp_path / "curve"
+    config = write_config(tmp_path / "curve.py", world, tiny_checkpoint, out_dir, max_steps=5)
+    config.write_text(config.read_text() + f"curve_every = 2\ncurve_samples = 4\neval_tasks = [dict(task='pope', "
+                      f"data_dir={str(world)!r}, max_new_tokens=2, report=dict(pope_f1='f1', pope_yes_ratio='yes_ratio'))]\n")
+    train.main([str(config)])
+    points = [json.loads(line) for line in (out_dir / "logs" / "finetune_held_out.jsonl").read_text().splitlines()]
+    assert [point["step"] for point in points] == [0, 2, 4, 5]
+    assert all(set(point) == {"step", "pope_f1", "pope_yes_ratio"} for point in points)
+    records = [json.loads(line) for line in (out_dir / "logs" / "finetune.jsonl").read_text().splitlines()]
+    assert {record["modality"] for record in records} <= {"image", "text"} and len(records) == 5
+    for name in ("finetune_held_out.png", "finetune_loss.png"):
+        assert (out_dir / "logs" / name).stat().st_size > 0
+    final = json.loads((out_dir / "results.json").read_text())
+    assert set(final) >= {"pope_f1", "pope_yes_ratio"}
+
+
 def test_packed_stage_trains_as_the_unpacked_one(world, tiny_checkpoint, tmp_path):
     """Packing changes the rows, not what is learned: each micro-batch's loss is the mean over the
     same supervised tokens, so the whole run's losses agree."""
