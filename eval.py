@@ -24,23 +24,22 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from adapters import TASK_LEVELS
 from conversation import (EOS_TOKEN, IMAGE_PLACEHOLDER, TEMPLATES, last_supervised_run, read_tags,
-                          render_conversation, require_token_id, spatial_question_prefix, split_for_encoder_decoder,
-                          tag_hint, tag_sentence, with_lyrics_tokens)
-from data import (REC_PROMPT, CaptionDataset, encode_qformer_texts, load_image, load_tokenizer, pad_sequences,
-                  read_json, read_json_lines, stack_images)
+                          render_conversation, spatial_question_prefix, split_for_encoder_decoder, tag_hint,
+                          tag_sentence, with_lyrics_tokens)
+from data import (REC_PROMPT, encode_qformer_texts, load_image, load_tokenizer, pad_sequences, read_json,
+                  read_json_lines, stack_images)
 from layers import IGNORE_INDEX, row_log_likelihoods
-from metrics import (box_iou, caption_tokens, cider_d, circular_accuracy, evalai_answer, parse_box, parse_choice,
-                     pope_answer, pope_metrics, vqa_accuracy)
+from metrics import (box_iou, caption_tokens, cider_d, circular_accuracy, evalai_answer, format_table, parse_box,
+                     parse_choice, pope_answer, pope_metrics, vqa_accuracy)
 from model import MLLM
 from refiner import Refiner
-from retrieval import embed_texts, read_classification_task
+from retrieval import CLASSIFICATION_TASK, run_zero_shot_classification
 from vision import (CLIP_BACKGROUND, CLIPModel, box_from_padded_square, high_resolution_tiles, padded_square_box,
                     preprocess_image)
 
@@ -826,71 +825,6 @@ def run_eval(model: MLLM, tokenizer: Tokenizer, task: str, data_dir: str | Path,
     if print_results:
         print(format_table(task, split, metrics))
     return metrics
-
-
-# ---------------------------------------------------------------------------------------------
-# Zero-shot classification with a CLIP model (REACT's task transfer, dissertation section 2.4)
-
-CLASSIFICATION_TASK = "classification"  # DATA/eval/classification/{split}.json (retrieval.read_classification_task)
-
-
-def run_zero_shot_classification(model: CLIPModel, tokenizer: Tokenizer, data_dir: str | Path, split: str,
-                                 annotation_dir: str | Path | None = None, image_dir: str | Path | None = None,
-                                 pad_to_square: bool = True, batch_size: int = 64, out_dir: str | Path | None = None,
-                                 print_results: bool = True, task: str = CLASSIFICATION_TASK,
-                                 limit: int | None = None) -> dict[str, float]:
-    """Zero-shot accuracy of a CLIP model on a classification task file: each class is the
-    normalized mean of its templates' normalized text embeddings (CLIP's prompt ensembling,
-    Radford et al. 2021, section 3.1.4), each image goes to the class of highest cosine. Reports
-    accuracy, the mean of the per-class accuracies and chance (1 / classes). `pad_to_square`: the
-    tower sees the images as it was trained (the shapes world's CLIP pads). `limit`: the first N images."""
-    annotations = Path(annotation_dir) if annotation_dir else Path(data_dir) / "eval" / task
-    images = Path(image_dir) if image_dir else Path(data_dir) / "images"
-    classes, templates, rows = read_classification_task(str(annotations / f"{split}.json"))
-    rows = rows[:limit]
-    if not rows:
-        raise ValueError(f"{annotations / f'{split}.json'}: no images to classify")
-    was_training = model.training
-    model.eval()
-    device, image_size = next(model.parameters()).device, model.config.vision_config.image_size
-    with torch.inference_mode():
-        prompt_ids = CaptionDataset.encode_texts(tokenizer, [t.format(name) for name in classes for t in templates],
-                                                 model.config.text_config.max_position_embeddings)
-        class_embeddings = F.normalize(embed_texts(model, prompt_ids, require_token_id(tokenizer, "<pad>")).view(
-            len(classes), len(templates), -1).mean(1), dim=-1)
-        predictions = []
-        for begin in range(0, len(rows), batch_size):
-            pixels = torch.stack([preprocess_image(load_image(str(images / row["image"])), image_size, pad_to_square)
-                                  for row in rows[begin:begin + batch_size]])
-            image_embeddings = F.normalize(model.encode_image(pixels.to(device)).float(), dim=-1).cpu()
-            predictions += (image_embeddings @ class_embeddings.t()).argmax(1).tolist()
-    model.train(was_training)
-    labels = [classes.index(row["label"]) for row in rows]
-    correct = [prediction == label for prediction, label in zip(predictions, labels)]
-    per_class = [sum(c for c, label in zip(correct, labels) if label == k) / max(1, labels.count(k))
-                 for k in range(len(classes)) if k in labels]
-    metrics = {"accuracy": sum(correct) / len(correct), "mean_per_class_accuracy": sum(per_class) / len(per_class),
-               "chance": 1 / len(classes)}
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / f"{task}_{split}.predictions.jsonl", "w", encoding="utf-8") as file:
-            for row, prediction in zip(rows, predictions):
-                file.write(json.dumps({**row, "prediction": classes[prediction]}) + "\n")
-        (out / f"{task}_{split}.metrics.json").write_text(json.dumps(
-            {"task": task, "split": split, "templates": templates, "metrics": metrics}, indent=2) + "\n")
-    if print_results:
-        print(format_table(task, split, metrics))
-    return metrics
-
-
-def format_table(task: str, split: str, metrics: dict[str, float]) -> str:
-    """A markdown table of one task's metrics."""
-    lines = ["| task | split | metric | value |", "|---|---|---|---|"]
-    for name, value in metrics.items():
-        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
-        lines.append(f"| {task} | {split} | {name} | {shown} |")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------

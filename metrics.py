@@ -297,3 +297,12 @@ def circular_accuracy(question_ids: list[Hashable], correct: list[bool]) -> floa
     for question_id, right in zip(question_ids, correct):
         all_right[question_id] = all_right.get(question_id, True) and right
     return sum(all_right.values()) / len(all_right)
+
+
+def format_table(task: str, split: str, metrics: dict[str, float]) -> str:
+    """A markdown table of one task's metrics."""
+    lines = ["| task | split | metric | value |", "|---|---|---|---|"]
+    for name, value in metrics.items():
+        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        lines.append(f"| {task} | {split} | {name} | {shown} |")
+    return "\n".join(lines)

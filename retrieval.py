@@ -1,9 +1,11 @@
 """REACT's retrieval (the dissertation, section 2.3): a task's training pairs, chosen from a pool
 of image-text pairs by how close they are to the task's prompts, text-to-text (eq. 2.2) or
-text-to-image (eq. 2.3), and the zero-shot classification task files that name those prompts."""
+text-to-image (eq. 2.3); the zero-shot classification task files that name those prompts, and
+the zero-shot classification that scores a customized CLIP on them (section 2.4)."""
 import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -12,7 +14,9 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from conversation import DataError, require_token_id
-from data import CaptionDataset, pad_sequences, read_json
+from data import CaptionDataset, load_image, pad_sequences, read_json
+from metrics import format_table
+from vision import CLIPModel, preprocess_image
 
 def read_classification_task(path: str) -> tuple[list[str], list[str], list[dict]]:
     """(classes, templates, images) of a zero-shot classification task file: JSON
@@ -111,3 +115,57 @@ def retrieve_for_task(model: torch.nn.Module, tokenizer: Tokenizer, pool: "Capti
     return str(out_path)
 
 
+# ---------------------------------------------------------------------------------------------
+# Zero-shot classification with a CLIP model (REACT's task transfer, dissertation section 2.4)
+
+CLASSIFICATION_TASK = "classification"  # DATA/eval/classification/{split}.json (retrieval.read_classification_task)
+
+
+def run_zero_shot_classification(model: CLIPModel, tokenizer: Tokenizer, data_dir: str | Path, split: str,
+                                 annotation_dir: str | Path | None = None, image_dir: str | Path | None = None,
+                                 pad_to_square: bool = True, batch_size: int = 64, out_dir: str | Path | None = None,
+                                 print_results: bool = True, task: str = CLASSIFICATION_TASK,
+                                 limit: int | None = None) -> dict[str, float]:
+    """Zero-shot accuracy of a CLIP model on a classification task file: each class is the
+    normalized mean of its templates' normalized text embeddings (CLIP's prompt ensembling,
+    Radford et al. 2021, section 3.1.4), each image goes to the class of highest cosine. Reports
+    accuracy, the mean of the per-class accuracies and chance (1 / classes). `pad_to_square`: the
+    tower sees the images as it was trained (the shapes world's CLIP pads). `limit`: the first N images."""
+    annotations = Path(annotation_dir) if annotation_dir else Path(data_dir) / "eval" / task
+    images = Path(image_dir) if image_dir else Path(data_dir) / "images"
+    classes, templates, rows = read_classification_task(str(annotations / f"{split}.json"))
+    rows = rows[:limit]
+    if not rows:
+        raise ValueError(f"{annotations / f'{split}.json'}: no images to classify")
+    was_training = model.training
+    model.eval()
+    device, image_size = next(model.parameters()).device, model.config.vision_config.image_size
+    with torch.inference_mode():
+        prompt_ids = CaptionDataset.encode_texts(tokenizer, [t.format(name) for name in classes for t in templates],
+                                                 model.config.text_config.max_position_embeddings)
+        class_embeddings = F.normalize(embed_texts(model, prompt_ids, require_token_id(tokenizer, "<pad>")).view(
+            len(classes), len(templates), -1).mean(1), dim=-1)
+        predictions = []
+        for begin in range(0, len(rows), batch_size):
+            pixels = torch.stack([preprocess_image(load_image(str(images / row["image"])), image_size, pad_to_square)
+                                  for row in rows[begin:begin + batch_size]])
+            image_embeddings = F.normalize(model.encode_image(pixels.to(device)).float(), dim=-1).cpu()
+            predictions += (image_embeddings @ class_embeddings.t()).argmax(1).tolist()
+    model.train(was_training)
+    labels = [classes.index(row["label"]) for row in rows]
+    correct = [prediction == label for prediction, label in zip(predictions, labels)]
+    per_class = [sum(c for c, label in zip(correct, labels) if label == k) / max(1, labels.count(k))
+                 for k in range(len(classes)) if k in labels]
+    metrics = {"accuracy": sum(correct) / len(correct), "mean_per_class_accuracy": sum(per_class) / len(per_class),
+               "chance": 1 / len(classes)}
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / f"{task}_{split}.predictions.jsonl", "w", encoding="utf-8") as file:
+            for row, prediction in zip(rows, predictions):
+                file.write(json.dumps({**row, "prediction": classes[prediction]}) + "\n")
+        (out / f"{task}_{split}.metrics.json").write_text(json.dumps(
+            {"task": task, "split": split, "templates": templates, "metrics": metrics}, indent=2) + "\n")
+    if print_results:
+        print(format_table(task, split, metrics))
+    return metrics

@@ -50,7 +50,7 @@ from layers import IGNORE_INDEX
 from model import (MLLM, LanguageModel, MLLMConfig, T5Config, T5LanguageModel, TextConfig,
                    language_model_from_pretrained)
 from pretraining import LyricsStage1, LyricsStage1Config, QFormerStage1, QFormerStage1Config
-from retrieval import retrieve_for_task
+from retrieval import CLASSIFICATION_TASK, retrieve_for_task, run_zero_shot_classification
 from vision import CLIPConfig, CLIPModel, VisionTransformer
 
 
@@ -862,10 +862,10 @@ def evaluate(config: TrainConfig, model_dir: Path, last_stage: StageConfig) -> d
         for task in config.eval_tasks:
             task = dict(task)
             report, name = task.pop("report", {}), task.pop("name", task["task"])
-            if task.pop("task") != evaluation.CLASSIFICATION_TASK:
+            if task.pop("task") != CLASSIFICATION_TASK:
                 raise ValueError(f"eval task {name!r}: a CLIP model is evaluated on "
-                                 f"{evaluation.CLASSIFICATION_TASK!r} tasks only")
-            metrics = evaluation.run_zero_shot_classification(
+                                 f"{CLASSIFICATION_TASK!r} tasks only")
+            metrics = run_zero_shot_classification(
                 clip, tokenizer, out_dir=str(Path(config.out_dir) / "eval" / name), pad_to_square=pad_to_square, **task)
             results.update({key: metrics[metric] for key, metric in report.items()})
             results["tasks"][name] = metrics

@@ -274,7 +274,7 @@ def test_text_to_image_retrieval_skips_an_unreadable_image(world, tmp_path):
 def test_zero_shot_classification_ensembles_the_templates(world, tmp_path):
     tokenizer = data.load_tokenizer(str(world / "tokenizer.json"))
     model = world_clip(world)
-    metrics = evaluation.run_zero_shot_classification(model, tokenizer, world, "small", out_dir=tmp_path,
+    metrics = retrieval.run_zero_shot_classification(model, tokenizer, world, "small", out_dir=tmp_path,
                                                       print_results=False)
     classes, templates, rows = retrieval.read_classification_task(str(world / "eval" / "classification" / "small.json"))
     assert classes == ["circle", "square", "triangle", "star", "diamond"] and len(rows) % len(classes) == 0
