@@ -404,6 +404,27 @@ def with_tag_prompt(conversations: list[dict], tags: list[str], hint: str) -> li
     return with_question_prefix(conversations, tag_sentence(tags, hint))
 
 
+def read_oracle_objects(path: str) -> dict[str, str]:
+    """Image file name -> the scene written out, "Objects: large cyan star [0.490,...]; ...", from a
+    tags file whose entries list "objects" with "name" and "box_text" (the shapes world's
+    tags.json). The oracle-text rung reads this in place of the image: perfect vision as text,
+    the upper bound of what the LLM can do with what an image holds."""
+    try:
+        entries = json.loads(Path(path).read_text(encoding="utf-8"))
+        return {name: "Objects: " + "; ".join(f"{o['name']} {o['box_text']}" for o in entry["objects"]) + ".\n"
+                for name, entry in entries.items()}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise DataError(f"{path}: not an objects file ({{image file name: {{\"objects\": [{{\"name\", "
+                        f"\"box_text\"}}]}}}}): {error!r}") from error
+
+
+def without_image(conversations: list[dict], prefix: str) -> list[dict]:
+    """The conversation with its image placeholder replaced by `prefix` before the first question."""
+    first = next(index for index, turn in enumerate(conversations) if turn.get("from") == "human")
+    text = conversations[first]["value"].replace(IMAGE_PLACEHOLDER + "\n", "").replace(IMAGE_PLACEHOLDER, "")
+    return [*conversations[:first], {**conversations[first], "value": prefix + text}, *conversations[first + 1:]]
+
+
 def with_question_prefix(conversations: list[dict], prefix: str) -> list[dict]:
     """The conversation with `prefix` before the first question, after the image placeholder."""
     first = next(index for index, turn in enumerate(conversations) if turn.get("from") == "human")

@@ -34,7 +34,7 @@ from adapters import TASK_LEVELS
 from connectors import HighResolution
 from conversation import (BOS_TOKEN, EOS_TOKEN, IMAGE_PLACEHOLDER, PLAIN_HINT, DataError, format_conversation,
                           get_template, render_conversation, require_token_id, split_for_encoder_decoder,
-                          spatial_question_prefix, tokenize_around_images, with_question_prefix,
+                          spatial_question_prefix, tokenize_around_images, with_question_prefix, without_image,
                           with_tag_prompt)
 from layers import IGNORE_INDEX
 from pretraining import CAPTION
@@ -327,7 +327,9 @@ class InstructionDataset(_ImageRecordDataset):
     Q-Former still reads the bare question, as in LION. `objects` (a refiner.Refiner) adds each
     image's objects for Lyrics' MQ-Former: object_features / object_mask (refiner.py), and with
     `spatial_prompt` their spatial representation before the first question (the tokenizer
-    needs Lyrics' tokens: conversation.with_lyrics_tokens).
+    needs Lyrics' tokens: conversation.with_lyrics_tokens). `oracle_objects` (image file name ->
+    the scene as text, conversation.read_oracle_objects) replaces each image by its text: the
+    oracle rung, what the LLM learns with perfect vision.
     """
 
     def __init__(self, json_path: str, image_folder: str, tokenizer: Tokenizer,
@@ -336,11 +338,13 @@ class InstructionDataset(_ImageRecordDataset):
                  qformer_tokenizer: Tokenizer | None = None, qformer_max_length: int = 128,
                  encoder_decoder: bool = False, task_levels: Sequence[str] | None = None,
                  tags: dict[str, list[str]] | None = None, hint: str = PLAIN_HINT,
-                 high_resolution: HighResolution | None = None, objects: Any = None, spatial_prompt: bool = False):
+                 high_resolution: HighResolution | None = None, objects: Any = None, spatial_prompt: bool = False,
+                 oracle_objects: dict[str, str] | None = None):
         unknown = set(task_levels or ()) - set(TASK_LEVELS)
         if unknown:
             raise ValueError(f"task_levels {sorted(unknown)}: the task levels are {sorted(TASK_LEVELS)}")
         self.tags, self.hint, self.objects, self.spatial_prompt = tags, hint, objects, spatial_prompt
+        self.oracle_objects = oracle_objects
         self.image_folder = image_folder
         self.encoder_decoder = encoder_decoder
         self.eos_id = require_token_id(tokenizer, EOS_TOKEN) if encoder_decoder else None
@@ -379,7 +383,7 @@ class InstructionDataset(_ImageRecordDataset):
             self.image_tokens.append(image_tokens)
             self.sources.append(where)
             self.lengths.append(kept_length)
-            self.has_image.append("image" in record)
+            self.has_image.append("image" in rendered)
         self.qformer_input_ids: list[list[int] | None] = [None] * len(self.records)
         if qformer_tokenizer is not None:
             with_image = [index for index, record in enumerate(self.records) if "image" in record]
@@ -412,6 +416,12 @@ class InstructionDataset(_ImageRecordDataset):
                 raise DataError(f"the tags file has no entry for image {record['image']!r}", "missing_tags")
             record = {**record, "conversations": with_tag_prompt(record["conversations"], self.tags[record["image"]],
                                                                  self.hint)}
+        if self.oracle_objects is not None and isinstance(record.get("image"), str):
+            if record["image"] not in self.oracle_objects:
+                raise DataError(f"the objects file has no entry for image {record['image']!r}", "missing_objects")
+            image = record["image"]
+            record = {key: value for key, value in record.items() if key != "image"}
+            record["conversations"] = without_image(record["conversations"], self.oracle_objects[image])
         if self.spatial_prompt and isinstance(record.get("image"), str):
             record = {**record, "conversations": with_question_prefix(
                 record["conversations"], spatial_question_prefix(self.objects.spatial_text(record["image"])))}

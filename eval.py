@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from adapters import TASK_LEVELS
 from conversation import (EOS_TOKEN, IMAGE_PLACEHOLDER, TEMPLATES, last_supervised_run, read_tags,
-                          render_conversation, spatial_question_prefix, split_for_encoder_decoder, tag_hint,
-                          tag_sentence, with_lyrics_tokens)
+                          read_oracle_objects, render_conversation, spatial_question_prefix, split_for_encoder_decoder,
+                          tag_hint, tag_sentence, with_lyrics_tokens)
 from data import (REC_PROMPT, encode_qformer_texts, load_image, load_tokenizer, pad_sequences, read_json,
                   read_json_lines, stack_images)
 from layers import IGNORE_INDEX, row_log_likelihoods
@@ -61,6 +61,7 @@ class Sample:
     group: str = ""                              # the POPE split or the VQA question type
     rotation_of: str = ""                        # circular evaluation: the id of the question rotated
     answer_type: str = ""                        # VQAv2's answer_type: "yes/no", "number", "other"
+    context: str = ""                            # the oracle rung: the scene as text, before the question
 
 
 def _first_existing(directory: Path, names: list[str], what: str) -> Path:
@@ -423,7 +424,11 @@ class Evaluator:
 
     def tagged(self, dialogue: list[tuple[str, str | None]], sample: Sample) -> list[tuple[str, str | None]]:
         """The dialogue with LION's tag sentence or Lyrics' objects (with `spatial_prompt`) before
-        its first question (conversation.with_question_prefix's place; a Q-Former reads the bare one)."""
+        its first question (conversation.with_question_prefix's place; a Q-Former reads the bare one),
+        or the oracle rung's scene text in place of the image."""
+        if sample.context:
+            (question, reply), *rest = dialogue
+            return [(sample.context + question, reply), *rest]
         if sample.image is None or (self.tags is None and not self.model.config.spatial_prompt):
             return dialogue
         if self.tags is not None and sample.image.name not in self.tags:
@@ -755,7 +760,7 @@ def run_eval(model: MLLM, tokenizer: Tokenizer, task: str, data_dir: str | Path,
              blind: bool = False, stop_strings: list[str] | None = None, circular: bool = False,
              qformer_tokenizer: Tokenizer | None = None, progress: bool = True, print_results: bool = True,
              tags: str | None = None, tag_noise: float = 0.0, refiner: str | None = None,
-             blank_refiner: bool = False, **decoding) -> dict[str, float]:
+             blank_refiner: bool = False, oracle_text: str | None = None, **decoding) -> dict[str, float]:
     """Evaluate `model` on one task and split; returns the metrics (and writes
     `{task}_{split}.predictions.jsonl` / `.metrics.json` to `out_dir` when given).
 
@@ -769,7 +774,9 @@ def run_eval(model: MLLM, tokenizer: Tokenizer, task: str, data_dir: str | Path,
     Q-Former's own tokenizer, for a model whose Q-Former reads the question (InstructBLIP). tags:
     LION's tags file (conversation.read_tags, with `tag_noise`), keyed by image file name; REC
     runs LION's router at the region level, every other task at the image level. refiner: Lyrics'
-    visual refiner directory (refiner.py); blank_refiner: every image without objects. `decoding` goes
+    visual refiner directory (refiner.py); blank_refiner: every image without objects. oracle_text:
+    an objects file (conversation.read_oracle_objects); each image is replaced by its scene written
+    as text before the question (the ladder's top rung: perfect vision). `decoding` goes
     to `model.generate` (max_new_tokens defaults per task kind: DEFAULT_MAX_NEW_TOKENS)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
@@ -782,6 +789,13 @@ def run_eval(model: MLLM, tokenizer: Tokenizer, task: str, data_dir: str | Path,
     samples = load_task(task, data_dir, split, annotation_dir, image_dir, image_template)[:limit]
     if circular:
         samples = rotate_choices(samples)
+    if oracle_text:
+        scenes = read_oracle_objects(oracle_text)
+        unknown = next((s.image.name for s in samples if s.image is not None and s.image.name not in scenes), None)
+        if unknown is not None:
+            raise ValueError(f"{oracle_text} has no objects for image {unknown!r}")
+        samples = [dataclasses.replace(s, image=None, context=scenes[s.image.name]) if s.image is not None else s
+                   for s in samples]
     missing = next((sample.image for sample in samples if sample.image is not None and not sample.image.is_file()),
                    None)
     if missing is not None:
@@ -817,8 +831,8 @@ def run_eval(model: MLLM, tokenizer: Tokenizer, task: str, data_dir: str | Path,
             for record in records:
                 file.write(json.dumps(record) + "\n")
         summary = {"task": task, "split": split, "prompt_style": prompt_style_name(model, prompt_style),
-                   "describe_first": describe_first, "blind": blind, "circular": circular, "decoding": decoding,
-                   "metrics": metrics}
+                   "describe_first": describe_first, "blind": blind, "oracle_text": oracle_text, "circular": circular,
+                   "decoding": decoding, "metrics": metrics}
         (out / f"{task}_{split}.metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
         if visualize:
             visualize_rec(records[:visualize], samples[:visualize], evaluator.pad_to_square, out / f"{task}_{split}_boxes")
@@ -901,6 +915,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--tag-noise", type=float, default=0.0, help="LION: drop / swap this fraction of the tags")
     parser.add_argument("--refiner", help="Lyrics: the visual refiner's directory (refiner.py)")
     parser.add_argument("--blank-refiner", action="store_true", help="Lyrics: every image without objects (w/o VR)")
+    parser.add_argument("--oracle-text", help="an objects file (the shapes world's tags.json): each image replaced "
+                                              "by its scene as text (the oracle rung)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_decoding_arguments(parser)
     args = parser.parse_args(argv)
@@ -927,6 +943,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     describe_first=args.describe_first, visualize=args.visualize, blind=args.blind,
                     stop_strings=args.stop, circular=args.circular, qformer_tokenizer=qformer_tokenizer,
                     tags=args.tags, tag_noise=args.tag_noise, refiner=args.refiner, blank_refiner=args.blank_refiner,
+                    oracle_text=args.oracle_text,
                     **options)
 
 

@@ -306,3 +306,19 @@ def format_table(task: str, split: str, metrics: dict[str, float]) -> str:
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
         lines.append(f"| {task} | {split} | {name} | {shown} |")
     return "\n".join(lines)
+
+
+def vision_ladder(results: dict, oracle: dict | None) -> dict:
+    """Each reported metric's rungs: blind (every image zeros), image (the recipe), oracle_text
+    (the same LLM recipe reading the scene as text instead: perfect vision), and
+    vision_gap_closed = (image - blind) / (oracle_text - blind), the share of what perfect vision
+    would add that the image tokens deliver (1: as good as the text; 0: no better than blind)."""
+    rungs = {}
+    for key, value in results.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or key == "wall_seconds":
+            continue
+        blind, top = results.get("blind", {}).get(key), (oracle or {}).get(key)
+        rungs[key] = {"blind": blind, "image": value, "oracle_text": top}
+        if blind is not None and top is not None and top != blind:
+            rungs[key]["vision_gap_closed"] = (value - blind) / (top - blind)
+    return rungs

@@ -27,7 +27,8 @@ format as the public dataset it stands in for, so one set of loaders and eval ta
 - eval/classification/{small,large}.json: zero-shot shape classification of one-object images
   (classes, prompt templates, labeled images; REACT's task transfer, dissertation section 2.4).
 - tags.json: per image file name, its tags and object boxes, the ground-truth stand-ins for LION's
-  RAM tags and Lyrics' visual refiner (LION section 3.2; Lyrics section 3.1).
+  RAM tags and Lyrics' visual refiner (LION section 3.2; Lyrics section 3.1), and each box as the
+  REC answers write it, for the oracle that reads the scene as text (conversation.read_oracle_objects).
 - train/instruct.json's grounding samples carry "task_level": "region" (LION's router, sec. 3.1.2).
 - tokenizer.json: a byte-level BPE trained with `tokenizers` on the world's text, digits split.
 - qformer_tokenizer.json: the Q-Former's own, a BERT-style WordPiece with "[DEC]" (BLIP-2 / InstructBLIP).
@@ -971,10 +972,13 @@ def draw_classification_image(job: tuple[int, int, int, int, str, float, Path]) 
     return scene
 
 
-def tags_entry(scene: Scene) -> dict:
-    """RAM-like tags (the distinct objects, sorted as a tagger's label list) and refiner-like boxes."""
+def tags_entry(scene: Scene, box_style: str) -> dict:
+    """RAM-like tags (the distinct objects, sorted as a tagger's label list), refiner-like boxes
+    (pixels), and each box as the REC answers write it (the oracle-text rung of the main job)."""
     return {"tags": sorted({o.category for o in scene.objects}),
-            "objects": [{"name": o.name, "box": list(o.box)} for o in scene.objects]}
+            "objects": [{"name": o.name, "box": list(o.box),
+                         "box_text": format_box(padded_square_box(o.box, scene.width, scene.height), style=box_style)}
+                        for o in scene.objects]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1197,7 +1201,7 @@ def build_world(out_dir: str | Path = DEFAULT_WORLD_DIR, seed: int = 0,
     for split, rows in pope_files(eval_scenes, train_scenes).items():
         write_jsonl(eval_dir / "pope" / f"pope_{split}.jsonl", rows)
     write_jsonl(eval_dir / "mc" / "questions.jsonl", multiple_choice_rows(eval_scenes))
-    write_json(out_dir / "tags.json", {s.file_name: tags_entry(s) for s in scenes})
+    write_json(out_dir / "tags.json", {s.file_name: tags_entry(s, box_style) for s in scenes})
     per_size = len(SHAPES) * max(2, num_eval_images // 8)
     first_id = num_train_images + num_eval_images + 1
     jobs = [(seed, index, first_id + index, image_size, SIZES[index // per_size], object_scale, images_dir)

@@ -47,6 +47,7 @@ import refiner
 from adapters import TASK_LEVELS, apply_lora, set_trainable
 from connectors import VISUAL_INPUTS, QFormerConfig
 from layers import IGNORE_INDEX
+from metrics import vision_ladder
 from model import (MLLM, LanguageModel, MLLMConfig, T5Config, T5LanguageModel, TextConfig,
                    language_model_from_pretrained)
 from pretraining import LyricsStage1, LyricsStage1Config, QFormerStage1, QFormerStage1Config
@@ -105,6 +106,9 @@ class StageConfig:
     tags: str = ""
     tag_noise: float = 0.0
     soft_prompt: str = ""
+    # The ladder's top rung (the main job's results.json): an objects file (the shapes world's
+    # tags.json) whose scene text replaces every image, in training and in eval (perfect vision).
+    oracle_text: str = ""
     trainable: list = field(default_factory=lambda: [r"^multi_modal_projector\.", r"^language_model\."])
     lora: dict = field(default_factory=dict)  # {"targets": [...], "rank": 128, "alpha": 256, "dropout": 0.05}
     learning_rate: float = 2e-5
@@ -145,6 +149,9 @@ class TrainConfig:
     oracle_refiner: dict = field(default_factory=dict)
     eval_tasks: list = field(default_factory=list)  # eval.run_eval after the last stage
     eval_blind: bool = False  # also evaluate with every image replaced by zeros
+    # The oracle-text run's results.json (configs/shapes_oracle_text.py): with it, results.json's
+    # "ladder" gives each reported metric blind / image / oracle_text and the vision gap closed.
+    oracle_results: str = ""
     # The last stage's held-out curve: every `curve_every` steps, each eval task on its first
     # `curve_samples` samples (logs/<stage>_held_out.jsonl and .png); 0 = none.
     curve_every: int = 0
@@ -459,7 +466,9 @@ def build_dataset(stage: StageConfig, config: TrainConfig, model: torch.nn.Modul
                                    hint=conversation.tag_hint(tokenizer, model.config.hint_token_index),
                                    high_resolution=model.high_resolution,
                                    objects=refiner.Refiner(stage.refiner) if stage.refiner else None,
-                                   spatial_prompt=model.config.spatial_prompt)
+                                   spatial_prompt=model.config.spatial_prompt,
+                                   oracle_objects=conversation.read_oracle_objects(stage.oracle_text)
+                                   if stage.oracle_text else None)
 
 
 def model_inputs(batch: dict, objective: str, device: torch.device) -> dict:
@@ -828,9 +837,9 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: parallel.Runti
 
 def eval_task(task: dict, last_stage: StageConfig) -> tuple[str, dict, dict]:
     """(name, report, run_eval's arguments) of an `eval_tasks` entry: the questions carry the last
-    stage's tags (LION) and refiner (Lyrics) unless the entry sets its own."""
+    stage's tags (LION), refiner (Lyrics) and oracle text unless the entry sets its own."""
     task = {"tags": last_stage.tags or None, "tag_noise": last_stage.tag_noise,
-            "refiner": last_stage.refiner or None, **task}
+            "refiner": last_stage.refiner or None, "oracle_text": last_stage.oracle_text or None, **task}
     return task.pop("name", task["task"]), task.pop("report", {}), task
 
 
@@ -963,6 +972,11 @@ def main(argv: list[str]) -> None:
 
     if config.eval_tasks and stage_only in (None, stages[-1].name) and runtime.is_main:
         results = evaluate(config, Path(config.out_dir) / stages[-1].name, stages[-1])
+        if config.oracle_results:
+            oracle_path = Path(config.oracle_results)
+            if not oracle_path.is_file():
+                print(f"no {oracle_path}: the ladder's oracle_text rung is empty (run its config, then evaluate again)")
+            results["ladder"] = vision_ladder(results, json.loads(oracle_path.read_text()) if oracle_path.is_file() else None)
         results["wall_seconds"] = time.time() - started
         (Path(config.out_dir) / "results.json").write_text(json.dumps(results, indent=2))
         print(json.dumps(results, indent=2))

@@ -26,6 +26,8 @@ weight_decay = 0.0  # LLaVA-1.5
 num_workers = 2
 log_every = 50
 eval_blind = True
+# The ladder in results.json: blind, image, and the oracle-text rung of configs/shapes_oracle_text.py.
+oracle_results = "out/shapes_oracle_text/results.json"
 
 _vision = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
            image_size=64, patch_size=8)  # 64 patches: the 576 of ViT-L/14-336 in miniature

@@ -435,7 +435,8 @@ def test_traced_polygons_give_back_every_mask_size():
 def test_box_style_is_a_world_setting(world, tmp_path):
     """A llava15 world writes LLaVA-1.5's box text in every REC answer and REG question, records the
     style in world.json (so switching styles regenerates a cached world) and changes nothing else
-    a lion world writes but the instruction text and the tokenizer learned from it."""
+    a lion world writes but the instruction text, the tokenizer learned from it, and tags.json's
+    box text (written as the REC answers write it)."""
     out = tmp_path / "styled"
     shapes.build_world(out, seed=0, num_train_images=NUM_TRAIN, num_eval_images=NUM_EVAL, image_size=96)
     assert read_json(out / shapes.MARKER_FILE)["arguments"]["box_style"] == "lion"
@@ -466,7 +467,7 @@ def test_box_style_is_a_world_setting(world, tmp_path):
     lion, llava15 = tree_bytes(world), tree_bytes(out)
     differing = {name for name in lion if lion[name] != llava15[name]}
     instruction_files = {"train/instruct.json", "train/instruct_no_format_prompts.json", shapes.MARKER_FILE}
-    assert instruction_files <= differing <= instruction_files | {"tokenizer.json", "qformer_tokenizer.json"}
+    assert instruction_files <= differing <= instruction_files | {"tokenizer.json", "qformer_tokenizer.json", "tags.json"}
     with pytest.raises(ValueError, match="box_style"):
         shapes.build_world(tmp_path / "unknown", box_style="shikra")
 
