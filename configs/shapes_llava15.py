@@ -28,6 +28,9 @@ log_every = 50
 eval_blind = True
 # The ladder in results.json: blind, image, and the oracle-text rung of configs/shapes_oracle_text.py.
 oracle_results = "out/shapes_oracle_text/results.json"
+# Stage 2's held-out curve: every eval task on its first 16 samples, every 100 steps (logs/finetune_held_out.png).
+curve_every = 100
+curve_samples = 16
 
 _vision = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
            image_size=64, patch_size=8)  # 64 patches: the 576 of ViT-L/14-336 in miniature
