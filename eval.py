@@ -654,20 +654,29 @@ def score_choices(records: list[dict], samples: list[Sample], predictions: list[
     return metrics
 
 
-def visualize_rec(records: list[dict], samples: list[Sample], pad_to_square: bool, directory: Path) -> None:
-    """PNG per sample: ground truth in green, prediction in red, the expression on top."""
+def visualize_rec(records: list[dict], samples: list[Sample], pad_to_square: bool, directory: Path,
+                  min_side: int = 384) -> None:
+    """PNG per sample, drawn at a size a person reads: the image enlarged by a whole factor (pixels
+    kept sharp) to at least `min_side`, ground truth in green, the prediction in red, and below it
+    the expression, the answer as written and the IoU."""
     directory.mkdir(parents=True, exist_ok=True)
     for index, (record, sample) in enumerate(zip(records, samples)):
         image = load_image(sample.image)
-        draw = ImageDraw.Draw(image)
-        draw.rectangle(sample.target, outline=(0, 200, 0), width=2)
+        scale = max(1, -(-min_side // min(image.size)))
+        canvas = Image.new("RGB", (image.width * scale, image.height * scale + 54), "white")
+        canvas.paste(image.resize((image.width * scale, image.height * scale), Image.NEAREST))
+        draw = ImageDraw.Draw(canvas)
+        boxes = [(sample.target, (0, 170, 0))]
         if record["box"] is not None:
-            predicted = denormalize_box(record["box"], sample.image_size, pad_to_square)
-            # PIL refuses x1 < x0; a model's inverted box is drawn as the box it spans.
-            draw.rectangle([min(predicted[0], predicted[2]), min(predicted[1], predicted[3]),
-                            max(predicted[0], predicted[2]), max(predicted[1], predicted[3])], outline=(220, 0, 0), width=2)
-        draw.text((2, 2), f"{sample.text} (IoU {record['iou']:.2f})", fill=(255, 255, 255))
-        image.save(directory / f"{index:04d}_{re.sub(r'[^A-Za-z0-9_-]', '_', sample.sample_id)}.png")
+            boxes.append((denormalize_box(record["box"], sample.image_size, pad_to_square), (220, 0, 0)))
+        for box, color in boxes:  # PIL refuses x1 < x0: a model's inverted box is drawn as the box it spans
+            draw.rectangle([min(box[0], box[2]) * scale, min(box[1], box[3]) * scale,
+                            max(box[0], box[2]) * scale, max(box[1], box[3]) * scale], outline=color, width=3)
+        lines = (f"\"{sample.text}\"", f"answer {record['prediction'][:48]}  IoU {record['iou']:.2f}",
+                 "green: truth  red: answer")
+        for row, line in enumerate(lines):
+            draw.text((6, image.height * scale + 4 + 16 * row), line, fill="black")
+        canvas.save(directory / f"{index:04d}_{re.sub(r'[^A-Za-z0-9_-]', '_', sample.sample_id)}.png")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -801,8 +810,9 @@ def run_eval(model: MLLM, tokenizer: Tokenizer, task: str, data_dir: str | Path,
     if missing is not None:
         hint = f" (VQA image names come from image_template, now {image_template!r})" if kind == "vqa" else ""
         raise FileNotFoundError(f"image not found: {missing}{hint}")
-    if visualize and kind != "rec":
-        raise ValueError("visualize draws boxes: only the REC tasks (refcoco, refcoco+, refcocog) have them")
+    if visualize and (kind != "rec" or oracle_text):
+        raise ValueError("visualize draws boxes on images: only the REC tasks (refcoco, refcoco+, refcocog) have "
+                         "them, and the oracle rung reads no image")
     if kind in DEFAULT_MAX_NEW_TOKENS:
         decoding = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS[kind], **decoding}
     evaluator = build_evaluator(model, tokenizer, prompt_style, template, blind, stop_strings, qformer_tokenizer,

@@ -443,6 +443,18 @@ def plot_curves(series: dict[str, tuple[list[int], list[float]]], path: Path, ti
     image.save(path)
 
 
+def plot_held_out(points: list[dict], path_stem: Path, stage_name: str, samples: int) -> None:
+    """The held-out curve: rates (accuracies, F1, yes-ratio: within [0, 1]) in PATH_STEM.png,
+    unbounded scores (CIDEr) apart in PATH_STEM_scores.png, so that neither flattens the other."""
+    series = {key: ([p["step"] for p in points], [p[key] for p in points]) for key in points[0] if key != "step"}
+    rates = {key: curve for key, curve in series.items() if all(0 <= value <= 1 for value in curve[1])}
+    scores = {key: curve for key, curve in series.items() if key not in rates}
+    title = f"{stage_name}: held-out, the first {samples} samples of each task"
+    for suffix, group in (("", rates), ("_scores", scores)):
+        if group:
+            plot_curves(group, path_stem.with_name(path_stem.name + suffix + ".png"), title)
+
+
 def plot_training_loss(records: list[dict], path: Path, stage_name: str) -> None:
     """The loss per step, per modality when the stage has text-only steps (each step holds one
     modality: data.ModalityLengthGroupedSampler), smoothed, so that rare text-only steps neither

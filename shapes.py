@@ -755,9 +755,11 @@ def text_only_sample(rng: np.random.Generator, index: int) -> dict:
                                                           {"from": "gpt", "value": pair[1]}]}
 
 
-def instruct_samples(rng: np.random.Generator, scene: Scene, box_style: str) -> list[dict]:
+def instruct_samples(rng: np.random.Generator, scene: Scene, box_style: str, existence_turns: int = 0) -> list[dict]:
     """Three samples per image: short-answer VQA, grounding (boxes in box_style), and one of
-    conversation / detailed description / caption / multiple choice."""
+    conversation / detailed description / caption / multiple choice; with `existence_turns`, a
+    fourth of that many short-answer existence questions (present half the time), so that the
+    questions that need a search of the image outnumber the images."""
     prefix = f"{scene.image_id:012d}"
     kind = pick(rng, ("conversation", "detail", "caption", "multiple_choice"))
     if kind == "conversation":
@@ -769,11 +771,14 @@ def instruct_samples(rng: np.random.Generator, scene: Scene, box_style: str) -> 
     else:
         question, choices, answer = multiple_choice(rng, scene)
         third = [(multiple_choice_prompt(question, choices), "ABCDEFGH"[answer])]
+    samples = [("vqa", short_answer_pairs(rng, scene)), ("grounding", grounding_pairs(rng, scene, box_style)),
+               (kind, third)]
+    questions = [ask_existence(rng, scene) for _ in range(existence_turns)]  # drawn last: the rest stays as it was
+    if questions:
+        samples.append(("existence", [(q.text + SHORT_ANSWER_PROMPT, q.answer) for q in questions]))
     # LION's task levels (sec. 3.1.2): REC / REG are region-level, the rest image-level (the default).
     return [{"id": f"{prefix}_{name}", "image": scene.file_name, "conversations": turns(pairs),
-             **({"task_level": "region"} if name == "grounding" else {})}
-            for name, pairs in (("vqa", short_answer_pairs(rng, scene)),
-                                ("grounding", grounding_pairs(rng, scene, box_style)), (kind, third))]
+             **({"task_level": "region"} if name == "grounding" else {})} for name, pairs in samples]
 
 
 def text_document(rng: np.random.Generator, scene: Scene) -> str:
@@ -1072,13 +1077,13 @@ def generator_sha256() -> str:
 
 
 def generator_arguments(seed: int, num_train_images: int, num_eval_images: int, image_size: int,
-                        box_style: str, object_scale: float) -> dict:
+                        box_style: str, object_scale: float, existence_turns: int = 0) -> dict:
     """What the marker file records: every argument that changes the bytes, so a world built with
     another one (box_style included) regenerates; the source hash does the same for an edit of the
     generator."""
     return {"seed": seed, "num_train_images": num_train_images, "num_eval_images": num_eval_images,
             "image_size": image_size, "box_style": box_style, "object_scale": object_scale,
-            "generator_sha256": generator_sha256()}
+            **({"existence_turns": existence_turns} if existence_turns else {}), "generator_sha256": generator_sha256()}
 
 
 def marker_arguments(marker: Path) -> dict | None:
@@ -1090,7 +1095,7 @@ def marker_arguments(marker: Path) -> dict | None:
         return None
 
 
-def train_annotations(scene: Scene, box_style: str) -> tuple[dict, list[dict], str]:
+def train_annotations(scene: Scene, box_style: str, existence_turns: int = 0) -> tuple[dict, list[dict], str]:
     """The stage-1 caption sample, the stage-2 samples (boxes in box_style) and the LM document of
     one training image."""
     rng = annotation_rng(scene, "train")
@@ -1099,7 +1104,7 @@ def train_annotations(scene: Scene, box_style: str) -> tuple[dict, list[dict], s
     caption = {"id": f"{scene.image_id:012d}", "image": scene.file_name,
                "conversations": turns([(pick(rng, CAPTION_PROMPTS), pick(rng, caption_variants(scene)))]),
                "regions": [{"phrase": obj.name, "box": list(obj.box)} for obj in scene.objects]}
-    return caption, instruct_samples(rng, scene, box_style), text_document(rng, scene)
+    return caption, instruct_samples(rng, scene, box_style, existence_turns), text_document(rng, scene)
 
 
 def draw_image(job: tuple[int, str, int, int, int, float, Path]) -> Scene:
@@ -1134,7 +1139,8 @@ def default_workers(num_images: int) -> int:
 def build_world(out_dir: str | Path = DEFAULT_WORLD_DIR, seed: int = 0,
                 num_train_images: int = DEFAULT_SIZES["num_train_images"],
                 num_eval_images: int = DEFAULT_SIZES["num_eval_images"], image_size: int = DEFAULT_IMAGE_SIZE,
-                box_style: str = "lion", object_scale: float = 1.0, workers: int | None = None) -> Path:
+                box_style: str = "lion", object_scale: float = 1.0, workers: int | None = None,
+                existence_turns: int = 0) -> Path:
     """Write the shapes world into out_dir (layout in the module docstring) and return
     out_dir. Cached: if out_dir/world.json records the same arguments, nothing is done; otherwise
     the world's entries (WORLD_ENTRIES, nothing else) are removed and regenerated.
@@ -1143,6 +1149,7 @@ def build_world(out_dir: str | Path = DEFAULT_WORLD_DIR, seed: int = 0,
     "lion", LION's "[0.525,0.000,0.675,0.394]", or "llava15", LLaVA-1.5's "[0.53, 0.0, 0.68, 0.39]".
     A model learns the one it is trained on, and eval reads both.
     object_scale: the objects' size factor (sample_scene).
+    existence_turns: a fourth stage-2 sample per image with that many existence questions (0: none).
     workers: processes for the per-image work (None: default_workers). The bytes written never
     depend on it.
     """
@@ -1152,7 +1159,8 @@ def build_world(out_dir: str | Path = DEFAULT_WORLD_DIR, seed: int = 0,
     if box_style not in BOX_STYLES:
         raise ValueError(f"unknown box_style {box_style!r}; known: {BOX_STYLES}")
     out_dir = Path(out_dir)
-    arguments = generator_arguments(seed, num_train_images, num_eval_images, image_size, box_style, object_scale)
+    arguments = generator_arguments(seed, num_train_images, num_eval_images, image_size, box_style, object_scale,
+                                    existence_turns)
     marker = out_dir / MARKER_FILE
     if marker_arguments(marker) == arguments and all((out_dir / entry).exists() for entry in WORLD_ENTRIES):
         return out_dir
@@ -1173,7 +1181,8 @@ def build_world(out_dir: str | Path = DEFAULT_WORLD_DIR, seed: int = 0,
     scenes = parallel_map(draw_image, jobs, workers)
     train_scenes, eval_scenes = scenes[:num_train_images], scenes[num_train_images:]
 
-    per_image = parallel_map(functools.partial(train_annotations, box_style=box_style), train_scenes, workers)
+    per_image = parallel_map(functools.partial(train_annotations, box_style=box_style, existence_turns=existence_turns),
+                             train_scenes, workers)
     pretrain = [caption for caption, _, _ in per_image]
     instruct = [sample for _, samples, _ in per_image for sample in samples]
     documents = [document for _, _, document in per_image]

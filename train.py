@@ -732,8 +732,10 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: parallel.Runti
             training_mode()
         parallel.barrier(runtime)
 
-    if curve and runtime.is_main and resume_from is None:
-        curve_path.unlink(missing_ok=True)
+    if curve and runtime.is_main:  # as the log: a resumed run keeps the points up to its step
+        kept = [line for line in curve_path.read_text().splitlines() if json.loads(line)["step"] <= step] \
+            if resume_from is not None and curve_path.exists() else []
+        curve_path.write_text("".join(line + "\n" for line in kept))
     if curve and step == 0:
         curve_point()
     training_mode()
@@ -809,10 +811,8 @@ def train_stage(stage: StageConfig, config: TrainConfig, runtime: parallel.Runti
         records = [json.loads(line) for line in log_path.read_text().splitlines()]
         probe.plot_training_loss(records, out_dir / "logs" / f"{stage.name}_loss.png", stage.name)
         if curve:
-            points = [json.loads(line) for line in curve_path.read_text().splitlines()]
-            probe.plot_curves({key: ([p["step"] for p in points], [p[key] for p in points]) for key in points[0] if key != "step"},
-                        out_dir / "logs" / f"{stage.name}_held_out.png",
-                        f"{stage.name}: held-out metrics on the first {config.curve_samples} samples of each task")
+            probe.plot_held_out([json.loads(line) for line in curve_path.read_text().splitlines()],
+                                out_dir / "logs" / f"{stage.name}_held_out", stage.name, config.curve_samples)
         print(f"[{stage.name}] {steps_this_run} steps in {time.time() - started:.0f}s; "
               f"{dataset.problems.summary()}")
         if untrainable_batches:

@@ -16,3 +16,4 @@ stages[2]["language_path"] = "out/shapes_llava15/lm"  # only the LLaVA choices d
 stages = stages[2:]
 stages[1] = dict(stages[1], data=_world + "/train/instruct_no_format_prompts.json")
 eval_tasks = [dict(task, prompt_style="llava") for task in eval_tasks]
+oracle_results = ""  # the oracle rung is the LLaVA-1.5 recipe's (configs/shapes_oracle_text.py), not this one's

@@ -482,7 +482,9 @@ def test_visualize_blind_and_decoding_options(tiny_model, world, tmp_path):
                                   blind=True, num_beams=2, no_repeat_ngram_size=2, max_new_tokens=4,
                                   stop_strings=["]"], progress=False, print_results=False)
     assert metrics["unparsable"] + metrics["accuracy"] * 3 <= 3
-    assert len(list((tmp_path / "refcoco_val_boxes").glob("*.png"))) == 2
+    pictures = sorted((tmp_path / "refcoco_val_boxes").glob("*.png"))
+    assert len(pictures) == 2
+    assert min(Image.open(pictures[0]).size) >= 384  # drawn at a size a person reads, the text below the image
 
 
 def test_missing_image_is_named_before_generation(tiny_model, world, tmp_path):

@@ -254,8 +254,9 @@ def test_held_out_curve_and_loss_per_modality(world, tiny_checkpoint, tmp_path):
     assert all(set(point) == {"step", "pope_f1", "pope_yes_ratio"} for point in points)
     records = [json.loads(line) for line in (out_dir / "logs" / "finetune.jsonl").read_text().splitlines()]
     assert {record["modality"] for record in records} <= {"image", "text"} and len(records) == 5
-    for name in ("finetune_held_out.png", "finetune_loss.png"):
+    for name in ("finetune_held_out.png", "finetune_loss.png"):  # F1 and yes-ratio are rates: no _scores.png
         assert (out_dir / "logs" / name).stat().st_size > 0
+    assert not (out_dir / "logs" / "finetune_held_out_scores.png").exists()
     final = json.loads((out_dir / "results.json").read_text())
     assert set(final) >= {"pope_f1", "pope_yes_ratio"}
 
