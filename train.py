@@ -848,11 +848,14 @@ def held_out_point(model: MLLM, config: TrainConfig, stage: StageConfig, tokeniz
     held-out curve that shows when stage 2 starts to use the image (the same samples every time)."""
     import eval as evaluation
     model.eval()
+    qformer_tokenizer = (data.load_qformer_tokenizer(config.qformer_tokenizer)
+                         if model.multi_modal_projector.takes_instruction else None)
     point: dict = {"step": step}
     for task in config.eval_tasks:
         name, report, task = eval_task(task, stage)
-        metrics = evaluation.run_eval(model, tokenizer, limit=config.curve_samples, progress=False,
-                                      print_results=False, **task)
+        task["limit"] = min(task.get("limit") or config.curve_samples, config.curve_samples)
+        metrics = evaluation.run_eval(model, tokenizer, progress=False, print_results=False,
+                                      qformer_tokenizer=qformer_tokenizer, **task)
         point.update({key: metrics[metric] for key, metric in (report or {name: "accuracy"}).items()})
     return point
 

@@ -103,7 +103,8 @@ def test_a_packed_batch_gives_every_sample_its_own_loss(world):
     naive = [sample_loss(naive_logits[start:start + length], batch["labels"][row, :length])
              for row, (start, length) in enumerate(zip(starts, lengths))]
     assert torch.allclose(torch.stack(found), torch.stack(alone), atol=1e-5)
-    assert (torch.stack(naive) - torch.stack(alone))[1:].abs().min() > 1e-3, "a plain mask lets samples read each other"
+    leaked = (torch.stack(naive) - torch.stack(alone))[1:].abs()  # a plain mask lets every later sample read the earlier
+    assert leaked.min() > 1e-6 and leaked.max() > 1e-3
     assert torch.allclose(packed_loss, batch_loss, atol=1e-5)
 
 
