@@ -525,7 +525,8 @@ def bench_memory(args: argparse.Namespace) -> None:
                              "yes" if estimate["total"] < 0.85 * args.gpu_memory * 2 ** 30 else "no"])
     print_table(f"stage 2 per GPU, {args.processes} processes, micro-batch 16 x 2048 tokens, gradient checkpointing; "
                 f"fits = under 85% of {args.gpu_memory} GiB",
-                ["model, stage 2", "parallel", "weights", "gradients", "optimizer", "activations", "total", "fits"], rows)
+                ["model, stage 2", "parallel", "weights", "gradients", "optimizer", "activations", "total", "fits"],
+                rows)
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -557,7 +558,8 @@ def bench_decode(args: argparse.Namespace) -> None:
         ours = LanguageModel(config).to(dtype).eval()
     ours.load_state_dict(reference.state_dict())  # LLaMA's names are transformers' (checkpoints.LLAMA_LAYOUT)
     embedding = ours.input_embeddings().weight
-    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters()) - embedding.numel() * embedding.element_size()
+    weight_bytes = (sum(p.numel() * p.element_size() for p in ours.parameters())
+                    - embedding.numel() * embedding.element_size())
     bandwidth = copy_bandwidth(device)
     roofline = bandwidth / weight_bytes
     prompt = torch.randint(3, config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)

@@ -573,3 +573,21 @@ def test_tokenizer_special_tokens_digits_and_round_trip(world):
     for text, tokens in ((" USER:", 2), ("</s>USER:", 3), (" ASSISTANT:", 2), (" ASSISTANT: yes</s>", 4),
                          (" ASSISTANT: circle</s>", 4)):
         assert len(tokenizer.encode(text, add_special_tokens=False).ids) == tokens, text
+
+
+def test_existence_turns_add_a_sample_of_existence_questions_per_image(tmp_path):
+    """The dense variant: a fourth stage-2 sample per image, N existence questions answered from the
+    scene, and the other samples exactly as without it."""
+    plain = shapes.build_world(tmp_path / "plain", seed=0, num_train_images=12, num_eval_images=4)
+    dense = shapes.build_world(tmp_path / "dense", seed=0, num_train_images=12, num_eval_images=4, existence_turns=3)
+    records, dense_records = (read_json(world / "train" / "instruct.json") for world in (plain, dense))
+    extra = [record for record in dense_records if record["id"].endswith("_existence")]
+    assert len(extra) == 12 and [r for r in dense_records if r not in extra][:36] == records[:36]
+    objects = scene_objects(dense)
+    for record in extra:
+        present = {f"{o['color']} {o['shape']}" for o in objects[image_id_of(record["image"])]}
+        turns = record["conversations"]
+        assert len(turns) == 6
+        for question, reply in zip(turns[::2], turns[1::2]):
+            category = re.search(r"Is there an? (\w+ \w+) in the image", question["value"]).group(1)
+            assert reply["value"] == ("yes" if category in present else "no")
