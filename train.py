@@ -844,19 +844,22 @@ def eval_task(task: dict, last_stage: StageConfig) -> tuple[str, dict, dict]:
 
 
 def held_out_point(model: MLLM, config: TrainConfig, stage: StageConfig, tokenizer, step: int) -> dict:
-    """Each eval task's reported metrics on its first `curve_samples` samples, now: a point of the
-    held-out curve that shows when stage 2 starts to use the image (the same samples every time)."""
+    """Each eval task's `report` metrics on its first `curve_samples` samples, now: a point of the
+    held-out curve that shows when stage 2 starts to use the image (the same samples every time).
+    A task without `report` names no metric to draw, and is left out."""
     import eval as evaluation
     model.eval()
     qformer_tokenizer = (data.load_qformer_tokenizer(config.qformer_tokenizer)
                          if model.multi_modal_projector.takes_instruction else None)
     point: dict = {"step": step}
     for task in config.eval_tasks:
-        name, report, task = eval_task(task, stage)
+        _, report, task = eval_task(task, stage)
+        if not report:
+            continue
         task["limit"] = min(task.get("limit") or config.curve_samples, config.curve_samples)
         metrics = evaluation.run_eval(model, tokenizer, progress=False, print_results=False,
                                       qformer_tokenizer=qformer_tokenizer, **task)
-        point.update({key: metrics[metric] for key, metric in (report or {name: "accuracy"}).items()})
+        point.update({key: metrics[metric] for key, metric in report.items()})
     return point
 
 
