@@ -10,6 +10,7 @@
     python probe.py text-binding score out/text_binding/checkpoints/lm --data data/text_binding
     (again with train.py's --resume for the next 250 steps, and so on)
     python probe.py text-loss out/shapes_lynx/instruct                # any MLLM or LlamaForCausalLM checkpoint
+    python probe.py lookup --filler 15
     python probe.py vqa-compare out/A/eval/vqa/vqa_val.predictions.jsonl out/B/eval/vqa/vqa_val.predictions.jsonl
 
 vision: linear probes on a vision tower, for the object attributes of the shapes world its
@@ -17,7 +18,9 @@ features hold. image-use: does a LLaVA checkpoint use its image (answer loss wit
 another's, zeros)? text-binding: can the language model answer POPE's existence question from a
 description it has just read, with the vision tower out of the picture? `write` makes the
 documents for train.py's lm stage, `score` measures the yes / no accuracy of its checkpoint.
-text-loss: how much language ability an MLLM's LLM kept (Lynx's question: adapters vs finetuning
+lookup: how many questions the
+LLaMA needs to learn POPE's comparison with perfect vision, as discrete tokens, and what the tokens
+between a question and its answer cost. text-loss: how much language ability an MLLM's LLM kept (Lynx's question: adapters vs finetuning
 the whole LLM), as its loss on held-out text documents of the world. vqa-compare: two runs' VQA
 accuracy question by question, per slice of the questions, with the paired standard error.
 `python probe.py SUBCOMMAND --help` says more. train.py draws its logs with the curves at the end
@@ -45,7 +48,7 @@ import shapes
 from checkpoints import read_config_json
 from conversation import BOS_TOKEN, require_token_id
 from layers import IGNORE_INDEX, row_log_likelihoods
-from model import MLLM, LanguageModel
+from model import MLLM, LanguageModel, TextConfig
 import vision
 from vision import VisionTransformer
 
@@ -319,6 +322,68 @@ def score_text_binding(args: argparse.Namespace) -> None:
           f"(chance 0.5; yes is the answer of {yes_share:.3f})")
 
 
+# lookup: how fast does the LLaMA learn to search its context for a named object, with perfect vision?
+
+def lookup_batch(rng: np.random.Generator, size: int, slots: int, filler: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids (size, 2 * slots + 4 + filler), answers (size,)) of the idealized existence task.
+
+    Each row is a scene as discrete tokens: 1-6 objects, a color token and a shape token each, in
+    random slots of `slots` (the others EMPTY, EMPTY), then IS <color> <shape> ?, then `filler`
+    constant tokens (what a chat template puts between a question and its answer: LLaVA-1.5's
+    "\\nAnswer the question using a single word or phrase. ASSISTANT:" is 15 of the world's tokens).
+    The answer (YES / NO) is yes half the time; the absent objects asked about are half random,
+    half sharing a color or a shape with a present one, as shapes.existence_probe draws POPE's."""
+    colors, kinds = len(shapes.COLORS), len(shapes.SHAPES)
+    empty, is_token, question, yes, no = 0, 1 + colors + kinds, 2 + colors + kinds, 3 + colors + kinds, 4 + colors + kinds
+    rows, answers = [], []
+    for _ in range(size):
+        count = int(rng.integers(1, shapes.MAX_OBJECTS + 1))
+        objects = [(int(o) // kinds, int(o) % kinds) for o in rng.permutation(colors * kinds)[:count]]
+        scene = [empty, empty] * slots
+        for slot, (color, kind) in zip(rng.permutation(slots)[:count].tolist(), objects):
+            scene[2 * slot:2 * slot + 2] = [1 + color, 1 + colors + kind]
+        if rng.random() < 0.5:
+            asked, answer = objects[int(rng.integers(count))], yes
+        else:
+            absent = [(c, k) for c in range(colors) for k in range(kinds) if (c, k) not in objects]
+            sharing = [(c, k) for c, k in absent if any(c == oc or k == ok for oc, ok in objects)]
+            pool = sharing if sharing and rng.random() < 0.5 else absent
+            asked, answer = pool[int(rng.integers(len(pool)))], no
+        fill = list(range(5 + colors + kinds, 5 + colors + kinds + filler))
+        rows.append(scene + [is_token, 1 + asked[0], 1 + colors + asked[1], question] + fill)
+        answers.append(answer)
+    return torch.tensor(rows), torch.tensor(answers)
+
+
+def probe_lookup(args: argparse.Namespace) -> None:
+    """Train the main job's LLaMA (4 x 192, from scratch) on the idealized existence task
+    (lookup_batch) and print its held-out accuracy every --every steps.
+
+    This is POPE's question with perfect vision and no chat: each object is two discrete tokens,
+    the question follows the scene, and only the answer is supervised. It measures how many
+    questions the comparison costs this model (chance is 0.5), and what the tokens between the
+    question and the answer (--filler) add to that cost."""
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    vocab = 5 + len(shapes.COLORS) + len(shapes.SHAPES) + args.filler
+    model = LanguageModel(TextConfig(vocab_size=vocab, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+                                     num_attention_heads=6, num_key_value_heads=2,
+                                     max_position_embeddings=2 * args.slots + 4 + args.filler))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    held_out, held_out_answers = lookup_batch(np.random.default_rng(args.seed + 1), 1000, args.slots, args.filler)
+    for step in range(1, args.steps + 1):
+        tokens, answers = lookup_batch(rng, args.batch_size, args.slots, args.filler)
+        loss = F.cross_entropy(model(tokens)[:, -1], answers)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % args.every == 0 or step == args.steps:
+            with torch.no_grad():
+                accuracy = (model(held_out)[:, -1].argmax(-1) == held_out_answers).float().mean().item()
+            print(f"filler {args.filler}: step {step}, {step * args.batch_size} questions, "
+                  f"held-out accuracy {accuracy:.3f}", flush=True)
+
+
 # text-loss: the language ability an MLLM's LLM keeps
 
 @torch.no_grad()
@@ -506,6 +571,15 @@ def main(argv: list[str] | None = None) -> None:
     text_loss.add_argument("--batch-size", type=int, default=32)
     text_loss.add_argument("--seed", type=int, default=0, help="the world's seed")
     text_loss.add_argument("--image-size", type=int, default=shapes.DEFAULT_IMAGE_SIZE, help="the world's longer side")
+
+    lookup = add_command(commands, "lookup", probe_lookup)
+    lookup.add_argument("--slots", type=int, default=16, help="object slots of a scene")
+    lookup.add_argument("--filler", type=int, default=0, help="constant tokens between the question and the answer")
+    lookup.add_argument("--steps", type=int, default=500)
+    lookup.add_argument("--batch-size", type=int, default=128)
+    lookup.add_argument("--lr", type=float, default=1e-3)
+    lookup.add_argument("--every", type=int, default=100, help="steps between held-out accuracies")
+    lookup.add_argument("--seed", type=int, default=0)
 
     compare = add_command(commands, "vqa-compare", probe_vqa_compare)
     compare.add_argument("first", help="eval.py's VQA predictions jsonl of one run")

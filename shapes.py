@@ -105,6 +105,12 @@ MAX_OBJECTS = 6
 # Two boxes may share at most this fraction of the smaller box: stricter than an IoU bound,
 # because a small shape inside a large box has a low IoU yet would be hidden.
 MAX_OVERLAP = 0.1
+# The grid layout: a 4 x 4 grid of cells, each object centred in its own cell, a large one nearly
+# filling it and a small one half its side. At the default 96 px a cell is 24 px, which the 64 px
+# tower sees as 16 px: one patch of a patch-16 tower, so that an object is exactly one image token.
+GRID_CELLS = 4
+GRID_SIDES = {"small": 0.5, "large": 0.9}
+LAYOUTS = ("free", "grid")
 PLACEMENT_ATTEMPTS = 100
 NON_SQUARE_SHARE = 0.25
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -229,9 +235,50 @@ def weighted_pick(rng: np.random.Generator, names: tuple[str, ...], cumulative_w
     return names[int(np.searchsorted(cumulative_weights, rng.random() * cumulative_weights[-1], side="right"))]
 
 
+def draw_background(rng: np.random.Generator) -> tuple:
+    """(background, its two pale colors, stripe width, stripe direction, noise seed)."""
+    background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    pale_colors = tuple(tuple(int(c) for c in rng.integers(205, 251, size=3)) for _ in range(2))
+    stripe_width = int(rng.integers(3, 7))
+    stripe_direction = ("horizontal", "vertical", "diagonal")[int(rng.integers(3))]
+    return background, pale_colors, stripe_width, stripe_direction, int(rng.integers(2**31))
+
+
+def draw_attributes(rng: np.random.Generator, objects: list[ShapeObject]) -> tuple[str, str, str]:
+    """(shape, color, size) of a new object. No two objects share all three, so "the small red
+    circle" is always unique."""
+    while True:
+        attributes = (weighted_pick(rng, SHAPES, SHAPE_CUMULATIVE_WEIGHTS),
+                      weighted_pick(rng, COLORS, COLOR_CUMULATIVE_WEIGHTS), SIZES[int(rng.integers(len(SIZES)))])
+        if all((o.shape, o.color, o.size) != attributes for o in objects):
+            return attributes
+
+
+def sample_grid_scene(seed: int, split: str, index: int, image_id: int, image_size: int) -> Scene:
+    """A scene of the grid layout: GRID_CELLS x GRID_CELLS cells of image_size / GRID_CELLS px
+    (NON_SQUARE_SHARE of the images keep half the rows or columns, so that LLaVA-1.5's padding to a
+    square adds whole cells), 1-6 objects each centred in a cell of its own."""
+    rng = random_stream(seed, split, index, "image")
+    cell = image_size // GRID_CELLS
+    rows = columns = GRID_CELLS
+    if rng.random() < NON_SQUARE_SHARE:
+        rows, columns = (GRID_CELLS // 2, GRID_CELLS) if rng.random() < 0.5 else (GRID_CELLS, GRID_CELLS // 2)
+    style = draw_background(rng)
+    objects: list[ShapeObject] = []
+    cells = rng.permutation(rows * columns)[:int(rng.integers(1, MAX_OBJECTS + 1))].tolist()
+    for position in cells:
+        attributes = draw_attributes(rng, objects)
+        side = round(GRID_SIDES[attributes[2]] * cell)
+        x0 = (position % columns) * cell + (cell - side) // 2
+        y0 = (position // columns) * cell + (cell - side) // 2
+        objects.append(ShapeObject(*attributes, box=(x0, y0, x0 + side, y0 + side)))
+    return Scene(seed, split, index, image_id, columns * cell, rows * cell, *style, tuple(objects))
+
+
 def sample_scene(seed: int, split: str, index: int, image_id: int, image_size: int,
-                 object_scale: float = 1.0) -> Scene:
-    """Draw a scene: canvas size, background, then objects placed by rejection sampling.
+                 object_scale: float = 1.0, layout: str = "free") -> Scene:
+    """Draw a scene: canvas size, background, then objects placed by rejection sampling (layout
+    "free"), or on a grid (sample_grid_scene).
 
     image_size is the longer side; the shorter side of a square image is uniform in
     [2/3 * image_size, image_size], and NON_SQUARE_SHARE of the images are image_size x 2/3 of it
@@ -240,6 +287,8 @@ def sample_scene(seed: int, split: str, index: int, image_id: int, image_size: i
     objects have the pixel sizes of the 96 px world on a canvas twice as wide, the high-resolution
     miniature's world.
     """
+    if layout == "grid":
+        return sample_grid_scene(seed, split, index, image_id, image_size)
     rng = random_stream(seed, split, index, "image")
     short_side = round(image_size * 2 / 3)
     if rng.random() < NON_SQUARE_SHARE:
@@ -247,20 +296,10 @@ def sample_scene(seed: int, split: str, index: int, image_id: int, image_size: i
     else:
         width = height = int(rng.integers(short_side, image_size + 1))
     long_side = max(width, height)
-    background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
-    pale_colors = tuple(tuple(int(c) for c in rng.integers(205, 251, size=3)) for _ in range(2))
-    stripe_width = int(rng.integers(3, 7))
-    stripe_direction = ("horizontal", "vertical", "diagonal")[int(rng.integers(3))]
-    noise_seed = int(rng.integers(2**31))
-
+    style = draw_background(rng)
     objects: list[ShapeObject] = []
     for _ in range(int(rng.integers(1, MAX_OBJECTS + 1))):
-        # No two objects share shape, color and size, so "the small red circle" is always unique.
-        while True:
-            attributes = (weighted_pick(rng, SHAPES, SHAPE_CUMULATIVE_WEIGHTS),
-                          weighted_pick(rng, COLORS, COLOR_CUMULATIVE_WEIGHTS), SIZES[int(rng.integers(len(SIZES)))])
-            if all((o.shape, o.color, o.size) != attributes for o in objects):
-                break
+        attributes = draw_attributes(rng, objects)
         low, high = SIZE_FRACTIONS[attributes[2]]
         side = int(round(rng.uniform(low, high) * object_scale * long_side))
         corners = np.stack([rng.integers(0, width - side + 1, PLACEMENT_ATTEMPTS),
@@ -273,8 +312,7 @@ def sample_scene(seed: int, split: str, index: int, image_id: int, image_size: i
         # scenes of large objects end up with fewer objects.
         if free.any():
             objects.append(ShapeObject(*attributes, box=tuple(int(v) for v in candidates[np.argmax(free)])))
-    return Scene(seed, split, index, image_id, width, height, background, pale_colors, stripe_width,
-                 stripe_direction, noise_seed, tuple(objects))
+    return Scene(seed, split, index, image_id, width, height, *style, tuple(objects))
 
 
 def shape_outline(shape: str, box: tuple[int, int, int, int]) -> list[tuple[float, float]]:
@@ -1077,13 +1115,14 @@ def generator_sha256() -> str:
 
 
 def generator_arguments(seed: int, num_train_images: int, num_eval_images: int, image_size: int,
-                        box_style: str, object_scale: float, existence_turns: int = 0) -> dict:
+                        box_style: str, object_scale: float, existence_turns: int = 0, layout: str = "free") -> dict:
     """What the marker file records: every argument that changes the bytes, so a world built with
     another one (box_style included) regenerates; the source hash does the same for an edit of the
     generator."""
     return {"seed": seed, "num_train_images": num_train_images, "num_eval_images": num_eval_images,
             "image_size": image_size, "box_style": box_style, "object_scale": object_scale,
-            **({"existence_turns": existence_turns} if existence_turns else {}), "generator_sha256": generator_sha256()}
+            **({"existence_turns": existence_turns} if existence_turns else {}),
+            **({"layout": layout} if layout != "free" else {}), "generator_sha256": generator_sha256()}
 
 
 def marker_arguments(marker: Path) -> dict | None:
@@ -1107,11 +1146,11 @@ def train_annotations(scene: Scene, box_style: str, existence_turns: int = 0) ->
     return caption, instruct_samples(rng, scene, box_style, existence_turns), text_document(rng, scene)
 
 
-def draw_image(job: tuple[int, str, int, int, int, float, Path]) -> Scene:
+def draw_image(job: tuple[int, str, int, int, int, float, str, Path]) -> Scene:
     """Sample one scene and save its PNG; job = (seed, split, index, image_id, image_size,
-    object_scale, images_dir)."""
-    seed, split, index, image_id, image_size, object_scale, images_dir = job
-    scene = sample_scene(seed, split, index, image_id, image_size, object_scale)
+    object_scale, layout, images_dir)."""
+    seed, split, index, image_id, image_size, object_scale, layout, images_dir = job
+    scene = sample_scene(seed, split, index, image_id, image_size, object_scale, layout)
     render_scene(scene).save(images_dir / scene.file_name)
     return scene
 
@@ -1140,7 +1179,7 @@ def build_world(out_dir: str | Path = DEFAULT_WORLD_DIR, seed: int = 0,
                 num_train_images: int = DEFAULT_SIZES["num_train_images"],
                 num_eval_images: int = DEFAULT_SIZES["num_eval_images"], image_size: int = DEFAULT_IMAGE_SIZE,
                 box_style: str = "lion", object_scale: float = 1.0, workers: int | None = None,
-                existence_turns: int = 0) -> Path:
+                existence_turns: int = 0, layout: str = "free") -> Path:
     """Write the shapes world into out_dir (layout in the module docstring) and return
     out_dir. Cached: if out_dir/world.json records the same arguments, nothing is done; otherwise
     the world's entries (WORLD_ENTRIES, nothing else) are removed and regenerated.
@@ -1150,17 +1189,20 @@ def build_world(out_dir: str | Path = DEFAULT_WORLD_DIR, seed: int = 0,
     A model learns the one it is trained on, and eval reads both.
     object_scale: the objects' size factor (sample_scene).
     existence_turns: a fourth stage-2 sample per image with that many existence questions (0: none).
+    layout: "free" (objects anywhere, sample_scene) or "grid" (one object per cell, sample_grid_scene).
     workers: processes for the per-image work (None: default_workers). The bytes written never
     depend on it.
     """
     if num_train_images < 1 or num_eval_images < 1 or image_size < 32 or not 0 < object_scale <= 1:
         raise ValueError(f"build_world needs >= 1 train and eval image, image_size >= 32 and object_scale in "
                          f"(0, 1], got {num_train_images}, {num_eval_images}, {image_size}, {object_scale}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; known: {LAYOUTS}")
     if box_style not in BOX_STYLES:
         raise ValueError(f"unknown box_style {box_style!r}; known: {BOX_STYLES}")
     out_dir = Path(out_dir)
     arguments = generator_arguments(seed, num_train_images, num_eval_images, image_size, box_style, object_scale,
-                                    existence_turns)
+                                    existence_turns, layout)
     marker = out_dir / MARKER_FILE
     if marker_arguments(marker) == arguments and all((out_dir / entry).exists() for entry in WORLD_ENTRIES):
         return out_dir
@@ -1175,8 +1217,9 @@ def build_world(out_dir: str | Path = DEFAULT_WORLD_DIR, seed: int = 0,
     if workers is None:
         workers = default_workers(num_train_images + num_eval_images)
 
-    jobs = [(seed, "train", index, index + 1, image_size, object_scale, images_dir) for index in range(num_train_images)]
-    jobs += [(seed, "eval", index, num_train_images + index + 1, image_size, object_scale, images_dir)
+    jobs = [(seed, "train", index, index + 1, image_size, object_scale, layout, images_dir)
+            for index in range(num_train_images)]
+    jobs += [(seed, "eval", index, num_train_images + index + 1, image_size, object_scale, layout, images_dir)
              for index in range(num_eval_images)]
     scenes = parallel_map(draw_image, jobs, workers)
     train_scenes, eval_scenes = scenes[:num_train_images], scenes[num_train_images:]
@@ -1254,6 +1297,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="longer image side in pixels")
     parser.add_argument("--box-style", choices=BOX_STYLES, default="lion", help="box text of REC / REG samples")
     parser.add_argument("--object-scale", type=float, default=1.0, help="factor on every object's size")
+    parser.add_argument("--layout", choices=LAYOUTS, default="free", help="objects anywhere, or one per grid cell")
     parser.add_argument("--small", action="store_true",
                         help=f"the CI smoke world: {SMALL_WORLD['num_train_images']} train, "
                              f"{SMALL_WORLD['num_eval_images']} eval images (overrides --num-*)")
@@ -1262,7 +1306,7 @@ def main() -> None:
                                             "num_eval_images": args.num_eval_images}
     start = time.perf_counter()
     out_dir = build_world(args.out, seed=args.seed, image_size=args.image_size, box_style=args.box_style,
-                          object_scale=args.object_scale, **sizes)
+                          object_scale=args.object_scale, layout=args.layout, **sizes)
     counts = json.loads((out_dir / MARKER_FILE).read_text(encoding="utf-8"))["counts"]
     print(f"shapes world in {out_dir} ({time.perf_counter() - start:.1f} s): "
           + ", ".join(f"{k} {v}" for k, v in counts.items()))

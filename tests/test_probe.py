@@ -1,12 +1,13 @@
 """probe.py. vision: the linear probe separates what is linearly there from what is not, and the
 object features line up with the scenes' objects. image-use: the answer loss matches the model's
 own loss, differs between images for a model that reads them, and is the same under every image
-for one that cannot. text-binding: the documents answer POPE's question right and are balanced,
+for one that cannot. lookup: the idealized task's answers, decoded independently. text-binding: the documents answer POPE's question right and are balanced,
 and the accuracy reads each row's own last position through the padding. text-loss: the LLM's
 own loss, through the padding of a batch, from an MLLM checkpoint or its LLM's."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -244,3 +245,27 @@ def test_training_loss_is_drawn_per_modality(tmp_path):
     assert probe.CURVE_COLORS[0] in colors and probe.CURVE_COLORS[1] in colors  # image, then text
     probe.plot_training_loss([{"step": s, "loss": 1.0} for s in (1, 2, 3)], tmp_path / "one.png", "lm")
     assert probe.CURVE_COLORS[1] not in set(Image.open(tmp_path / "one.png").convert("RGB").getdata())
+
+
+def test_lookup_batch_answers_whether_the_asked_object_is_in_the_scene(capsys):
+    """The idealized existence task, decoded independently: each row is a scene of two-token objects
+    in slots, IS <color> <shape> ?, then the constant filler; the answer is yes exactly when the pair
+    is among the scene's objects, half the time, and the absent pairs often share an attribute."""
+    colors, kinds = len(shapes.COLORS), len(shapes.SHAPES)
+    tokens, answers = probe.lookup_batch(np.random.default_rng(0), 400, slots=8, filler=3)
+    assert tokens.shape == (400, 2 * 8 + 4 + 3)
+    yes, sharing = 0, 0
+    for row, answer in zip(tokens.tolist(), answers.tolist()):
+        scene, query, filler = row[:16], row[16:20], row[20:]
+        pairs = [(scene[i], scene[i + 1]) for i in range(0, 16, 2) if scene[i] != 0]
+        assert 1 <= len(pairs) <= shapes.MAX_OBJECTS and len(set(pairs)) == len(pairs)
+        assert all(1 <= c <= colors < k <= colors + kinds for c, k in pairs)
+        assert query[0] == 1 + colors + kinds and query[3] == 2 + colors + kinds
+        assert filler == [5 + colors + kinds + i for i in range(3)]
+        present = (query[1], query[2]) in pairs
+        assert answer == (3 if present else 4) + colors + kinds
+        yes += present
+        sharing += not present and any(query[1] == c or query[2] == k for c, k in pairs)
+    assert 160 < yes < 240 and sharing > 60
+    probe.main(["lookup", "--slots", "4", "--steps", "2", "--batch-size", "4", "--every", "1"])
+    assert capsys.readouterr().out.count("held-out accuracy") == 2

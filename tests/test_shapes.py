@@ -591,3 +591,42 @@ def test_existence_turns_add_a_sample_of_existence_questions_per_image(tmp_path)
         for question, reply in zip(turns[::2], turns[1::2]):
             category = re.search(r"Is there an? (\w+ \w+) in the image", question["value"]).group(1)
             assert reply["value"] == ("yes" if category in present else "no")
+
+
+def test_grid_layout_puts_one_object_centred_in_each_cell_aligned_with_the_padded_square(tmp_path):
+    """The grid layout: every object centred in a 24 px cell of its own (a large one 0.9 of the
+    cell, a small one half), non-square images whole rows or columns short, so that LLaVA-1.5's
+    pad-to-square adds whole cells and each cell is one 16 px patch of the 64 px tower."""
+    world = shapes.build_world(tmp_path, seed=0, num_train_images=60, num_eval_images=8, layout="grid")
+    cell = 96 // 4
+    sizes = Counter()
+    for file_name, entry in read_json(world / "tags.json").items():
+        width, height = Image.open(world / "images" / file_name).size
+        assert (width, height) in ((96, 96), (96, 48), (48, 96)), file_name
+        cells = []
+        for obj in entry["objects"]:
+            x0, y0, x1, y1 = obj["box"]
+            side = x1 - x0
+            assert side == y1 - y0 == {"small": 12, "large": 22}[obj["name"].split()[0]]
+            column, row = x0 // cell, y0 // cell
+            assert (x0 + x1) / 2 == pytest.approx((column + 0.5) * cell, abs=0.5)
+            assert (y0 + y1) / 2 == pytest.approx((row + 0.5) * cell, abs=0.5)
+            cells.append((column, row))
+            sizes[obj["name"].split()[0]] += 1
+            # The box text is the padded square's: the padding is whole cells, so it stays on the grid.
+            padded = [float(v) * 96 for v in obj["box_text"].strip("[]").split(",")]
+            offset = ((96 - width) // 2, (96 - height) // 2, (96 - width) // 2, (96 - height) // 2)
+            assert padded == pytest.approx([b + o for b, o in zip(obj["box"], offset)], abs=0.06)
+            assert all(o % cell == 0 for o in offset)
+        assert len(set(cells)) == len(cells) and 1 <= len(cells) <= shapes.MAX_OBJECTS
+        # The object is drawn where its box says: its cell's centre pixel has the object's color.
+        image = np.asarray(Image.open(world / "images" / file_name).convert("RGB"))
+        for obj in entry["objects"]:
+            x0, y0, x1, y1 = obj["box"]
+            if obj["name"].split()[2] in ("circle", "square", "diamond"):
+                assert tuple(image[(y0 + y1) // 2, (x0 + x1) // 2]) == shapes.COLOR_RGB[obj["name"].split()[1]]
+    assert sizes["small"] > 20 and sizes["large"] > 20
+    marker = read_json(world / shapes.MARKER_FILE)["arguments"]
+    assert marker["layout"] == "grid"
+    with pytest.raises(ValueError, match="unknown layout"):
+        shapes.build_world(tmp_path / "other", layout="hexagonal")

@@ -310,3 +310,12 @@ def test_text_only_batches_before_a_frozen_llm_teach_nothing_and_do_not_fail(wor
     assert all(torch.equal(value, before.language_model.state_dict()[key])
                for key, value in after.language_model.state_dict().items())
     assert not torch.equal(after.multi_modal_projector.linear_1.weight, before.multi_modal_projector.linear_1.weight)
+
+
+@pytest.mark.parametrize("name", sorted(path.name for path in (ROOT / "configs").glob("*.py")))
+def test_every_shipped_config_loads(name, monkeypatch):
+    """Every config in configs/ executes and passes load_config's key and type checks, so a typo in
+    a recipe that no test trains fails here, not an hour into a run."""
+    monkeypatch.chdir(ROOT)
+    config, stages = train.load_config(f"configs/{name}", [])
+    assert stages and config.out_dir
