@@ -494,7 +494,7 @@ def bench_train(args: argparse.Namespace) -> None:
             f"{args.gradient_checkpointing}; mean of {args.steps} steps after {args.warmup + 1}",
             ["tokens/s per device", "model TFLOP/s per device", "MFU", "peak memory", "train.py's estimate",
              "SDPA kernel"],
-            [[f"{tokens_per_second:.0f}", f"{achieved / 1e12:.3f}", f"{achieved / peak:.1%}",
+            [[f"{tokens_per_second:.0f}", f"{achieved / 1e12:.4g}", f"{achieved / peak:.1%}",
               parallel.format_bytes(peak_memory(runtime.device)), parallel.format_bytes(estimate["total"]), kernels]])
     if runtime.world_size > 1:
         torch.distributed.destroy_process_group()

@@ -324,15 +324,17 @@ def score_text_binding(args: argparse.Namespace) -> None:
 
 # lookup: how fast does the LLaMA learn to search its context for a named object, with perfect vision?
 
-def lookup_batch(rng: np.random.Generator, size: int, slots: int, filler: int) -> tuple[torch.Tensor, torch.Tensor]:
+def lookup_batch(rng: np.random.Generator, size: int, slots: int, filler: int,
+                 sharing: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """(token ids (size, 2 * slots + 4 + filler), answers (size,)) of the idealized existence task.
 
     Each row is a scene as discrete tokens: 1-6 objects, a color token and a shape token each, in
     random slots of `slots` (the others EMPTY, EMPTY), then IS <color> <shape> ?, then `filler`
     constant tokens (what a chat template puts between a question and its answer: LLaVA-1.5's
     "\\nAnswer the question using a single word or phrase. ASSISTANT:" is 15 of the world's tokens).
-    The answer (YES / NO) is yes half the time; the absent objects asked about are half random,
-    half sharing a color or a shape with a present one, as shapes.existence_probe draws POPE's."""
+    The answer (YES / NO) is yes half the time; of the absent objects asked about, a share
+    `sharing` has a color or a shape of a present one (0.5: as shapes.existence_probe draws POPE's),
+    the others are random."""
     colors, kinds = len(shapes.COLORS), len(shapes.SHAPES)
     empty, is_token, question, yes, no = 0, 1 + colors + kinds, 2 + colors + kinds, 3 + colors + kinds, 4 + colors + kinds
     rows, answers = [], []
@@ -346,8 +348,8 @@ def lookup_batch(rng: np.random.Generator, size: int, slots: int, filler: int) -
             asked, answer = objects[int(rng.integers(count))], yes
         else:
             absent = [(c, k) for c in range(colors) for k in range(kinds) if (c, k) not in objects]
-            sharing = [(c, k) for c, k in absent if any(c == oc or k == ok for oc, ok in objects)]
-            pool = sharing if sharing and rng.random() < 0.5 else absent
+            shared = [(c, k) for c, k in absent if any(c == oc or k == ok for oc, ok in objects)]
+            pool = shared if shared and rng.random() < sharing else absent
             asked, answer = pool[int(rng.integers(len(pool)))], no
         fill = list(range(5 + colors + kinds, 5 + colors + kinds + filler))
         rows.append(scene + [is_token, 1 + asked[0], 1 + colors + asked[1], question] + fill)
@@ -366,13 +368,15 @@ def probe_lookup(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     vocab = 5 + len(shapes.COLORS) + len(shapes.SHAPES) + args.filler
-    model = LanguageModel(TextConfig(vocab_size=vocab, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
-                                     num_attention_heads=6, num_key_value_heads=2,
+    model = LanguageModel(TextConfig(vocab_size=vocab, hidden_size=args.hidden_size,
+                                     intermediate_size=args.hidden_size * 8 // 3, num_hidden_layers=args.layers,
+                                     num_attention_heads=args.hidden_size // 32, num_key_value_heads=2,
                                      max_position_embeddings=2 * args.slots + 4 + args.filler))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    held_out, held_out_answers = lookup_batch(np.random.default_rng(args.seed + 1), 1000, args.slots, args.filler)
+    held_out, held_out_answers = lookup_batch(np.random.default_rng(args.seed + 1), 1000, args.slots, args.filler,
+                                              args.sharing)
     for step in range(1, args.steps + 1):
-        tokens, answers = lookup_batch(rng, args.batch_size, args.slots, args.filler)
+        tokens, answers = lookup_batch(rng, args.batch_size, args.slots, args.filler, args.sharing)
         loss = F.cross_entropy(model(tokens)[:, -1], answers)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -380,7 +384,7 @@ def probe_lookup(args: argparse.Namespace) -> None:
         if step % args.every == 0 or step == args.steps:
             with torch.no_grad():
                 accuracy = (model(held_out)[:, -1].argmax(-1) == held_out_answers).float().mean().item()
-            print(f"filler {args.filler}: step {step}, {step * args.batch_size} questions, "
+            print(f"filler {args.filler}, sharing {args.sharing}, {args.layers} x {args.hidden_size}, lr {args.lr}: step {step}, {step * args.batch_size} questions, "
                   f"held-out accuracy {accuracy:.3f}", flush=True)
 
 
@@ -575,6 +579,10 @@ def main(argv: list[str] | None = None) -> None:
     lookup = add_command(commands, "lookup", probe_lookup)
     lookup.add_argument("--slots", type=int, default=16, help="object slots of a scene")
     lookup.add_argument("--filler", type=int, default=0, help="constant tokens between the question and the answer")
+    lookup.add_argument("--sharing", type=float, default=0.5,
+                        help="share of the absent objects asked about that share a color or shape with a present one")
+    lookup.add_argument("--hidden-size", type=int, default=192, help="the LLaMA's width (heads of 32)")
+    lookup.add_argument("--layers", type=int, default=4)
     lookup.add_argument("--steps", type=int, default=500)
     lookup.add_argument("--batch-size", type=int, default=128)
     lookup.add_argument("--lr", type=float, default=1e-3)

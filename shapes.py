@@ -2,8 +2,10 @@
 enough that the miniature LLaVA-1.5 recipe learns to see on a laptop CPU in minutes.
 
 Images are pale backgrounds (plain, striped or speckled) with 1-6 shapes, each a shape x color x
-size with a known pixel box. From the same scenes every annotation file is written in the SAME
-format as the public dataset it stands in for, so one set of loaders and eval tasks serves both:
+size with a known pixel box, placed anywhere (layout "free") or each centred in a cell of a
+4 x 4 grid (layout "grid", sample_grid_scene). From the same scenes every annotation file is
+written in the SAME format as the public dataset it stands in for, so one set of loaders and eval
+tasks serves both:
 
 - train/pretrain.json: LLaVA instruction JSON (Steerable Visual Intelligence, the LLaVA dissertation, section 3.4, stage 1;
   LLaVA-1.5's LCS-558K): stage-1 short captions, prompts from LLaVA's brief-caption list. Each
@@ -1198,6 +1200,8 @@ def build_world(out_dir: str | Path = DEFAULT_WORLD_DIR, seed: int = 0,
                          f"(0, 1], got {num_train_images}, {num_eval_images}, {image_size}, {object_scale}")
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; known: {LAYOUTS}")
+    if layout == "grid" and object_scale != 1.0:
+        raise ValueError("the grid layout sizes its objects by the cell (GRID_SIDES); object_scale must stay 1")
     if box_style not in BOX_STYLES:
         raise ValueError(f"unknown box_style {box_style!r}; known: {BOX_STYLES}")
     out_dir = Path(out_dir)

@@ -630,3 +630,5 @@ def test_grid_layout_puts_one_object_centred_in_each_cell_aligned_with_the_padde
     assert marker["layout"] == "grid"
     with pytest.raises(ValueError, match="unknown layout"):
         shapes.build_world(tmp_path / "other", layout="hexagonal")
+    with pytest.raises(ValueError, match="object_scale must stay 1"):
+        shapes.build_world(tmp_path / "other", layout="grid", object_scale=0.5)
