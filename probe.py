@@ -18,10 +18,10 @@ features hold. image-use: does a LLaVA checkpoint use its image (answer loss wit
 another's, zeros)? text-binding: can the language model answer POPE's existence question from a
 description it has just read, with the vision tower out of the picture? `write` makes the
 documents for train.py's lm stage, `score` measures the yes / no accuracy of its checkpoint.
-lookup: how many questions the
-LLaMA needs to learn POPE's comparison with perfect vision, as discrete tokens, and what the tokens
-between a question and its answer cost. text-loss: how much language ability an MLLM's LLM kept (Lynx's question: adapters vs finetuning
-the whole LLM), as its loss on held-out text documents of the world. vqa-compare: two runs' VQA
+lookup: how many questions the LLaMA needs to learn POPE's comparison with perfect vision (the
+scene as discrete tokens), and what a wider model or the tokens between a question and its answer
+change. text-loss: how much language ability an MLLM's LLM kept (Lynx's question: adapters vs
+finetuning the whole LLM), as its loss on held-out text documents of the world. vqa-compare: two runs' VQA
 accuracy question by question, per slice of the questions, with the paired standard error.
 `python probe.py SUBCOMMAND --help` says more. train.py draws its logs with the curves at the end
 (`plot_curves`): the training loss per modality, and the held-out metrics of the last stage.
@@ -336,7 +336,9 @@ def lookup_batch(rng: np.random.Generator, size: int, slots: int, filler: int,
     `sharing` has a color or a shape of a present one (0.5: as shapes.existence_probe draws POPE's),
     the others are random."""
     colors, kinds = len(shapes.COLORS), len(shapes.SHAPES)
-    empty, is_token, question, yes, no = 0, 1 + colors + kinds, 2 + colors + kinds, 3 + colors + kinds, 4 + colors + kinds
+    empty = 0  # then the color tokens, the shape tokens, IS, ?, YES, NO and the filler
+    is_token, question, yes, no = (colors + kinds + offset for offset in (1, 2, 3, 4))
+    fill = list(range(5 + colors + kinds, 5 + colors + kinds + filler))
     rows, answers = [], []
     for _ in range(size):
         count = int(rng.integers(1, shapes.MAX_OBJECTS + 1))
@@ -351,15 +353,14 @@ def lookup_batch(rng: np.random.Generator, size: int, slots: int, filler: int,
             shared = [(c, k) for c, k in absent if any(c == oc or k == ok for oc, ok in objects)]
             pool = shared if shared and rng.random() < sharing else absent
             asked, answer = pool[int(rng.integers(len(pool)))], no
-        fill = list(range(5 + colors + kinds, 5 + colors + kinds + filler))
         rows.append(scene + [is_token, 1 + asked[0], 1 + colors + asked[1], question] + fill)
         answers.append(answer)
     return torch.tensor(rows), torch.tensor(answers)
 
 
 def probe_lookup(args: argparse.Namespace) -> None:
-    """Train the main job's LLaMA (4 x 192, from scratch) on the idealized existence task
-    (lookup_batch) and print its held-out accuracy every --every steps.
+    """Train a LLaMA from scratch (by default the main job's, 4 x 192) on the idealized existence
+    task (lookup_batch) and print its held-out accuracy every --every steps.
 
     This is POPE's question with perfect vision and no chat: each object is two discrete tokens,
     the question follows the scene, and only the answer is supervised. It measures how many
@@ -384,8 +385,8 @@ def probe_lookup(args: argparse.Namespace) -> None:
         if step % args.every == 0 or step == args.steps:
             with torch.no_grad():
                 accuracy = (model(held_out)[:, -1].argmax(-1) == held_out_answers).float().mean().item()
-            print(f"filler {args.filler}, sharing {args.sharing}, {args.layers} x {args.hidden_size}, lr {args.lr}: step {step}, {step * args.batch_size} questions, "
-                  f"held-out accuracy {accuracy:.3f}", flush=True)
+            print(f"filler {args.filler}, sharing {args.sharing}, {args.layers} x {args.hidden_size}, lr {args.lr}: "
+                  f"step {step}, {step * args.batch_size} questions, held-out accuracy {accuracy:.3f}", flush=True)
 
 
 # text-loss: the language ability an MLLM's LLM keeps

@@ -1,9 +1,10 @@
 """probe.py. vision: the linear probe separates what is linearly there from what is not, and the
 object features line up with the scenes' objects. image-use: the answer loss matches the model's
 own loss, differs between images for a model that reads them, and is the same under every image
-for one that cannot. lookup: the idealized task's answers, decoded independently. text-binding: the documents answer POPE's question right and are balanced,
-and the accuracy reads each row's own last position through the padding. text-loss: the LLM's
-own loss, through the padding of a batch, from an MLLM checkpoint or its LLM's."""
+for one that cannot. lookup: the idealized task's answers, decoded independently. text-binding:
+the documents answer POPE's question right and are balanced, and the accuracy reads each row's
+own last position through the padding. text-loss: the LLM's own loss, through the padding of a
+batch, from an MLLM checkpoint or its LLM's."""
 import json
 from pathlib import Path
 
