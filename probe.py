@@ -10,7 +10,7 @@
     python probe.py text-binding score out/text_binding/checkpoints/lm --data data/text_binding
     (again with train.py's --resume for the next 250 steps, and so on)
     python probe.py text-loss out/shapes_lynx/instruct                # any MLLM or LlamaForCausalLM checkpoint
-    python probe.py lookup --filler 15
+    python probe.py lookup --steps 1200 --every 200                  # also --hidden-size, --filler, --seed
     python probe.py vqa-compare out/A/eval/vqa/vqa_val.predictions.jsonl out/B/eval/vqa/vqa_val.predictions.jsonl
 
 vision: linear probes on a vision tower, for the object attributes of the shapes world its
@@ -21,8 +21,8 @@ documents for train.py's lm stage, `score` measures the yes / no accuracy of its
 lookup: how many questions the LLaMA needs to learn POPE's comparison with perfect vision (the
 scene as discrete tokens), and what a wider model or the tokens between a question and its answer
 change. text-loss: how much language ability an MLLM's LLM kept (Lynx's question: adapters vs
-finetuning the whole LLM), as its loss on held-out text documents of the world. vqa-compare: two runs' VQA
-accuracy question by question, per slice of the questions, with the paired standard error.
+finetuning the whole LLM), as its loss on held-out text documents of the world. vqa-compare: two
+runs' VQA accuracy question by question, per slice of the questions, with the paired standard error.
 `python probe.py SUBCOMMAND --help` says more. train.py draws its logs with the curves at the end
 (`plot_curves`): the training loss per modality, and the held-out metrics of the last stage.
 """

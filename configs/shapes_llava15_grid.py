@@ -1,7 +1,8 @@
 """A measured variant of the main job (docs/shapes-world.md): the world's grid layout, where every
 object is centred in a cell of a 4 x 4 grid and the tower's patch is the cell, so that an object
 is exactly one image token (16 image tokens instead of 64); and a fourth stage-2 sample per image
-of 12 existence questions (about 67,000 in stage 2). Its own world and outputs.
+of 12 existence questions (about 63,000 in stage 2's 22,400 samples). Its own world and
+outputs.
 
     python train.py configs/shapes_llava15_grid.py
 """
